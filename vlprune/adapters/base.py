@@ -1,0 +1,123 @@
+"""What one model family looks like: module paths, image token id and per-image token layout.
+
+An adapter is a short table of facts plus the lookups that need the model's inputs (the token
+layout of each image). It never decides what to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Token layout of one image inside the language model's input.
+
+    Tokens are ordered ``[prefix | grid rows*cols | high-res part]``:
+
+    - ``grid``: (rows, cols) of the main grid: the whole image for LLaVA-1.5, the thumbnail
+      (base crop) for LLaVA-NeXT, the merged-patch grid of one frame for Qwen2-VL/2.5-VL
+      (``frames`` grids follow each other).
+    - LLaVA-NeXT only: ``crop_grid`` (crops high, crops wide), ``highres`` (rows, cols) of the
+      unpadded high-res canvas, ``highres_offset`` (top, left) of that canvas inside the padded
+      ``crop_grid * grid`` canvas, and ``newline``: one learned newline token ends every high-res row.
+    """
+
+    num_tokens: int
+    grid: tuple[int, int]
+    frames: int = 1
+    prefix: int = 0
+    crop_grid: tuple[int, int] | None = None
+    highres: tuple[int, int] | None = None
+    highres_offset: tuple[int, int] = (0, 0)
+    newline: bool = False
+
+    @property
+    def grid_tokens(self) -> int:
+        """Tokens in the main grid(s): rows * cols * frames."""
+        return self.grid[0] * self.grid[1] * self.frames
+
+
+class Adapter:
+    """Base adapter: resolves module paths of a ``*ForConditionalGeneration`` VLM.
+
+    Subclasses set the class attributes and implement :meth:`image_layouts`.
+    """
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    rope: ClassVar[str]  # "1d" (LLaMA/Vicuna) or "mrope" (Qwen 3-D positions)
+    has_cls: ClassVar[bool]
+    vision_path: ClassVar[str]
+    vision_layers_path: ClassVar[str]
+    projector_path: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _resolve(self, path: str) -> nn.Module:
+        module: Any = self.model
+        for part in path.split("."):
+            if not hasattr(module, part):
+                raise AttributeError(
+                    f"{type(self.model).__name__} has no module {path!r} (missing {part!r}); "
+                    f"the {self.family} adapter does not match this transformers version"
+                )
+            module = getattr(module, part)
+        return module
+
+    @property
+    def base(self) -> nn.Module:
+        """The multimodal base model (``model.model``): merges image features into the text."""
+        return self._resolve("model")
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder-only language model (no LM head)."""
+        return self._resolve("model.language_model")
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """Decoder layers of the language model."""
+        return self._resolve("model.language_model.layers")
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder."""
+        return self._resolve(self.vision_path)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers."""
+        return self._resolve(self.vision_layers_path)
+
+    @property
+    def projector(self) -> nn.Module:
+        """The projector / patch merger that maps vision features to the text hidden size."""
+        return self._resolve(self.projector_path)
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id of the image placeholders in ``input_ids``."""
+        return int(self.model.config.image_token_id)
+
+    def image_layouts(
+        self, inputs: Mapping[str, Any], n_image_tokens: int
+    ) -> list[ImageLayout]:
+        """Layouts of the images of one forward, in the order their placeholders appear.
+
+        ``inputs`` holds the multimodal base model's keyword inputs (``image_sizes``,
+        ``image_grid_thw``, ...); ``n_image_tokens`` is the number of placeholders in the batch.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _as_list(value: Any) -> list[list[int]]:
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        return [list(v) for v in value]

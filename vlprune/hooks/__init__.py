@@ -1,0 +1,1 @@
+"""Where tokens are cut: vision side (before the LLM), decoder layers, and signal capture."""

@@ -1,0 +1,51 @@
+"""``fastv``: FastV (Chen et al., ECCV 2024), the decoder-side baseline every paper compares with.
+
+"An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764; official code
+https://github.com/pkunlp-icler/FastV. At decoder layer K the visual tokens are ranked by the
+attention the last prompt token gave them at layer K-1 (mean over heads); the top ones stay for
+layers ≥ K, the others leave the sequence and the KV cache of those layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlprune.budget import Budget
+from vlprune.methods.base import DecoderBatch, Method, keep_rows
+from vlprune.registry import register_method
+
+
+@register_method("fastv")
+class FastV(Method):
+    """Keep the visual tokens the last prompt token attends to most (layer ``layer - 1``).
+
+    Scope: per request (all visual tokens of a sample). ``budget`` = visual tokens kept after
+    layer K; ``ratio`` = kept fraction (FastV's R is ``1 - ratio``). Official default K = 2.
+    Kept tokens keep their original RoPE positions (as the official inplace implementation).
+    """
+
+    stage = "decoder"
+    scope = "request"
+    paper = "FastV, ECCV 2024 (arXiv 2403.06764)"
+    repo = "https://github.com/pkunlp-icler/FastV"
+
+    def __init__(self, *, layer: int = 2) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"`layer` must be an int ≥ 1, got {layer!r}")
+        self.layer = layer
+
+    def cut_layers(self, n_layers: int) -> list[int]:
+        """[K]."""
+        return [self.layer]
+
+    def probe_layers(self, n_layers: int) -> list[int]:
+        """[K - 1]: its last-query attention row ranks the visual tokens."""
+        return [self.layer - 1]
+
+    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
+        """1. last row's attention at K-1, head mean; 2. keep text + top visual rows."""
+        batch, length = ctx.is_image.shape
+        last = torch.full((batch, 1), length - 1, device=ctx.hidden.device)
+        scores = ctx.attention(self.layer - 1, last).mean(dim=1)[:, 0]
+        keep_visual = budget.kept(int(ctx.is_image.sum(1).min()))
+        return keep_rows(scores, ctx.is_image, keep_visual)

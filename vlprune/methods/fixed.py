@@ -1,0 +1,50 @@
+"""``fixed`` (internal, for tests): keep exactly the given token indices of every image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlprune.budget import Budget
+from vlprune.methods.base import Method, VisionBatch
+from vlprune.registry import register_method
+
+
+@register_method("fixed")
+class FixedPrune(Method):
+    """Keeps ``indices`` (one list for every image, or one list per image). Scope: per image.
+
+    The budget still caps the count: each image keeps ``min(budget, len(indices))``, taking the
+    first ones in sorted order.
+    """
+
+    stage = "vision"
+    internal = True
+
+    def __init__(self, *, indices: Sequence[int] | Sequence[Sequence[int]] = ()) -> None:
+        per_image = [indices] if not indices or isinstance(indices[0], int) else indices
+        lists = [sorted(set(map(int, idx))) for idx in per_image]
+        if not lists or not lists[0]:
+            raise ValueError("`indices` must hold at least one token index")
+        self.indices = lists
+
+    def _for_image(self, i: int) -> list[int]:
+        return self.indices[i] if len(self.indices) > 1 else self.indices[0]
+
+    def budgets(self, layouts: list, budget: Budget) -> list[int]:
+        """``min(budget, len(indices))`` per image."""
+        return [
+            min(budget.kept(layout.num_tokens), len(self._for_image(i)))
+            for i, layout in enumerate(layouts)
+        ]
+
+    def select(self, batch: VisionBatch) -> list[torch.Tensor]:
+        """The first ``keep_i`` of the image's sorted indices."""
+        out = []
+        for i, (layout, k) in enumerate(zip(batch.layouts, batch.keep)):
+            idx = self._for_image(i)
+            if idx[-1] >= layout.num_tokens:
+                raise ValueError(f"`indices` has {idx[-1]} but image {i} has {layout.num_tokens} tokens")
+            out.append(torch.tensor(idx[:k], dtype=torch.long, device=batch.features[i].device))
+        return out

@@ -82,7 +82,7 @@ def bench_case(
     )
     ratio = torch_ms / triton_ms
     return (
-        f"| {b} | {n} | {k} | {dim} | {torch_ms:.3f} | {triton_ms:.3f} | {ratio:.2f}x "
+        f"| {b} | {n} | {k} | {dim} | {torch_ms:.3f} | {triton_ms:.3f} | {ratio:.3g}x "
         f"| {'yes' if same else 'NO'} |"
     )
 

@@ -63,6 +63,10 @@ class PatchHandle:
         self._vision = VisionCut(adapter, self._select_vision if has_vision else None)
         self._decoder: DecoderCut | None = None
         self._probes: dict[int, TextAttentionProbe] = {}
+        self._vision_probes = {
+            layer: adapter.vision_probe(layer)
+            for layer in method.vision_probe_layers(len(adapter.vision_layers))
+        }
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
             self._probes = {
@@ -104,14 +108,15 @@ class PatchHandle:
 
     def _install(self) -> None:
         self._hooks.extend(self._vision.install())
-        for probe in self._probes.values():
+        for probe in [*self._probes.values(), *self._vision_probes.values()]:
             self._hooks.append(probe.install())
         if self._decoder is not None:
             self._hooks.extend(self._decoder.install())
+        if self._probes or self._vision_probes:
             self._hooks.append(self.adapter.language_model.register_forward_hook(self._clear_probes))
 
     def _clear_probes(self, *_: Any) -> None:
-        for probe in self._probes.values():
+        for probe in [*self._probes.values(), *self._vision_probes.values()]:
             probe.clear()
 
     @torch.no_grad()
@@ -137,6 +142,7 @@ class PatchHandle:
             sample=tokens.sample,
             input_ids=tokens.input_ids,
             text_embeds=tokens.inputs_embeds,
+            vision_attention=lambda layer, queries=None: self._vision_probes[layer].rows(queries),
         )
         kept = self.method.select(batch)
         _check_selection(self.method.name, kept, keep, tokens.layouts)

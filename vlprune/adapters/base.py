@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlprune.hooks.signals import VisionAttentionProbe
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -100,6 +102,10 @@ class Adapter:
     def projector(self) -> nn.Module:
         """The projector / patch merger that maps vision features to the text hidden size."""
         return self._resolve(self.projector_path)
+
+    def vision_probe(self, layer: int) -> VisionAttentionProbe:
+        """An attention probe on vision-encoder layer ``layer`` (not yet installed)."""
+        raise NotImplementedError
 
     @property
     def image_token_id(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.signals import ClipAttentionProbe
 
 
 class LlavaAdapter(Adapter):
@@ -18,6 +19,10 @@ class LlavaAdapter(Adapter):
     vision_path = "model.vision_tower"
     vision_layers_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
+
+    def vision_probe(self, layer: int) -> ClipAttentionProbe:
+        """CLIP self-attention of encoder layer ``layer``; one sequence (CLS + patches) per image."""
+        return ClipAttentionProbe(self.vision_layers[layer].self_attn)
 
     def _grid_side(self) -> int:
         vision = self.model.config.vision_config

@@ -12,6 +12,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.signals import ClipAttentionProbe
 
 
 class LlavaNextAdapter(Adapter):
@@ -28,6 +29,11 @@ class LlavaNextAdapter(Adapter):
     vision_path = "model.vision_tower"
     vision_layers_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
+
+    def vision_probe(self, layer: int) -> ClipAttentionProbe:
+        """CLIP self-attention of encoder layer ``layer``; one sequence per crop, the crops of
+        each image in order (thumbnail first, then ``crop_grid`` crops in raster order)."""
+        return ClipAttentionProbe(self.vision_layers[layer].self_attn)
 
     def _layout(self, image_size: list[int]) -> ImageLayout:
         config = self.model.config

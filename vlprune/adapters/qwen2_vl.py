@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.signals import QwenVisionAttentionProbe
 
 
 class Qwen2VLAdapter(Adapter):
@@ -18,6 +19,11 @@ class Qwen2VLAdapter(Adapter):
     vision_path = "model.visual"
     vision_layers_path = "model.visual.blocks"
     projector_path = "model.visual.merger"
+
+    def vision_probe(self, layer: int) -> QwenVisionAttentionProbe:
+        """Attention of vision block ``layer``: one sequence per image (full-attention blocks)
+        or per window (Qwen2.5-VL windowed blocks), over pre-merge patches in the block's order."""
+        return QwenVisionAttentionProbe(self.vision_layers[layer].attn)
 
     @property
     def merge_size(self) -> int:

@@ -96,3 +96,80 @@ class TextAttentionProbe:
             return mask.gather(2, index)
         keys = torch.arange(length, device=queries.device)
         return (keys[None, None, None, :] <= queries[:, None, :, None])
+
+
+class VisionAttentionProbe:
+    """Attention rows of one vision-encoder layer, recomputed on request.
+
+    A vision forward attends within independent sequences: one per image or crop (CLIP), one
+    per image (Qwen full-attention blocks) or per window (Qwen2.5-VL windowed blocks, in window
+    order). :meth:`rows` returns one (H, Q, n) tensor per sequence, in the order the layer saw
+    them. Subclasses say how to read q and k off the layer.
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+        self.inputs: dict[str, Any] | None = None
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook that remembers the layer's inputs."""
+        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.inputs = {"hidden": hidden, **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
+
+    def clear(self) -> None:
+        """Drop the references to the last call's inputs."""
+        self.inputs = None
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence: (q, k), each (H, n, d), after any RoPE."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per sequence, float32 probabilities (H, Q, n) of query rows ``queries`` (local
+        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None."""
+        if self.inputs is None:
+            raise RuntimeError("the probed vision layer has not run yet in this forward")
+        out = []
+        for q, k in self.query_key():
+            if queries is not None:
+                q = q[:, queries.to(q.device)]
+            out.append(((q @ k.transpose(1, 2)) * self._scale()).float().softmax(-1))
+        return out
+
+    def _scale(self) -> float:
+        return float(getattr(self.attention, "scale", getattr(self.attention, "scaling", 1.0)))
+
+
+class ClipAttentionProbe(VisionAttentionProbe):
+    """CLIP (LLaVA, LLaVA-NeXT): ``q_proj`` / ``k_proj``, no RoPE; one sequence per crop."""
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per crop (CLS first): q, k of shape (H, 1 + patches, d)."""
+        attn = self.attention
+        hidden = self.inputs["hidden"]
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        return list(zip(q, k))
+
+
+class QwenVisionAttentionProbe(VisionAttentionProbe):
+    """Qwen2-VL / Qwen2.5-VL vision blocks: fused ``qkv``, 2-D vision RoPE, ``cu_seqlens``."""
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per ``cu_seqlens`` segment: q, k of shape (H, n, d) after the vision RoPE."""
+        attn = self.attention
+        hidden = self.inputs["hidden"]
+        q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        cos, sin = (t.unsqueeze(-2).float() for t in self.inputs["position_embeddings"])
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(hidden.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(hidden.dtype)
+        bounds = self.inputs["cu_seqlens"].tolist()
+        return [
+            (q[a:b].transpose(0, 1), k[a:b].transpose(0, 1))
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]

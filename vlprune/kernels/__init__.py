@@ -17,6 +17,7 @@ import importlib.util
 import numbers
 import os
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def _triton_module():
+def _triton_module() -> ModuleType:
     try:
         from vlprune.kernels import triton_topk
     except ImportError as err:

@@ -6,7 +6,7 @@ Methods are pure: they see tensors (features, attention rows, layouts) and retur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +26,9 @@ class VisionBatch:
     - ``sample[i]``: batch row that holds image i; ``input_ids``: (B, L) the prompt.
     - ``signals``: what the method's :meth:`Method.signals` asked for, keyed by name.
     - ``text_embeds``: (B, L, D) input embeddings of the prompt (image rows included).
+    - ``vision_attention(layer, queries)``: per vision sequence (image / crop / window, see the
+      adapter's ``vision_probe``), float32 (H, Q, n) probabilities of local query rows
+      ``queries`` (None = all) at a probed vision layer (see :meth:`Method.vision_probe_layers`).
     """
 
     layouts: list[ImageLayout]
@@ -34,7 +37,7 @@ class VisionBatch:
     sample: list[int]
     input_ids: torch.Tensor
     text_embeds: torch.Tensor
-    signals: dict[str, Any] = field(default_factory=dict)
+    vision_attention: Any = None
 
 
 @dataclass
@@ -97,6 +100,10 @@ class Method:
     def select(self, batch: VisionBatch) -> list[torch.Tensor]:
         """Kept token indices per image: sorted, unique ``LongTensor (keep[i],)``."""
         raise NotImplementedError(f"{type(self).__name__} has no vision stage")
+
+    def vision_probe_layers(self, n_layers: int) -> list[int]:
+        """Vision-encoder layers whose attention :meth:`select` reads (``n_layers`` deep)."""
+        return []
 
     def cut_layers(self, n_layers: int) -> list[int]:
         """Decoder layers at whose input the decoder stage drops rows (decoder methods)."""

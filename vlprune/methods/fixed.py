@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from vlprune.budget import Budget
-from vlprune.methods.base import Method, VisionBatch
+from vlprune.methods.base import DecoderBatch, Method, VisionBatch, keep_rows
 from vlprune.registry import register_method
 
 
@@ -48,3 +48,32 @@ class FixedPrune(Method):
                 raise ValueError(f"`indices` has {idx[-1]} but image {i} has {layout.num_tokens} tokens")
             out.append(torch.tensor(idx[:k], dtype=torch.long, device=batch.features[i].device))
         return out
+
+
+@register_method("fixed_layer")
+class FixedLayerPrune(Method):
+    """Internal, for tests: at decoder layer ``layer``, keep the visual tokens of each row whose
+    ordinal among that row's visual tokens is in ``indices``. Scope: per request.
+    """
+
+    stage = "decoder"
+    scope = "request"
+    internal = True
+
+    def __init__(self, *, indices: Sequence[int] = (), layer: int = 2) -> None:
+        if not indices:
+            raise ValueError("`indices` must hold at least one visual-token ordinal")
+        self.indices = sorted(set(map(int, indices)))
+        self.layer = layer
+
+    def cut_layers(self, n_layers: int) -> list[int]:
+        """[layer]."""
+        return [self.layer]
+
+    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
+        """Score 1 for the listed visual ordinals, 0 otherwise; keep the top ones."""
+        ordinal = ctx.is_image.long().cumsum(1) - 1
+        wanted = torch.tensor(self.indices, device=ordinal.device)
+        scores = torch.isin(ordinal, wanted).float()
+        keep_visual = min(len(self.indices), budget.kept(int(ctx.is_image.sum(1).min())))
+        return keep_rows(scores, ctx.is_image, keep_visual)

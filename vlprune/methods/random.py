@@ -13,8 +13,9 @@ from vlprune.registry import register_method
 class RandomPrune(Method):
     """Uniformly random kept tokens per image, reproducible from ``seed``.
 
-    Scope: per image. The generator is re-seeded at every prefill, so repeated calls (and
-    ``generate(use_cache=False)``) keep the same tokens for the same inputs.
+    Scope: per image. Each image's scores come from a generator seeded with ``seed`` alone, so
+    an image's kept set depends only on ``seed`` and its token count: repeated calls,
+    ``generate(use_cache=False)`` and any batch composition keep the same tokens.
     """
 
     stage = "vision"
@@ -26,10 +27,10 @@ class RandomPrune(Method):
         self.seed = seed
 
     def select(self, batch: VisionBatch) -> list[torch.Tensor]:
-        """Top-k of i.i.d. uniform scores drawn per image: 1. draw (N_i,) scores; 2. top-k."""
-        generator = torch.Generator().manual_seed(self.seed)
+        """Per image: 1. draw (N_i,) uniform scores from a fresh ``seed`` generator; 2. top-k."""
         kept = []
         for layout, k, feats in zip(batch.layouts, batch.keep, batch.features):
+            generator = torch.Generator().manual_seed(self.seed)
             scores = torch.rand(layout.num_tokens, generator=generator).to(feats.device)
             kept.append(select_topk(scores, k))
         return kept

@@ -1,0 +1,49 @@
+"""Command line: ``vlprune demo | methods``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _methods(args: argparse.Namespace) -> None:
+    import vlprune
+
+    rows = vlprune.available_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| method | stage | budget scope | models | paper |\n|---|---|---|---|---|")
+    for r in rows:
+        families = r["families"] if isinstance(r["families"], str) else ", ".join(r["families"])
+        print(f"| {r['name']} | {r['stage']} | per {r['scope']} | {families} | {r['paper']} |")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vlprune.eval.demo import main
+
+    main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlprune`` argument parser."""
+    parser = argparse.ArgumentParser(prog="vlprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="patch a tiny model and compare prefill before/after")
+    demo.set_defaults(func=_demo)
+    methods = sub.add_parser("methods", help="list registered pruning methods")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    methods.set_defaults(func=_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vlprune`` console script."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

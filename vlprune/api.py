@@ -13,7 +13,6 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.adapters import Adapter, get_adapter
 from vlprune.budget import Budget
 from vlprune.hooks.decoder import CutContext, DecoderCut
-from vlprune.hooks.signals import TextAttentionProbe
 from vlprune.hooks.vision import CallRecorder, ImageTokens, VisionCut
 from vlprune.methods.base import DecoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
@@ -62,17 +61,9 @@ class PatchHandle:
         has_vision = "vision" in method.stage
         self._vision = VisionCut(adapter, self._select_vision if has_vision else None)
         self._decoder: DecoderCut | None = None
-        self._probes: dict[int, TextAttentionProbe] = {}
-        self._vision_probes = {
-            layer: adapter.vision_probe(layer)
-            for layer in method.vision_probe_layers(len(adapter.vision_layers))
-        }
+        self._probes: dict[str, Any] = method.probes(adapter)
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
-            self._probes = {
-                layer: TextAttentionProbe(adapter.decoder_layers[layer].self_attn)
-                for layer in method.probe_layers(n_layers)
-            }
             self._decoder = DecoderCut(
                 adapter, method.cut_layers(n_layers), self._choose_rows,
                 image_mask=lambda: self._vision.lm_image_mask,
@@ -108,15 +99,15 @@ class PatchHandle:
 
     def _install(self) -> None:
         self._hooks.extend(self._vision.install())
-        for probe in [*self._probes.values(), *self._vision_probes.values()]:
+        for probe in self._probes.values():
             self._hooks.append(probe.install())
         if self._decoder is not None:
             self._hooks.extend(self._decoder.install())
-        if self._probes or self._vision_probes:
+        if self._probes:
             self._hooks.append(self.adapter.language_model.register_forward_hook(self._clear_probes))
 
     def _clear_probes(self, *_: Any) -> None:
-        for probe in [*self._probes.values(), *self._vision_probes.values()]:
+        for probe in self._probes.values():
             probe.clear()
 
     @torch.no_grad()
@@ -125,7 +116,7 @@ class PatchHandle:
             layer=ctx.layer,
             hidden=ctx.hidden,
             is_image=ctx.is_image,
-            attention=lambda layer, queries: self._probes[layer].rows(queries),
+            probes=self._probes,
         )
         rows = self.method.choose(batch, self.budget)
         if rows is not None and rows.shape[0] != ctx.hidden.shape[0]:
@@ -142,7 +133,7 @@ class PatchHandle:
             sample=tokens.sample,
             input_ids=tokens.input_ids,
             text_embeds=tokens.inputs_embeds,
-            vision_attention=lambda layer, queries=None: self._vision_probes[layer].rows(queries),
+            probes=self._probes,
         )
         kept = self.method.select(batch)
         _check_selection(self.method.name, kept, keep, tokens.layouts)

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list registered pruning methods")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.set_defaults(func=_methods)
+    # further subcommands (profile, eval) register here
     return parser
 
 

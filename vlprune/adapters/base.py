@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlprune.hooks.signals import VisionAttentionProbe
+from vlprune.hooks.signals import ModuleInputProbe, TextAttentionProbe, VisionAttentionProbe
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ class Adapter:
     def vision_probe(self, layer: int) -> VisionAttentionProbe:
         """An attention probe on vision-encoder layer ``layer`` (not yet installed)."""
         raise NotImplementedError
+
+    def text_probe(self, layer: int) -> TextAttentionProbe:
+        """An attention probe on decoder layer ``layer``'s self-attention (not yet installed)."""
+        return TextAttentionProbe(self.decoder_layers[layer].self_attn)
+
+    def projector_probe(self) -> ModuleInputProbe:
+        """Captures the projector / merger input: vision features before projection."""
+        return ModuleInputProbe(self.projector)
 
     @property
     def image_token_id(self) -> int:

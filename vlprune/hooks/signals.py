@@ -39,6 +39,38 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return scores.softmax(dim=-1)
 
 
+class ModuleInputProbe:
+    """Remembers the first positional (or ``hidden_states``) input of a module in each call,
+    e.g. the projector's input: the vision features before projection."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.value: torch.Tensor | None = None
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook."""
+        return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.value = args[0] if args else next(iter(kwargs.values()))
+
+    def clear(self) -> None:
+        """Drop the reference."""
+        self.value = None
+
+
+class ModuleOutputProbe(ModuleInputProbe):
+    """Remembers a module's output (first element if it returns a tuple), e.g. a decoder
+    layer's output hidden states."""
+
+    def install(self) -> RemovableHandle:
+        """Register the forward hook."""
+        return self.module.register_forward_hook(self._remember_output)
+
+    def _remember_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
 class TextAttentionProbe:
     """Attention rows of one decoder layer's self-attention, recomputed on request.
 

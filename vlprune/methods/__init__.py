@@ -1,6 +1,12 @@
-"""Pruning methods; importing this package registers them all."""
+"""Pruning methods, one module each; importing this package registers every one of them."""
 
-from vlprune.methods import fastv, fixed, random, uniform  # noqa: F401  (registration)
-from vlprune.methods.base import Method, VisionBatch
+import importlib
+import pkgutil
 
-__all__ = ["Method", "VisionBatch"]
+from vlprune.methods.base import DecoderBatch, Method, VisionBatch
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["DecoderBatch", "Method", "VisionBatch"]

@@ -26,9 +26,8 @@ class VisionBatch:
     - ``sample[i]``: batch row that holds image i; ``input_ids``: (B, L) the prompt.
     - ``signals``: what the method's :meth:`Method.signals` asked for, keyed by name.
     - ``text_embeds``: (B, L, D) input embeddings of the prompt (image rows included).
-    - ``vision_attention(layer, queries)``: per vision sequence (image / crop / window, see the
-      adapter's ``vision_probe``), float32 (H, Q, n) probabilities of local query rows
-      ``queries`` (None = all) at a probed vision layer (see :meth:`Method.vision_probe_layers`).
+    - ``probes``: the probes of :meth:`Method.probes`, after the vision encoder ran (e.g.
+      ``probes["cls"].rows(queries)`` of a vision attention probe).
     """
 
     layouts: list[ImageLayout]
@@ -37,7 +36,7 @@ class VisionBatch:
     sample: list[int]
     input_ids: torch.Tensor
     text_embeds: torch.Tensor
-    vision_attention: Any = None
+    probes: dict[str, Any]
 
 
 @dataclass
@@ -45,15 +44,14 @@ class DecoderBatch:
     """What a decoder-stage method sees at cut layer ``layer`` of one prefill.
 
     - ``hidden``: (B, L, D) input of the layer; ``is_image``: (B, L) bool, visual rows;
-    - ``attention(layer, queries)``: (B, H, Q, L) float32 probabilities of query rows
-      ``queries`` (B, Q) at a probed layer (see :meth:`Method.probe_layers`), recomputed from that
-      layer's projections; rows and columns are the current rows.
+    - ``probes``: the probes of :meth:`Method.probes`; a text attention probe at an earlier
+      layer gives ``probes[name].rows(queries)`` → (B, H, Q, L) over the current rows.
     """
 
     layer: int
     hidden: torch.Tensor
     is_image: torch.Tensor
-    attention: Any
+    probes: dict[str, Any]
 
 
 def keep_rows(scores: torch.Tensor, is_image: torch.Tensor, keep_visual: int) -> torch.Tensor:
@@ -101,16 +99,14 @@ class Method:
         """Kept token indices per image: sorted, unique ``LongTensor (keep[i],)``."""
         raise NotImplementedError(f"{type(self).__name__} has no vision stage")
 
-    def vision_probe_layers(self, n_layers: int) -> list[int]:
-        """Vision-encoder layers whose attention :meth:`select` reads (``n_layers`` deep)."""
-        return []
+    def probes(self, adapter: Adapter) -> dict[str, Any]:
+        """Signals to capture during the forward, by name: probes made by the adapter
+        (``adapter.vision_probe(l)``, ``adapter.text_probe(l)``, ``adapter.projector_probe()``).
+        The handle installs them and clears them after each language-model forward."""
+        return {}
 
     def cut_layers(self, n_layers: int) -> list[int]:
         """Decoder layers at whose input the decoder stage drops rows (decoder methods)."""
-        return []
-
-    def probe_layers(self, n_layers: int) -> list[int]:
-        """Decoder layers whose self-attention rows :meth:`choose` reads."""
         return []
 
     def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor | None:

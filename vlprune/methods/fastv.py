@@ -8,8 +8,11 @@ layers ≥ K, the others leave the sequence and the KV cache of those layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, Method, keep_rows
 from vlprune.registry import register_method
@@ -38,14 +41,14 @@ class FastV(Method):
         """[K]."""
         return [self.layer]
 
-    def probe_layers(self, n_layers: int) -> list[int]:
-        """[K - 1]: its last-query attention row ranks the visual tokens."""
-        return [self.layer - 1]
+    def probes(self, adapter: Adapter) -> dict[str, Any]:
+        """Self-attention of layer K - 1: its last-query row ranks the visual tokens."""
+        return {"attention": adapter.text_probe(self.layer - 1)}
 
     def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
         """1. last row's attention at K-1, head mean; 2. keep text + top visual rows."""
         batch, length = ctx.is_image.shape
         last = torch.full((batch, 1), length - 1, device=ctx.hidden.device)
-        scores = ctx.attention(self.layer - 1, last).mean(dim=1)[:, 0]
+        scores = ctx.probes["attention"].rows(last).mean(dim=1)[:, 0]
         keep_visual = budget.kept(int(ctx.is_image.sum(1).min()))
         return keep_rows(scores, ctx.is_image, keep_visual)

@@ -13,8 +13,9 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.adapters import Adapter, get_adapter
 from vlprune.budget import Budget
 from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.encoder import EncoderCut, EncoderCutContext
 from vlprune.hooks.vision import CallRecorder, ImageTokens, VisionCut
-from vlprune.methods.base import DecoderBatch, Method, VisionBatch
+from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
 
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
@@ -33,6 +34,8 @@ class PruneStats:
     ``kept_per_image``: visual tokens into the LLM per image (vision-side cut); ``seq_len`` /
     ``kept_seq_len``: sequence length before / after the vision-side cut (padded batch width);
     ``layer_tokens``: sequence length entering each decoder layer.
+    ``vision_layer_tokens``: per image, rows entering each vision-encoder layer in the last
+    image forward (summed over its crops / frames, CLS included); empty without an encoder cut.
     """
 
     method: str
@@ -43,6 +46,7 @@ class PruneStats:
     seq_len: int = 0
     kept_seq_len: int = 0
     layer_tokens: list[list[int]] = field(default_factory=list)
+    vision_layer_tokens: list[list[int]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict view (JSON-serialisable)."""
@@ -62,6 +66,10 @@ class PatchHandle:
         self._vision = VisionCut(adapter, self._select_vision if has_vision else None)
         self._decoder: DecoderCut | None = None
         self._probes: dict[str, Any] = method.probes(adapter)
+        self._encoder: EncoderCut | None = None
+        encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
+        if encoder_layers:
+            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
             self._decoder = DecoderCut(
@@ -79,6 +87,8 @@ class PatchHandle:
     def stats(self) -> PruneStats:
         """Kept tokens of the last prefill (empty lists before the first forward)."""
         stats = PruneStats(method=self.method.name, settings=dict(self._settings))
+        if self._encoder is not None:
+            stats.vision_layer_tokens = self._encoder.layer_tokens()
         vision = self._vision
         if vision.lm_image_mask is None:
             return stats
@@ -99,6 +109,8 @@ class PatchHandle:
 
     def _install(self) -> None:
         self._hooks.extend(self._vision.install())
+        if self._encoder is not None:
+            self._hooks.extend(self._encoder.install())
         for probe in self._probes.values():
             self._hooks.append(probe.install())
         if self._decoder is not None:
@@ -111,21 +123,37 @@ class PatchHandle:
             probe.clear()
 
     @torch.no_grad()
-    def _choose_rows(self, ctx: CutContext) -> torch.Tensor | None:
+    def _choose_rows(
+        self, ctx: CutContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         batch = DecoderBatch(
             layer=ctx.layer,
             hidden=ctx.hidden,
             is_image=ctx.is_image,
             probes=self._probes,
+            index=ctx.index,
+            layer_index=ctx.layer_index,
+            valid=ctx.valid,
+            input_visual=ctx.input_visual,
+            image_tokens=self._vision.record.image_tokens if self._vision.record else [],
         )
         rows = self.method.choose(batch, self.budget)
-        if rows is not None and rows.shape[0] != ctx.hidden.shape[0]:
+        index = rows[0] if isinstance(rows, tuple) else rows
+        if index is not None and index.shape[0] != ctx.hidden.shape[0]:
             raise RuntimeError(f"method {self.method.name!r} returned rows for a wrong batch size")
         return rows
 
     @torch.no_grad()
+    def _choose_encoder(self, ctx: EncoderCutContext) -> list[torch.Tensor] | None:
+        batch = EncoderBatch(**vars(ctx), probes=self._probes)
+        return self.method.encoder_choose(batch, self.budget)
+
+    @torch.no_grad()
     def _select_vision(self, tokens: ImageTokens) -> list[torch.Tensor]:
         keep = self.method.budgets(tokens.layouts, self.budget)
+        units = None
+        if self._encoder is not None:
+            units = self._encoder.units_per_image(tokens.layouts)
         batch = VisionBatch(
             layouts=tokens.layouts,
             keep=keep,
@@ -134,8 +162,13 @@ class PatchHandle:
             input_ids=tokens.input_ids,
             text_embeds=tokens.inputs_embeds,
             probes=self._probes,
+            positions=tokens.positions,
+            budget=self.budget,
+            encoder_units=units,
         )
         kept = self.method.select(batch)
+        if units is not None:
+            keep = [int(k.numel()) for k in kept]  # the encoder cut bounded the counts
         _check_selection(self.method.name, kept, keep, tokens.layouts)
         return kept
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Budget:
-    """A validated budget: exactly one of ``tokens`` (kept per unit) or ``ratio`` (kept fraction)."""
+    """A validated budget: exactly one of ``tokens`` (kept per unit) or ``ratio`` (kept
+    fraction)."""
 
     tokens: int | None = None
     ratio: float | None = None
@@ -21,7 +22,8 @@ class Budget:
         if (self.tokens is None) == (self.ratio is None):
             raise ValueError(
                 "give exactly one of `budget` (visual tokens kept, an int > 0) or "
-                f"`ratio` (kept fraction in (0, 1]); got budget={self.tokens!r}, ratio={self.ratio!r}"
+                f"`ratio` (kept fraction in (0, 1]); got budget={self.tokens!r}, "
+                f"ratio={self.ratio!r}"
             )
         if self.tokens is not None:
             if isinstance(self.tokens, bool) or not isinstance(self.tokens, int):

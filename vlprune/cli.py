@@ -26,6 +26,12 @@ def _demo(args: argparse.Namespace) -> None:
     main()
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from vlprune.eval.lmms_cli import main
+
+    main(args.lmms_eval_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vlprune`` argument parser."""
     parser = argparse.ArgumentParser(prog="vlprune", description=__doc__)
@@ -36,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.set_defaults(func=_methods)
     # further subcommands (profile, eval) register here
+    from vlprune.eval.profiler.cli import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
+    evaluate = sub.add_parser(
+        "eval", help="run lmms-eval with --model vlprune (all further arguments go to lmms-eval)",
+        add_help=False, prefix_chars="+",
+    )
+    evaluate.add_argument("lmms_eval_args", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

@@ -19,7 +19,8 @@ def register_method(name: str) -> Callable[[M], M]:
 
     def decorator(cls: M) -> M:
         if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
+            owner = _METHODS[name].__qualname__
+            raise ValueError(f"method {name!r} is already registered by {owner}")
         cls.name = name
         _METHODS[name] = cls
         return cls
@@ -36,7 +37,8 @@ def get_method(name: str) -> type[Method]:
     """The method class registered as ``name``; ``ValueError`` listing the names otherwise."""
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(
-            f"unknown `method` {name!r}; available: {', '.join(list_methods(include_internal=True))}"
+            f"unknown `method` {name!r}; available: "
+            f"{', '.join(list_methods(include_internal=True))}"
         )
     return _METHODS[name]
 

@@ -27,7 +27,8 @@ class ImageLayout:
       (``frames`` grids follow each other).
     - LLaVA-NeXT only: ``crop_grid`` (crops high, crops wide), ``highres`` (rows, cols) of the
       unpadded high-res canvas, ``highres_offset`` (top, left) of that canvas inside the padded
-      ``crop_grid * grid`` canvas, and ``newline``: one learned newline token ends every high-res row.
+      ``crop_grid * grid`` canvas, and ``newline``: one learned newline token ends every
+      high-res row.
     """
 
     num_tokens: int
@@ -129,6 +130,32 @@ class Adapter:
         ``image_grid_thw``, ...); ``n_image_tokens`` is the number of placeholders in the batch.
         """
         raise NotImplementedError
+
+    @property
+    def vision_output_layer(self) -> int:
+        """Last vision-encoder layer (0-based) whose output reaches the projector: the one that
+        produces ``hidden_states[config.vision_feature_layer]`` (the earliest if several), else
+        the last layer. Rows cut after a later layer would not change the image features."""
+        n_layers = len(self.vision_layers)
+        layer = getattr(self.model.config, "vision_feature_layer", -1)
+        layers = layer if isinstance(layer, (list, tuple)) else [layer]
+        return min(int(i) % (n_layers + 1) for i in layers) - 1
+
+    def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
+        """Layouts of the images of one image-encoder forward, in prompt order, from the
+        keyword inputs of ``get_image_features`` (``image_sizes``, ``image_grid_thw``) alone.
+
+        ``n_sequences``: how many sequences the encoder's first layer saw (batched encoders:
+        one per CLIP crop; packed encoders: rows). Each image is ``1 + crops`` sequences
+        (LLaVA-NeXT), one (LLaVA-1.5) or ``frames`` ``cu_seqlens`` segments (Qwen).
+        """
+        raise NotImplementedError
+
+    def vision_unit_tokens(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Packed encoders (Qwen): (S,) LongTensor, the merged LM token (raster order, counted
+        over all images) of each pre-merge row in the encoder's row order. ``None`` for
+        batched encoders (CLIP: row ``1 + p`` of a crop is its raster patch ``p``)."""
+        return None
 
     @staticmethod
     def _as_list(value: Any) -> list[list[int]]:

@@ -21,7 +21,8 @@ class LlavaAdapter(Adapter):
     projector_path = "model.multi_modal_projector"
 
     def vision_probe(self, layer: int) -> ClipAttentionProbe:
-        """CLIP self-attention of encoder layer ``layer``; one sequence (CLS + patches) per image."""
+        """CLIP self-attention of encoder layer ``layer``; one sequence (CLS + patches) per
+        image."""
         return ClipAttentionProbe(self.vision_layers[layer].self_attn)
 
     def _grid_side(self) -> int:
@@ -41,3 +42,8 @@ class LlavaAdapter(Adapter):
                 "tokens per image"
             )
         return [layout] * (n_image_tokens // layout.num_tokens)
+
+    def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
+        """One image per encoder sequence."""
+        side = self._grid_side()
+        return self.image_layouts(inputs, n_sequences * (side * side + self._prefix()))

@@ -63,6 +63,20 @@ class LlavaNextAdapter(Adapter):
         total = sum(layout.num_tokens for layout in layouts)
         if total != n_image_tokens:
             raise ValueError(
-                f"image layouts give {total} tokens but the prompt has {n_image_tokens} placeholders"
+                f"image layouts give {total} tokens but the prompt has "
+                f"{n_image_tokens} placeholders"
+            )
+        return layouts
+
+    def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
+        """One layout per ``image_sizes`` entry; each image is thumbnail + crops sequences."""
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT needs `image_sizes` in the model inputs")
+        layouts = [self._layout(size) for size in self._as_list(sizes)]
+        crops = sum(1 + lay.crop_grid[0] * lay.crop_grid[1] for lay in layouts)
+        if crops != n_sequences:
+            raise ValueError(
+                f"image_sizes give {crops} crops but the vision encoder saw {n_sequences}"
             )
         return layouts

@@ -51,7 +51,8 @@ def run_demo(budgets: tuple[int, ...] = (64, 128, 192)) -> list[dict[str, object
     model, inputs = demo_model()
     base = prefill_ms(model, inputs)
     rows: list[dict[str, object]] = [
-        {"method": "none", "budget": 576, "tokens_into_llm": 576, "prefill_ms": base, "speedup": 1.0}
+        {"method": "none", "budget": 576, "tokens_into_llm": 576, "prefill_ms": base,
+         "speedup": 1.0}
     ]
     for method in DEMO_METHODS:
         for budget in budgets:

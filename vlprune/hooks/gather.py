@@ -38,7 +38,9 @@ def gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.T
     return full.gather(2, index.unsqueeze(0).expand(rows, -1, -1))
 
 
-def gather_mask(mask: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def gather_mask(
+    mask: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """The 2-D attention mask of the kept rows; padding slots get 0. Never returns None."""
     if mask is None:
         return valid.long()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,13 +53,15 @@ Selector = Callable[[ImageTokens], list[torch.Tensor]]
 
 @dataclass
 class VisionCutRecord:
-    """What the last prefill did, per sample: visual tokens before and after, sequence lengths."""
+    """What the last prefill did, per sample: visual tokens before and after, sequence lengths;
+    ``image_tokens[b]``: placeholders of each image of sample b."""
 
     visual_tokens: list[int]
     kept_tokens: list[int]
     seq_len: int
     kept_seq_len: int
     kept_per_image: list[int]
+    image_tokens: list[list[int]] = field(default_factory=list)
 
 
 def split_images(
@@ -142,7 +144,9 @@ class VisionCut:
         self.inputs = {"input_ids": kwargs.get("input_ids", args[0] if args else None)}
 
     def _remember_layout(self, arguments: dict[str, Any]) -> None:
-        self.layout_inputs = {k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None}
+        self.layout_inputs = {
+            k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None
+        }
 
     def _cut(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cache = kwargs.get("cache")
@@ -170,7 +174,7 @@ class VisionCut:
         self, kwargs: dict, tokens: ImageTokens, kept: list[torch.Tensor], is_image: torch.Tensor
     ) -> dict:
         embeds = kwargs["inputs_embeds"]
-        batch, length = is_image.shape
+        length = is_image.shape[1]
         keep = ~is_image
         rows = torch.cat([torch.full_like(k, s) for s, k in zip(tokens.sample, kept)])
         cols = torch.cat([p[k] for p, k in zip(tokens.positions, kept)])
@@ -196,6 +200,10 @@ class VisionCut:
             seq_len=length,
             kept_seq_len=index.shape[1],
             kept_per_image=[int(k.numel()) for k in kept],
+            image_tokens=[
+                [lay.num_tokens for lay, s in zip(tokens.layouts, tokens.sample) if s == row]
+                for row in range(is_image.shape[0])
+            ],
         )
         return kwargs
 

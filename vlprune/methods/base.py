@@ -6,7 +6,7 @@ Methods are pure: they see tensors (features, attention rows, layouts) and retur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +28,11 @@ class VisionBatch:
     - ``text_embeds``: (B, L, D) input embeddings of the prompt (image rows included).
     - ``probes``: the probes of :meth:`Method.probes`, after the vision encoder ran (e.g.
       ``probes["cls"].rows(queries)`` of a vision attention probe).
+    - ``positions[i]``: (N_i,) sequence positions of image i's tokens in row ``sample[i]``.
+    - ``budget``: the patch's budget, for methods whose units are finer than an image (crops).
+    - ``encoder_units[i]``: methods with an encoder stage only: per vision sequence of image i
+      (its CLIP crops, or Qwen frames), the unit ids (see :class:`EncoderBatch`) that survived
+      the encoder cut; only their tokens carry image features, the others must be dropped.
     """
 
     layouts: list[ImageLayout]
@@ -37,6 +42,9 @@ class VisionBatch:
     input_ids: torch.Tensor
     text_embeds: torch.Tensor
     probes: dict[str, Any]
+    positions: list[torch.Tensor] = field(default_factory=list)
+    budget: Budget | None = None
+    encoder_units: list[list[torch.Tensor]] | None = None
 
 
 @dataclass
@@ -46,12 +54,60 @@ class DecoderBatch:
     - ``hidden``: (B, L, D) input of the layer; ``is_image``: (B, L) bool, visual rows;
     - ``probes``: the probes of :meth:`Method.probes`; a text attention probe at an earlier
       layer gives ``probes[name].rows(queries)`` → (B, H, Q, L) over the current rows.
+    - ``index``: (B, L) positions of the current rows in the language model's input;
+      ``layer_index[l]``: the rows (same positions) that entered layer ``l``, for every earlier
+      layer at or after the first cut (layers before it saw every row).
+    - ``valid``: (B, L) bool, False on batch padding; ``input_visual``: (B,) visual rows per
+      sample in the language model's input (before any decoder cut).
+    - ``image_tokens[b]``: placeholders of each image of sample b in the prompt (before any
+      cut), for per-image budgets; empty when the vision-side cut did not run.
     """
 
     layer: int
     hidden: torch.Tensor
     is_image: torch.Tensor
     probes: dict[str, Any]
+    index: torch.Tensor | None = None
+    layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    valid: torch.Tensor | None = None
+    input_visual: torch.Tensor | None = None
+    image_tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class EncoderBatch:
+    """What an encoder-stage method sees after vision-encoder layer ``layer`` ran, in one image
+    forward; its answer drops rows of that layer's output (see ``vlprune.hooks.encoder``).
+
+    The encoder runs sequences: one per CLIP crop (batched rows, ``prefix`` = 1 CLS row first)
+    or one per Qwen frame (packed rows, ``group`` rows per merged token). A *unit* is what can
+    be dropped: a CLIP patch (one row) or a Qwen merge group (``group`` rows, never split).
+
+    - ``units[s]``: (n_s,) ids of sequence s's current units, in row order; a unit's id is its
+      raster position in the sequence's grid (CLIP patch; Qwen merged token of the frame).
+    - ``sizes[s]``: units of sequence s before any cut; ``image[s]``: its image (prompt order);
+      ``layouts[i]``: the token layout of image i in the language model's input.
+    - ``packed``: rows of all sequences are concatenated (Qwen); else stacked (CLIP), and every
+      sequence must keep the same count. ``bounds``: packed only, the current cumulative row
+      boundaries of the sequences (for ``VisionQKV.qkv(bounds)``).
+    - ``output_layer``: last layer whose output reaches the projector; ``hidden``: the output
+      of ``layer`` (batched (n_seq, prefix + n, D) or packed (S, D)).
+    - ``memory``: scratch space, emptied when a new image forward starts (e.g. running scores).
+    """
+
+    layer: int
+    output_layer: int
+    hidden: torch.Tensor
+    units: list[torch.Tensor]
+    sizes: list[int]
+    image: list[int]
+    layouts: list[ImageLayout]
+    packed: bool
+    bounds: list[int] | None
+    prefix: int
+    group: int
+    probes: dict[str, Any]
+    memory: dict[str, Any]
 
 
 def keep_rows(scores: torch.Tensor, is_image: torch.Tensor, keep_visual: int) -> torch.Tensor:
@@ -65,6 +121,39 @@ def keep_rows(scores: torch.Tensor, is_image: torch.Tensor, keep_visual: int) ->
     drop = max(0, n_visual - keep_visual)
     ranked = scores.float().masked_fill(~is_image, torch.finfo(torch.float32).max)
     return select_topk(ranked, is_image.shape[1] - drop)
+
+
+def keep_rows_padded(keep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Kept rows of a (B, L) bool ``keep`` whose rows may keep different counts.
+
+    Returns the sorted (B, Lnext) indices when every row keeps the same count, else
+    ``(index, slots)``: each row's kept indices left-padded to the largest count, and a
+    (B, Lnext) bool that is False on the padding slots (the decoder cut masks them out).
+    """
+    counts = keep.sum(1)
+    width = int(counts.max())
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    ordered = torch.where(keep, positions, -1).sort(dim=1).values[:, keep.shape[1] - width:]
+    if bool((counts == width).all()):
+        return ordered
+    return ordered.clamp(min=0), ordered >= 0
+
+
+def trailing_text(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows after each sample's last visual row (the instruction and answer prefix).
+
+    Returns ``queries`` (B, Q), the last Q row indices of the sequence, with Q the largest such
+    count, and ``mask`` (B, Q) bool, True where the row follows the sample's last visual row.
+    A sample without visual rows has an all-False mask.
+    """
+    length = is_image.shape[1]
+    positions = torch.arange(length, device=is_image.device)
+    last = torch.where(is_image, positions, -1).amax(1)
+    has_image = is_image.any(1)
+    n_text = torch.where(has_image, length - 1 - last, 0)
+    width = max(int(n_text.max()), 1)
+    queries = positions[length - width:].expand(is_image.shape[0], width)
+    return queries, (queries > last[:, None]) & has_image[:, None]
 
 
 class Method:
@@ -109,8 +198,21 @@ class Method:
         """Decoder layers at whose input the decoder stage drops rows (decoder methods)."""
         return []
 
-    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor | None:
-        """Rows kept at cut layer ``ctx.layer``: sorted (B, Lnext) indices into the current rows."""
+    def encoder_layers(self, output_layer: int) -> list[int]:
+        """Vision-encoder layers (≤ ``output_layer``) after which :meth:`encoder_choose` may
+        drop rows; a non-empty list installs the encoder cut (``vlprune.hooks.encoder``)."""
+        return []
+
+    def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
+        """Per sequence, sorted local positions (into ``batch.units[s]``) of the units that stay,
+        or None to keep everything after this layer."""
+        raise NotImplementedError(f"{type(self).__name__} has no encoder stage")
+
+    def choose(
+        self, ctx: DecoderBatch, budget: Budget
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows kept at cut layer ``ctx.layer``: sorted (B, Lnext) indices into the current rows,
+        or ``(index, slots)`` when rows keep different counts (:func:`keep_rows_padded`)."""
         raise NotImplementedError(f"{type(self).__name__} has no decoder stage")
 
     def settings(self) -> dict[str, Any]:

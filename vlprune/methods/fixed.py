@@ -45,7 +45,9 @@ class FixedPrune(Method):
         for i, (layout, k) in enumerate(zip(batch.layouts, batch.keep)):
             idx = self._for_image(i)
             if idx[-1] >= layout.num_tokens:
-                raise ValueError(f"`indices` has {idx[-1]} but image {i} has {layout.num_tokens} tokens")
+                raise ValueError(
+                    f"`indices` has {idx[-1]} but image {i} has {layout.num_tokens} tokens"
+                )
             out.append(torch.tensor(idx[:k], dtype=torch.long, device=batch.features[i].device))
         return out
 

@@ -1,4 +1,7 @@
-"""``random``: keep a seeded random subset of each image's tokens (the floor every method must beat)."""
+"""``random``: keep a seeded random subset of each image's tokens.
+
+The floor every method must beat.
+"""
 
 from __future__ import annotations
 

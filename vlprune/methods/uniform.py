@@ -1,4 +1,4 @@
-"""``uniform``: keep evenly spaced tokens over each image's raster order (a spatial grid baseline)."""
+"""``uniform``: keep evenly spaced tokens over each image's raster order (a grid baseline)."""
 
 from __future__ import annotations
 

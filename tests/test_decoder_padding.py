@@ -1,0 +1,146 @@
+"""The decoder cut's padded path: rows of a batch that keep different numbers of rows.
+
+A chooser returns ``(index, slots)``; padding slots must be invisible to every query in the cut
+layer and all later ones, in prefill and in every decode step, whatever mask the layer got
+(4-D with batch padding, or None on sdpa's fast path, which must then be materialised).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers.masking_utils import eager_mask, sdpa_mask
+
+from vlprune.adapters import get_adapter
+from vlprune.hooks.decoder import CutContext, DecoderCut, causal_slot_mask, mask_slots
+from vlprune.hooks.vision import VisionCut
+from vlprune.methods.base import keep_rows_padded
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+ATTNS = ("sdpa", "eager")
+CUT = 2
+MAX_NEW = 6
+
+
+@functools.cache
+def _model(family: str, attn: str):
+    return tiny_model(family, attn_implementation=attn)
+
+
+def _drop_chooser(drop: list[bool]):
+    """At the cut, rows flagged in ``drop`` lose every visual row; the others keep all."""
+
+    def chooser(ctx: CutContext):
+        flags = torch.tensor(drop, device=ctx.is_image.device)
+        return keep_rows_padded(~(ctx.is_image & flags[:, None]))
+
+    return chooser
+
+
+def _run(model, inputs, drop: list[bool], **kwargs):
+    """Greedy generate with the cut installed: (new tokens, first-step logits, cut state)."""
+    adapter = get_adapter(model)
+    vision = VisionCut(adapter, None)
+    cut = DecoderCut(adapter, [CUT], _drop_chooser(drop), lambda: vision.lm_image_mask)
+    handles = [*vision.install(), *cut.install()]
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return new, out.logits[0], cut.state
+
+
+def _row(inputs, i: int, family: str, n_words: list[int], seed: int):
+    """Sample i of the batch, built on its own (no padding)."""
+    return tiny_inputs(family, batch=1, n_words=[n_words[i]], seed=seed + i)
+
+
+@pytest.mark.parametrize("lengths", ["padded", "equal"])
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_equals_single_rows(family: str, attn: str, lengths: str) -> None:
+    """Row 0 drops all its visual rows at layer 2, row 1 keeps them: each row's first-step
+    logits (atol 1e-4) and greedy tokens equal that row run alone (``equal``: same prompt
+    lengths, so sdpa gets no mask and one is materialised)."""
+    model = _model(family, attn)
+    n_words = [5, 9] if lengths == "padded" else [6, 6]
+    batch = tiny_inputs(family, batch=2, n_words=n_words, seed=3)
+    tokens, logits, state = _run(model, batch, [True, False])
+    n_visual = int((batch["input_ids"][1] == model.config.image_token_id).sum())
+    assert state.is_image.sum(1).tolist() == [0, n_visual]
+    assert state.slots is not None and (~state.slots).sum(1).tolist() == [n_visual, 0]
+    for i, drop in enumerate([True, False]):
+        single = _row(batch, i, family, n_words, seed=3)
+        ref_tokens, ref_logits, _ = _run(model, single, [drop])
+        torch.testing.assert_close(logits[i:i + 1], ref_logits, atol=1e-4, rtol=0)
+        assert torch.equal(tokens[i:i + 1], ref_tokens)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_padded_cut_cached_equals_uncached(attn: str) -> None:
+    """Decode reuses the pruned per-layer cache: cached greedy tokens == re-prefilling every
+    step (``use_cache=False``), for a batch whose rows keep different counts."""
+    model = _model("llava", attn)
+    batch = tiny_inputs("llava", batch=2, n_words=[5, 9], seed=1)
+    cached, _, _ = _run(model, batch, [False, True])
+    uncached, _, _ = _run(model, batch, [False, True], use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_layer_tokens_count_real_rows_only() -> None:
+    """``layer_tokens`` per sample counts real rows entering each layer, not padding slots."""
+    model = _model("qwen2_vl", "sdpa")
+    batch = tiny_inputs("qwen2_vl", batch=2, n_words=[4, 4], seed=0)
+    _, _, state = _run(model, batch, [True, False])
+    length = batch["input_ids"].shape[1]
+    n_visual = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    assert state.layer_tokens[0] == [length, length, length - n_visual, length - n_visual]
+    assert state.layer_tokens[1] == [length] * 4
+
+
+def test_keep_rows_padded_left_pads_shorter_rows() -> None:
+    """Equal counts give plain sorted indices; unequal ones left-pad with masked slots."""
+    keep = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    assert torch.equal(keep_rows_padded(keep), torch.tensor([[0, 2, 3], [0, 1, 3]]))
+    keep = torch.tensor([[False, False, True, True], [True, True, False, True]])
+    index, slots = keep_rows_padded(keep)
+    assert torch.equal(index, torch.tensor([[0, 2, 3], [0, 1, 3]]))
+    assert torch.equal(slots, torch.tensor([[False, True, True], [True, True, True]]))
+
+
+@pytest.mark.parametrize("kind, builder", [("bool", sdpa_mask), ("float", eager_mask)])
+def test_materialised_mask_follows_transformers_convention(kind: str, builder) -> None:
+    """Without padding slots the materialised mask equals transformers' own causal mask of the
+    same backend (bool for sdpa, additive float for eager), prefill and decode shapes."""
+    for n_queries, n_keys in ((5, 5), (1, 7)):
+        ours = causal_slot_mask(torch.ones(2, n_keys, dtype=torch.bool), n_queries, kind,
+                                torch.float32)
+        theirs = builder(batch_size=2, q_length=n_queries, kv_length=n_keys,
+                         q_offset=n_keys - n_queries, allow_is_causal_skip=False,
+                         dtype=torch.float32)
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs.expand_as(ours))
+
+
+def test_padding_slots_are_hidden_keys_and_see_themselves() -> None:
+    """A padding slot is masked as a key for every other query and attends only to itself."""
+    slots = torch.tensor([[False, True, True]])
+    mask = causal_slot_mask(slots, 3, "bool", torch.float32)[0, 0]
+    assert mask.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    full = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    assert torch.equal(mask_slots(full, slots, slots)[0, 0], mask)
+    additive = torch.zeros(1, 1, 3, 3).masked_fill(~full, torch.finfo(torch.float32).min)
+    out = mask_slots(additive, slots, slots)[0, 0]
+    assert torch.equal(out == 0, mask)
+
+
+def test_no_cut_layer_installs_no_hook() -> None:
+    """An empty cut-layer list (a stage switched off) installs nothing."""
+    adapter = get_adapter(_model("llava", "sdpa"))
+    assert DecoderCut(adapter, [], _drop_chooser([]), lambda: None).install() == []

@@ -1,0 +1,281 @@
+"""FLOPs of a (pruned) VLM run, three ways (specs/peers_and_flops.md §7).
+
+1. **Paper-compatible** (:func:`paper_macs`): the FastV per-layer formula
+   ``4·n·d² + 2·n²·d + 2·n·d·m`` summed over the decoder layers with each layer's own token
+   count ``n``. It counts **multiply-accumulates** of the LLM prefill only (MHA, 2-matrix FFN,
+   full n² attention), as the papers' tables do.
+2. **Exact analytic** (:func:`exact_flops`): real FLOPs (2 per MAC) of every matrix product:
+   GQA projections, the gated 3-matrix MLP, causal attention (``n(n+1)/2`` query-key pairs),
+   the vision encoder (per crop / per image / per window, with any encoder-internal pruning),
+   projector or merger, LM head, and decode steps with the (pruned) KV cache; prefill and
+   decode separately. Element-wise work (norms, activations, softmax, RoPE, residuals) is left
+   out, as in every FLOPs table and in ``FlopCounterMode``; it is well under 1 %.
+3. **Counted** (:func:`count_flops`): ``torch.utils.flop_counter.FlopCounterMode`` on a real
+   forward, with a formula for CPU sdpa (which torch counts as 0). torch's sdpa formula, like
+   eager attention, charges the full n² scores, so counted numbers match
+   ``exact_flops(..., causal=False)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import PretrainedConfig
+
+from vlprune.eval.profiler.presets import ImageGeometry
+
+__all__ = [
+    "Arch",
+    "FlopsBreakdown",
+    "RunTokens",
+    "TextArch",
+    "VisionArch",
+    "arch_from_config",
+    "count_flops",
+    "exact_flops",
+    "paper_macs",
+    "qwen_window_sizes",
+]
+
+
+@dataclass(frozen=True)
+class TextArch:
+    """Decoder sizes: ``q_dim`` = heads·head_dim, ``kv_dim`` = KV heads·head_dim,
+    ``mlp_mats`` = 3 for gated (SwiGLU) MLPs."""
+
+    layers: int
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    mlp_mats: int = 3
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """Vision tower sizes.
+
+    ``kind``: "clip" (LLaVA, one CLS + patches per crop), "qwen2_vl" or "qwen2_5_vl";
+    ``patch_in``: input values per patch (3·p² or 3·t·p²); ``merge``: patches per LLM token;
+    ``projector``: (in, out) of each projector / merger linear, applied to every LLM token;
+    ``window``: Qwen2.5-VL window side in merged tokens (0: none); ``full_blocks``: blocks with
+    full attention when windowed.
+    """
+
+    kind: str
+    layers: int
+    hidden: int
+    intermediate: int
+    mlp_mats: int
+    patch_in: int
+    merge: int
+    projector: tuple[tuple[int, int], ...]
+    window: int = 0
+    full_blocks: tuple[int, ...] = ()
+    merge_side: int = 1
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the analytic count needs of a model: its family, text and vision sizes."""
+
+    family: str
+    text: TextArch
+    vision: VisionArch
+
+
+def _text_arch(text: PretrainedConfig) -> TextArch:
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return TextArch(layers=text.num_hidden_layers, hidden=text.hidden_size,
+                    q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
+                    intermediate=text.intermediate_size, vocab=text.vocab_size)
+
+
+def arch_from_config(config: PretrainedConfig, family: str) -> Arch:
+    """Sizes of a LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL config."""
+    text = _text_arch(config.text_config)
+    v = config.vision_config
+    if family in ("llava", "llava_next"):
+        layers = config.vision_feature_layer
+        n_feat = 1 if isinstance(layers, int) else len(layers)
+        projector = ((v.hidden_size * n_feat, text.hidden), (text.hidden, text.hidden))
+        vision = VisionArch("clip", v.num_hidden_layers, v.hidden_size, v.intermediate_size, 2,
+                            patch_in=v.num_channels * v.patch_size ** 2, merge=1,
+                            projector=projector)
+        return Arch(family, text, vision)
+    merge = v.spatial_merge_size ** 2
+    patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    if family == "qwen2_vl":
+        width, inter, mats, out = v.embed_dim, v.embed_dim * v.mlp_ratio, 2, v.hidden_size
+        window, full = 0, ()
+    else:
+        width, inter, mats, out = v.hidden_size, v.intermediate_size, 3, v.out_hidden_size
+        window = v.window_size // v.spatial_merge_size // v.patch_size
+        full = tuple(v.fullatt_block_indexes)
+    projector = ((width * merge, width * merge), (width * merge, out))
+    vision = VisionArch(family, v.depth, width, inter, mats, patch_in, merge, projector,
+                        window, full, v.spatial_merge_size)
+    return Arch(family, text, vision)
+
+
+@dataclass
+class RunTokens:
+    """Token counts of one sample's prefill.
+
+    ``layer_tokens[l]``: sequence length entering decoder layer l; ``images``: geometry of each
+    image; ``vision_layer_tokens[i][l]``: tokens of image i (all its crops, CLS included)
+    entering vision layer l, empty when nothing is cut inside the encoder.
+    """
+
+    layer_tokens: list[int]
+    images: list[ImageGeometry]
+    vision_layer_tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class FlopsBreakdown:
+    """FLOPs of one run (all samples); ``decode`` covers ``new_tokens - 1`` cached steps."""
+
+    vision: float
+    projector: float
+    llm: float
+    lm_head: float
+    decode: float
+    new_tokens: int
+
+    @property
+    def prefill(self) -> float:
+        """Vision + projector + decoder layers + LM head of the prefill."""
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    @property
+    def decode_per_token(self) -> float:
+        """Mean FLOPs of one decode step (0 when only the prefill token is generated)."""
+        steps = self.new_tokens - 1
+        return self.decode / steps if steps > 0 else 0.0
+
+    @property
+    def total(self) -> float:
+        """Prefill plus decode."""
+        return self.prefill + self.decode
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain-dict view, parts and sums."""
+        return {"vision": self.vision, "projector": self.projector, "llm": self.llm,
+                "lm_head": self.lm_head, "prefill": self.prefill, "decode": self.decode,
+                "decode_per_token": self.decode_per_token, "total": self.total}
+
+
+def paper_macs(layer_tokens: Sequence[int], hidden: int, intermediate: int) -> float:
+    """FastV's formula in MACs: Σ_l 4·n_l·d² + 2·n_l²·d + 2·n_l·d·m (LLM prefill only)."""
+    d, m = hidden, intermediate
+    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in layer_tokens))
+
+
+def _attention_pairs(queries: int, keys: int, causal: bool) -> int:
+    """Query-key pairs when the ``queries`` newest of ``keys`` tokens attend."""
+    older = queries * (keys - queries)
+    return older + (queries * (queries + 1) // 2 if causal else queries * queries)
+
+
+def text_layer_flops(t: TextArch, queries: int, keys: int, causal: bool = True) -> float:
+    """One decoder layer on ``queries`` new tokens attending over ``keys`` (cache + new)."""
+    proj = 2 * queries * t.hidden * (2 * t.q_dim + 2 * t.kv_dim)
+    mlp = 2 * queries * t.hidden * t.intermediate * t.mlp_mats
+    attn = 4 * t.q_dim * _attention_pairs(queries, keys, causal)
+    return float(proj + mlp + attn)
+
+
+def qwen_window_sizes(grid_thw: tuple[int, int, int], window: int, merge_side: int) -> list[int]:
+    """Patches per attention window of Qwen2.5-VL (as ``get_vision_window_index``)."""
+    t, h, w = grid_thw
+    rows, cols = h // merge_side, w // merge_side
+
+    def spans(n: int) -> list[int]:
+        return [min(window, n - start) for start in range(0, n, window)]
+
+    unit = merge_side * merge_side
+    return [r * c * unit for _ in range(t) for r in spans(rows) for c in spans(cols)]
+
+
+def _vision_sequences(v: VisionArch, image: ImageGeometry) -> tuple[int, list[int], list[int]]:
+    """(patches, full-attention sequence lengths, windowed sequence lengths) of one image."""
+    if v.kind == "clip":
+        return image.crops * image.crop_patches, [image.crop_patches + 1] * image.crops, []
+    t, h, w = image.grid_thw
+    full = [h * w] * t
+    windows = qwen_window_sizes(image.grid_thw, v.window, v.merge_side) if v.window else []
+    return t * h * w, full, windows
+
+
+def vision_flops(v: VisionArch, image: ImageGeometry, *,
+                 layer_tokens: Sequence[int] = ()) -> tuple[float, float]:
+    """(encoder, projector) FLOPs of one image; ``layer_tokens`` as ``RunTokens``.
+
+    With encoder-internal pruning, layer l's tokens are spread over the image's sequences
+    (crops / windows) in proportion to their unpruned sizes; the projector sees the tokens
+    entering the last layer (CLS dropped for CLIP).
+    """
+    patches, full, windows = _vision_sequences(v, image)
+    n_full = sum(full)
+    total = 2.0 * patches * v.patch_in * v.hidden
+    for layer in range(v.layers):
+        n = layer_tokens[layer] if layer_tokens else n_full
+        scale = n / n_full
+        use_windows = windows and layer not in v.full_blocks
+        segs = [s * scale for s in (windows if use_windows else full)]
+        total += 2 * n * v.hidden * 4 * v.hidden
+        total += 2 * n * v.hidden * v.intermediate * v.mlp_mats
+        total += 4 * v.hidden * sum(s * s for s in segs)
+    out_tokens = layer_tokens[-1] if layer_tokens else n_full
+    if v.kind == "clip":
+        out_tokens -= image.crops
+    llm_tokens = out_tokens / v.merge
+    projector = sum(2.0 * llm_tokens * i * o for i, o in v.projector)
+    return total, projector
+
+
+def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool = True,
+                lm_head_tokens: int = 1) -> FlopsBreakdown:
+    """Exact analytic FLOPs of one sample: prefill (vision, projector, decoder layers, LM head
+    on ``lm_head_tokens`` rows) and ``new_tokens - 1`` decode steps with the pruned KV cache
+    (layer l caches ``layer_tokens[l]`` prompt tokens)."""
+    t = arch.text
+    vision = projector = 0.0
+    for i, image in enumerate(run.images):
+        cut = run.vision_layer_tokens[i] if i < len(run.vision_layer_tokens) else ()
+        enc, proj = vision_flops(arch.vision, image, layer_tokens=cut)
+        vision += enc
+        projector += proj
+    llm = sum(text_layer_flops(t, n, n, causal) for n in run.layer_tokens)
+    head = 2.0 * t.hidden * t.vocab
+    decode = 0.0
+    for step in range(1, new_tokens):
+        decode += sum(text_layer_flops(t, 1, n + step, causal) for n in run.layer_tokens) + head
+    return FlopsBreakdown(vision, projector, llm, head * lm_head_tokens, decode, new_tokens)
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
+                    out_shape: Any = None, **kwargs: Any) -> int:
+    """torch counts ``_scaled_dot_product_flash_attention_for_cpu`` as 0; use its sdpa rule."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts CPU sdpa (local mapping, nothing global)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(FLOPs counted by ``FlopCounterMode`` while ``fn()`` runs, its result)."""
+    with flop_counter() as counter:
+        result = fn()
+    return float(counter.get_total_flops()), result

@@ -1,0 +1,146 @@
+"""Outputs of ``vlprune profile``: a printed table, JSON, CSV and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from vlprune.eval.profiler.runner import ProfileResult
+
+__all__ = ["flatten", "format_table", "plot", "write_csv", "write_json", "write_outputs"]
+
+DASH = "—"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _ms(cell: dict[str, float | None] | None) -> str:
+    """``median ±half-IQR`` of a timing cell."""
+    if not cell or cell.get("median") is None:
+        return DASH
+    spread = (cell["p75"] - cell["p25"]) / 2
+    return f"{cell['median']:.1f} ±{spread:.1f}"
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    if row.get("speedup_prefill") is not None:
+        return f"{row['speedup_prefill']:.2f}×"
+    return DASH
+
+
+def _budget(row: dict[str, Any]) -> str:
+    budget = row["budget"]
+    if budget is None:
+        return DASH
+    return f"r={budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def format_table(result: ProfileResult) -> str:
+    """Markdown table: one line per run; ``n/a`` / ``error`` rows carry their reason."""
+    head = ("| method | budget | visual kept | LLM tokens in / avg | TMACs paper | TFLOPs exact "
+            "| prefill ms | decode ms/tok | peak MB | speed-up |")
+    lines = [head, "|" + "---|" * 10]
+    for row in result.rows:
+        if row["status"] != "ok":
+            reason = row["note"].splitlines()[0][:80] if row["note"] else ""
+            cells = [row["method"], _budget(row), row["status"], reason] + [""] * 6
+        else:
+            cells = [
+                row["method"], _budget(row), str(row["kept_tokens"]),
+                f"{row['llm_input_tokens']} / {row['mean_layer_tokens']:.0f}",
+                _num(row["paper_tmacs"]), _num(row["exact_tflops_prefill"]),
+                _ms(row.get("prefill_ms")), _ms(row.get("decode_ms_per_token")),
+                _num(row.get("peak_mb"), 4), _speedup(row),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flatten(row: dict[str, Any]) -> dict[str, Any]:
+    """One CSV record: timing cells become ``x`` (median), ``x_p25``, ``x_p75``."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat[key] = value.get("median")
+            flat[f"{key}_p25"] = value.get("p25")
+            flat[f"{key}_p75"] = value.get("p75")
+        else:
+            flat[key] = value
+    return flat
+
+
+def write_json(result: ProfileResult, path: Path) -> None:
+    """``{"info": ..., "rows": [...]}``."""
+    path.write_text(json.dumps({"info": result.info, "rows": result.rows}, indent=2,
+                               default=str) + "\n")
+
+
+def write_csv(result: ProfileResult, path: Path) -> None:
+    """Flat rows (see :func:`flatten`), union of all columns."""
+    records = [flatten(row) for row in result.rows]
+    columns: list[str] = []
+    for record in records:
+        columns += [k for k in record if k not in columns]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def plot(result: ProfileResult, path: Path) -> None:
+    """Speed-up and exact prefill TFLOPs vs budget, one line per method (needs matplotlib).
+
+    Measured prefill speed-up where latency was timed, otherwise the FLOPs ratio (dashed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r["status"] == "ok"]
+    base = rows[0]
+    fig, (ax_speed, ax_flops) = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = base.get("prefill_ms") is not None
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    for method in methods:
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        budgets = [r["budget"] for r in runs]
+        speed = [(r.get("speedup_prefill") if timed else r["flops_speedup"]) or math.nan
+                 for r in runs]
+        ax_speed.plot(budgets, speed, marker="o", linestyle="-" if timed else "--", label=method)
+        ax_flops.plot(budgets, [r["exact_tflops_prefill"] for r in runs], marker="o",
+                      label=method)
+    ax_speed.axhline(1.0, color="grey", linewidth=0.8)
+    ax_speed.set_ylabel("prefill speed-up vs baseline" if timed else "FLOPs ratio vs baseline")
+    ax_flops.axhline(base["exact_tflops_prefill"], color="grey", linestyle=":",
+                     label="baseline")
+    ax_flops.set_ylabel("prefill TFLOPs (exact)")
+    for ax in (ax_speed, ax_flops):
+        ax.set_xlabel("budget (visual tokens)")
+        ax.grid(alpha=0.3)
+    ax_flops.legend(fontsize=8)
+    info = result.info
+    fig.suptitle(f"{info['model']} · {info['device']} · {info['dtype']} · "
+                 f"{info['attn_implementation']} · {info['image_tokens']} image tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: ProfileResult, out_dir: Path, *, png: bool = True) -> dict[str, Path]:
+    """Write ``profile.json``, ``profile.csv`` and (``png``) ``profile.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "profile.json", "csv": out_dir / "profile.csv"}
+    write_json(result, paths["json"])
+    write_csv(result, paths["csv"])
+    if png:
+        paths["png"] = out_dir / "profile.png"
+        plot(result, paths["png"])
+    return paths

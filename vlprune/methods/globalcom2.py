@@ -1,0 +1,199 @@
+"""``globalcom2``: GlobalCom², thumbnail-guided compression of LLaVA-NeXT AnyRes crops.
+
+"Global Compression Commander: Plug-and-Play Inference Acceleration for High-Resolution Large
+Vision-Language Models" (AAAI 2026), arXiv 2501.05179; official code
+https://github.com/xuyang-liu16/GlobalCom2 (HEAD 96b2d00 read; code unchanged since 2025-03-08).
+Spec: ``specs/hiprune_hired_globalcom2.md`` §3.
+
+Signal: ``z_p``, the last ViT layer's CLS-query row over the patch keys of partition p
+(thumbnail p = 0, crops k ≥ 1), head mean of the *pre-softmax* logits (official
+``CustomCLIPAttention``). Per image, content budget c and ``R = c / content tokens``:
+
+1. thumbnail: its top tokens by ``z_0``;
+2. crop retention (``generate_scale_for_crop_features``): ``S_k`` = sum of ``z_0`` over the
+   thumbnail rectangle of crop k (``floor(side/n)`` bands, remainder to the last),
+   ``σ = softmax((S - max S)/τ)``, ``r_k = min(R·(1 + σ_k - 1/n), 1)`` over the n crops;
+3. tokens per partition ``∝`` the official targets ``(576·R, N_k·r_k)`` (N_k: crop k's tokens
+   left after unpadding), split exactly (largest remainder, capped by N_k);
+4. global guidance ``G``: ``z_0`` bilinearly resized (``align_corners=False``) to the unpadded
+   high-res canvas, read at each crop cell;
+5. crop k keeps its top tokens by ``(1-w)·z_k/‖z_k‖₂ + w·G_k/‖G_k‖₂`` (norms over the crop's
+   unpadded cells; official: plain sum, i.e. ``global_weight`` w = 0.5).
+
+LLaVA-1.5 (official code crashes there): one partition, top tokens by ``z_0``.
+Scope: per image; ``budget`` = tokens kept per image including the newline tokens the
+``newline`` policy keeps, exactly. Official ``retention_ratio`` R is per partition with newlines
+on top; here ``ratio`` applies to all the image's tokens and R is derived from the content share.
+
+Official-code behaviour and what vlprune does:
+
+- reproduced: pre-softmax head-mean logits of the last layer, region sums of logits, τ = 10,
+  ``r_k`` formula, unpadded ``N_k``, bilinear guidance map on the unpadded canvas, L2-normalised
+  sum, newline tokens kept on every row (``newline="all"``, counted inside the budget, a budget
+  of at most the row count acting as ``"row"``; official: one per padded-grid row on top of the
+  budget, while the model's own layout has one per unpadded row);
+- fixed (plain bugs): kept crop tokens are written to the first cells of the crop instead of
+  their own (``get_original_indices`` unused): here every kept token stays in its cell (the
+  official placement is not offered: it reorders tokens); floored budgets lose the remainder:
+  allocation is exact here; batch > 1 reuses image 0's thumbnail scores: per image here;
+- not reproduced: the thumbnail is emitted in score order officially; vlprune keeps raster order.
+- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no thumbnail / crops: ``patch``
+  raises).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.signals import VisionAttentionScores
+from vlprune.kernels import select_topk
+from vlprune.methods._vision_common import (
+    NEWLINE_POLICIES,
+    apportion,
+    check_choice,
+    check_layer_option,
+    fill_budget,
+    gather_partitions,
+    partition_tokens,
+    resolve_layer,
+    split_per_image,
+    thumbnail_regions,
+)
+from vlprune.methods.base import Method, VisionBatch
+from vlprune.registry import register_method
+
+_CLS = torch.tensor([0])
+
+
+def crop_ratios(
+    thumbnail: torch.Tensor, layout: ImageLayout, ratio: float, temperature: float
+) -> torch.Tensor:
+    """Step 2: (n,) retention ratio ``r_k`` of each crop from the thumbnail logits (rows·cols,)."""
+    regions = thumbnail_regions(layout.grid, layout.crop_grid).to(thumbnail.device)
+    n = layout.crop_grid[0] * layout.crop_grid[1]
+    sums = torch.zeros(n, device=thumbnail.device).index_add_(0, regions, thumbnail.float())
+    sigma = ((sums - sums.max()) / temperature).softmax(0)
+    return (ratio * (1 + sigma - 1 / n)).clamp(max=1.0)
+
+
+def guidance(thumbnail: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """Step 4: (num_tokens,) ``z_0`` resized to the unpadded canvas, at each canvas token's
+    layout index (0 elsewhere)."""
+    height, width = layout.highres
+    grid = thumbnail.float().view(1, 1, *layout.grid)
+    canvas = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.zeros(layout.num_tokens, device=thumbnail.device)
+    start = layout.prefix + layout.grid_tokens
+    rows = start + torch.arange(height, device=out.device)[:, None] * (width + 1)
+    out[(rows + torch.arange(width, device=out.device)).flatten()] = canvas.flatten()
+    return out
+
+
+def holistic_scores(
+    local: torch.Tensor, glob: torch.Tensor, valid: torch.Tensor, global_weight: float
+) -> torch.Tensor:
+    """Step 5 on one crop: (N,) ``(1-w)·z/‖z‖ + w·G/‖G‖``, norms over the ``valid`` cells."""
+    local, glob = local.float() * valid, glob.float() * valid
+    local = local / local.norm().clamp_min(1e-12)
+    glob = glob / glob.norm().clamp_min(1e-12)
+    return (1 - global_weight) * local + global_weight * glob
+
+
+@register_method("globalcom2")
+class GlobalCom2(Method):
+    """Thumbnail logits set per-crop retention ratios and guide per-token crop scores.
+
+    Options (spec §3.3): ``temperature`` τ of the crop softmax (10); ``global_weight`` w of the
+    guidance map in the crop score (0.5 = official equal mix); ``layer`` scored ViT layer (-1,
+    the last); ``newline`` LLaVA-NeXT newline tokens: ``"all"`` (official: every row keeps its
+    newline), ``"row"`` (kept iff the row keeps a token) or ``"drop"``, inside the budget.
+    """
+
+    stage = "vision"
+    scope = "image"
+    families = ("llava", "llava_next")
+    paper = "GlobalCom², AAAI 2026 (arXiv 2501.05179)"
+    repo = "https://github.com/xuyang-liu16/GlobalCom2"
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 10.0,
+        global_weight: float = 0.5,
+        layer: int = -1,
+        newline: str = "all",
+    ) -> None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
+            temperature <= 0
+        ):
+            raise ValueError(f"`temperature` must be a float > 0, got {temperature!r}")
+        if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)) or not (
+            0 <= global_weight <= 1
+        ):
+            raise ValueError(f"`global_weight` must be a float in [0, 1], got {global_weight!r}")
+        if layer is None:
+            raise ValueError("`layer` must be an int layer index, got None")
+        check_layer_option(layer, "layer")
+        check_choice(newline, NEWLINE_POLICIES, "newline")
+        self.temperature = float(temperature)
+        self.global_weight = float(global_weight)
+        self.layer = layer
+        self.newline = newline
+
+    def check_model(self, adapter: Adapter) -> None:
+        """Family check, and the layer exists."""
+        super().check_model(adapter)
+        resolve_layer(self.layer, len(adapter.vision_layers), "layer")
+
+    def probes(self, adapter: Adapter) -> dict[str, Any]:
+        """Pre-softmax scores of the scored layer (CLS row)."""
+        layer = resolve_layer(self.layer, len(adapter.vision_layers), "layer")
+        return {"logits": VisionAttentionScores(adapter.vision_probe(layer))}
+
+    def select(self, batch: VisionBatch) -> list[torch.Tensor]:
+        """Per image: steps 1-5 inside the image's newline policy."""
+        logits = [rows[:, 0, 1:].mean(0) for rows in batch.probes["logits"].logits(_CLS)]
+        kept = []
+        for layout, k, z, feats in zip(
+            batch.layouts, batch.keep, split_per_image(logits, batch.layouts), batch.features
+        ):
+            tokens = partition_tokens(layout, z[0].device)
+            scores = list(z)
+            if layout.crop_grid is not None:
+                glob = guidance(z[0], layout)
+                scores[1:] = [
+                    holistic_scores(zk, glob[t.clamp_min(0)], t >= 0, self.global_weight)
+                    for zk, t in zip(z[1:], tokens[1:])
+                ]
+            n_content = sum(int((t >= 0).sum()) for t in tokens)
+            chosen = partial(self._chosen, layout=layout, tokens=tokens, scores=scores, z=z)
+            kept.append(fill_budget(layout, k, n_content, chosen, self.newline, feats.device))
+        return kept
+
+    def _chosen(
+        self,
+        c: int,
+        *,
+        layout: ImageLayout,
+        tokens: list[torch.Tensor],
+        scores: list[torch.Tensor],
+        z: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Sorted layout indices of ``c`` content tokens of one image (steps 1-3, top-k)."""
+        caps = [int((t >= 0).sum()) for t in tokens]
+        counts = [c]
+        if layout.crop_grid is not None:
+            ratio = c / sum(caps)
+            r = crop_ratios(z[0], layout, ratio, self.temperature)
+            targets = [caps[0] * ratio, *(cap * float(rk) for cap, rk in zip(caps[1:], r))]
+            counts = apportion(c, targets, caps)
+
+        def pick(p: int, n: int) -> torch.Tensor:
+            return select_topk(scores[p], n, mask=tokens[p] >= 0)
+
+        return gather_partitions(tokens, counts, pick)

@@ -1,0 +1,404 @@
+"""``mmtok``: MMTok, multimodal coverage maximisation (Dong et al., ICLR 2026).
+
+"MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs", arXiv 2508.18264;
+official code https://github.com/Ironieser/MMTok (release ``5b186b6``); spec ``specs/mmtok.md``.
+After the projector, each image keeps the k tokens chosen greedily to maximise
+
+    F(S) = 1/m Σ_text max_{j∈S} P[t, j] + α/n Σ_vision max_{j∈S} Q[v, j]        (paper Eq. 2)
+
+where ``P = softmax_j(t̂·v̂_jᵀ / τ_t)`` compares the prompt's text-token input embeddings with the
+post-projector tokens and ``Q = softmax_j(v̂'·v̂'_jᵀ / τ_v)`` compares the pre-projector features
+among themselves (all L2-normalised, fp32). F is monotone submodular, so greedy is a
+(1 - 1/e)-approximation; the greedy here runs batched over all images (crops) of equal size.
+
+Scope: per image (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL); per crop on LLaVA-NeXT, as the official code
+(``budget`` = tokens per crop, the paper's "Upper 5k"). Pre-projector features: CLIP's selected
+layer (the projector input) for LLaVA; for Qwen the merger input averaged over each 2×2 merge
+group, in raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
+
+Text targets come from the model's own ``input_ids``: every prompt token that is not an image
+placeholder, not padding and not in ``stopwords``. The official code instead captures the user
+question from a patched chat template and filters it with a stop-word list (spec §6); pass
+``stopwords=mmtok_stopwords(tokenizer)`` to drop the same words (plus punctuation, special
+tokens, the two lmms-eval answer-format suffixes and common chat-template boilerplate). Without
+``stopwords`` every text token of the prompt is a target. When filtering leaves a prompt with no
+target, its unfiltered text is used (official fallback).
+
+Reproduced: the objective, temperatures, α, the greedy (lowest index wins ties), LLaVA-NeXT's
+per-crop selection with ``image_newline`` dropped (``keep_newlines=True`` keeps them).
+Differences: batch > 1 (official: batch 1); targets are the prompt's tokens in context (official
+re-tokenises the cleaned question word by word); LLaVA-NeXT patches cut by unpadding are not
+candidates and kept tokens stay in stock AnyRes order and positions (official keeps all 576
+patches per crop and re-orders crop by crop); an image whose budget covers every patch is kept
+whole, newlines included; ``ratio`` keeps ``ceil`` (official Qwen ``floor``); k never exceeds the
+candidates (official can return duplicates). Not implemented: MMTok++ padding exclusion (HF's
+LLaVA processor crops, it does not pad), adaptive τ_v (App. B.1, not in the code), the v1 agent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.budget import Budget
+from vlprune.hooks.gather import gather_rows
+from vlprune.hooks.signals import ModuleKwargProbe
+from vlprune.kernels import select_topk
+from vlprune.methods._vision_common import newline_tokens, partition_tokens
+from vlprune.methods.base import Method, VisionBatch
+from vlprune.registry import register_method
+
+STOP_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had",
+    "do", "does", "did", "it", "they", "he", "she", "we", "you", "i", "what", "where", "when",
+    "why", "how", "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer",
+    "to", "for", "with", "by", "from", "at", "into", "onto", "upon",
+)
+"""The official "non-visual" words, matched in any case (spec §6)."""
+
+PROMPT_SUFFIXES: tuple[str, ...] = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+)
+"""lmms-eval answer-format suffixes the official code deletes before filtering (spec §6)."""
+
+CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
+    "USER:", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.",
+    "[INST]", "[/INST]",
+)
+"""Chat-template text of LLaVA (vicuna, mistral) and Qwen prompts: never part of the question."""
+
+TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_vl": 0.01}
+"""Official τ_t per family (spec §4): 0.02 for LLaVA, 0.01 for Qwen."""
+
+
+def mmtok_stopwords(
+    tokenizer: Any,
+    *,
+    words: Iterable[str] = STOP_WORDS,
+    phrases: Iterable[str] = PROMPT_SUFFIXES + CHAT_TEMPLATE_PHRASES,
+    punctuation: bool = True,
+) -> list[list[int]]:
+    """Token-id sequences that are never MMTok text targets, for ``patch(..., stopwords=...)``.
+
+    Call once per tokenizer. Holds the tokenizer's special tokens; with ``punctuation`` every
+    vocabulary token without a word character (the official ``\\b\\w+\\b`` filter); each of
+    ``words`` in lower, Capitalised and UPPER case; and each of ``phrases``; words and phrases
+    tokenised at the start of the text, after a space and after a newline. A single-token entry
+    is dropped wherever it occurs (also as a piece of a longer word); a multi-token entry only
+    where the whole sequence occurs. The official Qwen path filters nothing: ``words=()``.
+    """
+    out = {(i,) for i in tokenizer.all_special_ids}
+    out |= {(i,) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    if punctuation:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        out |= {(i,) for i, t in enumerate(texts) if not re.search(r"\w", t) and "\ufffd" not in t}
+    variants = {v for w in words for v in (w.lower(), w.capitalize(), w.upper())}
+    for text in variants | set(phrases):
+        out |= _in_context(tokenizer, text)
+    return [list(seq) for seq in sorted(out)]
+
+
+def _in_context(tokenizer: Any, text: str) -> set[tuple[int, ...]]:
+    """Token ids of ``text`` at the start, after a space and after a newline (no unknowns)."""
+    found = set()
+    for head_text, sep in (("", ""), ("a", " "), ("a\n", "")):
+        head = tokenizer.encode(head_text, add_special_tokens=False) if head_text else []
+        full = tokenizer.encode(head_text + sep + text, add_special_tokens=False)
+        tail = tuple(full[len(head):])
+        if full[:len(head)] == head and tail and tokenizer.unk_token_id not in tail:
+            found.add(tail)
+    return found
+
+
+def stopword_mask(input_ids: torch.Tensor, stopwords: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, L) bool: True on tokens covered by an occurrence of any ``stopwords`` sequence."""
+    hit = torch.isin(input_ids, torch.tensor(
+        [s[0] for s in stopwords if len(s) == 1], dtype=input_ids.dtype, device=input_ids.device
+    ))
+    by_size: dict[int, list[Sequence[int]]] = {}
+    for seq in stopwords:
+        if 1 < len(seq) <= input_ids.shape[1]:
+            by_size.setdefault(len(seq), []).append(seq)
+    for size, seqs in by_size.items():
+        pattern = torch.tensor(seqs, dtype=input_ids.dtype, device=input_ids.device)
+        windows = input_ids.unfold(1, size, 1)  # (B, L - size + 1, size)
+        start = (windows[:, :, None, :] == pattern).all(-1).any(-1)
+        for offset in range(size):
+            hit[:, offset:offset + start.shape[1]] |= start
+    return hit
+
+
+def coverage_matrix(
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    vision: torch.Tensor,
+    vision_pre: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    tv_temperature: float,
+    vv_temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units (spec §4).
+
+    ``text`` (G, M, D) targets, ``text_mask`` (G, M) bool (m = its count, padding rows are 0);
+    ``vision`` (G, N, D) post-projector and ``vision_pre`` (G, N, D') pre-projector features;
+    ``valid`` (G, N) bool candidates (n = its count): other columns and their Q rows are 0 and
+    take no part in the softmaxes. ``F(S) = Σ_r max_{j∈S} C[r, j]``.
+    """
+    t, v, w = (F.normalize(x.float(), dim=-1, eps=1e-8) for x in (text, vision, vision_pre))
+    hidden = ~valid[:, None, :]
+    p = (t @ v.transpose(1, 2) / tv_temperature).masked_fill(hidden, float("-inf")).softmax(-1)
+    m = text_mask.sum(1, keepdim=True).clamp_min(1)
+    p = p * (text_mask / m)[..., None]
+    q = (w @ w.transpose(1, 2) / vv_temperature).masked_fill(hidden, float("-inf")).softmax(-1)
+    q = q * (valid * alpha / valid.sum(1, keepdim=True))[..., None]
+    return torch.cat([p, q], dim=1)
+
+
+def greedy_coverage(
+    cover: torch.Tensor, k: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Greedy max coverage: (G, k) picked columns in pick order, for ``cover`` (G, R, N) ≥ 0.
+
+    Step i adds the valid, unpicked column with the largest marginal gain
+    ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
+    (spec §5). Needs ``k`` ≤ the valid columns of every unit.
+    """
+    units, rows, n = cover.shape
+    blocked = torch.zeros(units, n, dtype=torch.bool, device=cover.device)
+    if valid is not None:
+        blocked = ~valid
+    best = cover.new_zeros(units, rows, 1)
+    picks = []
+    for _ in range(k):
+        gain = (cover - best).clamp_min_(0).sum(1).masked_fill_(blocked, float("-inf"))
+        pick = gain.argmax(1)
+        picks.append(pick)
+        blocked = blocked.scatter(1, pick[:, None], True)
+        best = torch.maximum(best, cover.gather(2, pick[:, None, None].expand(units, rows, 1)))
+    return torch.stack(picks, 1) if picks else cover.new_zeros(units, 0, dtype=torch.long)
+
+
+def coverage_value(cover: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """(G,) objective ``F(S) = Σ_r max_{j∈S} C[r, j]`` of column sets ``picks`` (G, k)."""
+    if picks.shape[1] == 0:
+        return cover.new_zeros(cover.shape[0])
+    index = picks[:, None, :].expand(-1, cover.shape[1], -1)
+    return cover.gather(2, index).amax(2).sum(1)
+
+
+class _Unit(NamedTuple):
+    """One selection unit: an image, or a LLaVA-NeXT crop."""
+
+    image: int
+    pre: torch.Tensor  # (N, D') pre-projector features
+    tokens: torch.Tensor  # (N,) index in the image's token layout, -1 = not a candidate
+
+
+@register_method("mmtok")
+class MMTok(Method):
+    """Greedy text→vision + α·vision→vision coverage after the projector (see module docstring).
+
+    Options (official defaults, spec §4 / §9): ``alpha`` = 0.5; ``tv_temperature`` τ_t
+    (None = 0.02 on LLaVA / LLaVA-NeXT, 0.01 on Qwen); ``vv_temperature`` τ_v = 0.2;
+    ``stopwords``: token-id sequences that are not text targets (``mmtok_stopwords(tokenizer)``;
+    None = none); ``keep_newlines``: keep LLaVA-NeXT's newline tokens on top of the per-crop
+    budget (official: dropped).
+    """
+
+    stage = "vision"
+    scope = "image"
+    paper = "MMTok, ICLR 2026 (arXiv 2508.18264)"
+    repo = "https://github.com/Ironieser/MMTok"
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.5,
+        tv_temperature: float | None = None,
+        vv_temperature: float = 0.2,
+        stopwords: Sequence[int | Sequence[int]] | None = None,
+        keep_newlines: bool = False,
+    ) -> None:
+        _check_number("alpha", alpha, minimum=0.0, strict=False)
+        if tv_temperature is not None:
+            _check_number("tv_temperature", tv_temperature)
+        _check_number("vv_temperature", vv_temperature)
+        if not isinstance(keep_newlines, bool):
+            raise ValueError(f"`keep_newlines` must be a bool, got {keep_newlines!r}")
+        self.alpha = float(alpha)
+        self.tv_temperature = None if tv_temperature is None else float(tv_temperature)
+        self.vv_temperature = float(vv_temperature)
+        self.stopwords = _check_stopwords(stopwords)
+        self.keep_newlines = keep_newlines
+
+    def check_model(self, adapter: Adapter) -> None:
+        """Resolve the family's official τ_t when ``tv_temperature`` is None."""
+        super().check_model(adapter)
+        if self.tv_temperature is None:
+            self.tv_temperature = TV_TEMPERATURE.get(adapter.family, 0.02)
+
+    def probes(self, adapter: Adapter) -> dict[str, Any]:
+        """The projector / merger input, the prompt's padding mask and, for merged tokens
+        (Qwen), the adapter's patch → token map."""
+        probes = {
+            "vision": adapter.projector_probe(),
+            "mask": ModuleKwargProbe(adapter.base, "attention_mask"),
+        }
+        patch_token_probe = getattr(adapter, "patch_token_probe", None)
+        if patch_token_probe is not None:
+            probes["patches"] = patch_token_probe()
+        return probes
+
+    def budgets(self, layouts: list[ImageLayout], budget: Budget) -> list[int]:
+        """Per image: Σ over its crops of ``budget.kept(crop patches)`` (+ its newlines if kept);
+        a single crop for LLaVA-1.5 and Qwen; the whole image if every crop keeps all."""
+        return [self._plan(layout, budget)[2] for layout in layouts]
+
+    def _plan(self, layout: ImageLayout, budget: Budget) -> tuple[torch.Tensor, list[int], int]:
+        """Crop → token map (U, N), kept per crop, kept in the image (newlines included)."""
+        token_map = torch.stack(partition_tokens(layout))
+        sizes = (token_map >= 0).sum(1).tolist()
+        ks = [budget.kept(n) for n in sizes]
+        if ks == sizes:
+            return token_map, ks, layout.num_tokens
+        newlines = newline_tokens(layout).numel() if self.keep_newlines else 0
+        return token_map, ks, sum(ks) + newlines
+
+    def select(self, batch: VisionBatch) -> list[torch.Tensor]:
+        """1. text targets per prompt; 2. units (images / crops) with their post- and
+        pre-projector features; 3. coverage rows per unit; 4. greedy, batched over units of
+        equal (N, k); 5. kept indices of each image, sorted, through ``select_topk``."""
+        if batch.budget is None or len(batch.positions) != len(batch.layouts):
+            raise RuntimeError("mmtok needs the batch's `budget` and image `positions`")
+        text, text_mask = self._text_targets(batch)
+        pre = _pre_features(batch)
+        kept: list[list[torch.Tensor]] = [[] for _ in batch.layouts]
+        groups: dict[tuple[int, int], list[_Unit]] = {}
+        for i, layout in enumerate(batch.layouts):
+            device = batch.features[i].device
+            token_map, ks, total = self._plan(layout, batch.budget)
+            sizes = (token_map >= 0).sum(1).tolist()
+            token_map = token_map.to(device)
+            if total == layout.num_tokens:
+                kept[i].append(torch.arange(total, device=device))
+                continue
+            if self.keep_newlines:
+                kept[i].append(newline_tokens(layout).to(device))
+            for u, (k, size) in enumerate(zip(ks, sizes)):
+                if k == size:
+                    kept[i].append(token_map[u][token_map[u] >= 0])
+                elif k > 0:
+                    unit = _Unit(i, pre[i][u], token_map[u])
+                    groups.setdefault((token_map.shape[1], k), []).append(unit)
+        for (_, k), units in groups.items():
+            tokens = self._greedy(batch, text, text_mask, units, k)
+            for unit, row in zip(units, tokens):
+                kept[unit.image].append(row)
+        return [torch.cat(parts).sort().values for parts in kept]
+
+    def _greedy(
+        self,
+        batch: VisionBatch,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        units: list[_Unit],
+        k: int,
+    ) -> torch.Tensor:
+        """(G, k) kept token indices of G units of equal size, each sorted."""
+        token_map = torch.stack([unit.tokens for unit in units])
+        valid = token_map >= 0
+        post = torch.stack([batch.features[u.image][u.tokens.clamp(min=0)] for u in units])
+        rows = torch.tensor([batch.sample[u.image] for u in units], device=text.device)
+        cover = coverage_matrix(
+            text[rows], text_mask[rows], post, torch.stack([u.pre for u in units]), valid,
+            tv_temperature=self.tv_temperature, vv_temperature=self.vv_temperature,
+            alpha=self.alpha,
+        )
+        picks = greedy_coverage(cover, k, valid)
+        picked = torch.zeros_like(valid).scatter_(1, picks, True)
+        return token_map.gather(1, select_topk(picked.float(), k))
+
+    def _text_targets(self, batch: VisionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, D) text-target embeddings of each prompt, left-packed, and their (B, M) mask."""
+        ids = batch.input_ids
+        mask = batch.probes["mask"].value
+        is_text = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        rows = torch.cat([torch.full_like(p, s) for s, p in zip(batch.sample, batch.positions)])
+        is_text[rows, torch.cat(batch.positions)] = False
+        targets = is_text
+        if self.stopwords:
+            targets = is_text & ~stopword_mask(ids, self.stopwords)
+            empty = ~targets.any(1, keepdim=True)
+            targets = torch.where(empty, is_text, targets)
+        count = int(targets.sum(1).max())
+        order = targets.char().argsort(dim=1, descending=True, stable=True)[:, :count]
+        return gather_rows(batch.text_embeds, order), targets.gather(1, order)
+
+
+def _pre_features(batch: VisionBatch) -> list[torch.Tensor]:
+    """Per image (U, N, D') pre-projector features of its units (crops), in token order.
+
+    LLaVA / LLaVA-NeXT: the projector input, (side², D') per crop (a CLS prefix, ``full``
+    strategy, is dropped: it is no candidate). Qwen: the merger input averaged over the patches
+    of each merged token, put in raster order with the adapter's patch → token map.
+    """
+    value = batch.probes["vision"].value
+    if value is None:
+        raise RuntimeError("mmtok: the projector did not run in this forward")
+    if "patches" in batch.probes:
+        token_of_patch = batch.probes["patches"].token_of_patch().to(value.device)
+        total = sum(layout.num_tokens for layout in batch.layouts)
+        if token_of_patch.shape[0] != value.shape[0] or int(token_of_patch.max()) + 1 != total:
+            raise RuntimeError(
+                f"mmtok: the merger saw {value.shape[0]} patches, the prompt has {total} image "
+                "tokens (images only: videos are not supported)"
+            )
+        sums = value.new_zeros(total, value.shape[1], dtype=torch.float32)
+        sums.index_add_(0, token_of_patch, value.float())
+        means = sums / torch.bincount(token_of_patch, minlength=total)[:, None]
+        return [x[None] for x in means.split([layout.num_tokens for layout in batch.layouts])]
+    crops = [len(partition_tokens(layout)) for layout in batch.layouts]
+    layout = batch.layouts[0]
+    if value.dim() != 3 or value.shape[0] != sum(crops) or (
+        value.shape[1] != layout.prefix + layout.grid[0] * layout.grid[1]
+    ):
+        raise RuntimeError(
+            f"mmtok: projector input {tuple(value.shape)} does not match {sum(crops)} crops of "
+            f"{layout.prefix} + {layout.grid[0]}×{layout.grid[1]} tokens"
+        )
+    return [x[:, layout.prefix:] for x, layout in zip(value.split(crops), batch.layouts)]
+
+
+def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (value <= minimum if strict else value < minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
+
+
+def _check_stopwords(stopwords: Any) -> list[list[int]] | None:
+    if stopwords is None:
+        return None
+    error = ValueError(
+        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
+        "(see mmtok_stopwords)"
+    )
+    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
+        raise error
+    out = []
+    for entry in stopwords:
+        seq = [entry] if isinstance(entry, int) else entry
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+            raise error
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
+            raise error
+        out.append([int(t) for t in seq])
+    return out

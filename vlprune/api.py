@@ -65,17 +65,17 @@ class PatchHandle:
         has_vision = "vision" in method.stage
         self._vision = VisionCut(adapter, self._select_vision if has_vision else None)
         self._decoder: DecoderCut | None = None
-        self._probes: dict[str, Any] = method.probes(adapter)
-        self._encoder: EncoderCut | None = None
-        encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
-        if encoder_layers:
-            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
             self._decoder = DecoderCut(
                 adapter, method.cut_layers(n_layers), self._choose_rows,
                 image_mask=lambda: self._vision.lm_image_mask,
             )
+        self._probes: dict[str, Any] = method.probes(adapter)
+        self._encoder: EncoderCut | None = None
+        encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
+        if encoder_layers:
+            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
         self._settings = {"method": method.name, **budget.as_dict(), **method.settings()}
 
     @property
@@ -108,6 +108,14 @@ class PatchHandle:
         return stats
 
     def _install(self) -> None:
+        """Install every hook, or none: a failure removes what was installed and re-raises."""
+        try:
+            self._install_all()
+        except BaseException:
+            self.unpatch()
+            raise
+
+    def _install_all(self) -> None:
         self._hooks.extend(self._vision.install())
         if self._encoder is not None:
             self._hooks.extend(self._encoder.install())

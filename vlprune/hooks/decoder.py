@@ -38,20 +38,27 @@ from vlprune.hooks.gather import gather_positions, gather_rows
 class DecoderState:
     """Rows alive in the current prefill: ``index`` (B, Lcur) into the LM input, image flags.
 
-    ``valid`` (B, Lcur) is False on batch padding and padding slots; ``slots`` (B, Lcur) is False
-    on padding slots only, None while every slot holds a real row. ``input_visual`` (B,): visual
-    rows per sample entering the language model.
+    ``valid`` (B, Lcur) is False on batch padding and padding slots (default: all True);
+    ``slots`` (B, Lcur) is False on padding slots only, None while every slot holds a real row;
+    ``input_visual`` (B,): visual rows per sample entering the language model (default: those
+    of ``is_image``).
     """
 
     index: torch.Tensor
     is_image: torch.Tensor
-    valid: torch.Tensor
     input_len: int
-    input_visual: torch.Tensor
-    slots: torch.Tensor | None = None
     layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_slots: dict[int, torch.Tensor | None] = field(default_factory=dict)
     layer_tokens: list[list[int]] = field(default_factory=list)
+    valid: torch.Tensor | None = None
+    input_visual: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    layer_slots: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.valid is None:
+            self.valid = torch.ones_like(self.is_image)
+        if self.input_visual is None:
+            self.input_visual = self.is_image.sum(1)
 
 
 @dataclass
@@ -186,7 +193,7 @@ class DecoderCut:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         n_layers = len(self.adapter.decoder_layers)
-        self.state = DecoderState(index, is_image, valid, length, is_image.sum(1),
+        self.state = DecoderState(index, is_image, length, valid=valid,
                                   layer_tokens=[[length] * n_layers for _ in range(batch)])
 
     def _layer(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -229,7 +236,7 @@ class DecoderCut:
         return gather_rows(hidden, local)
 
     def _mask_kind(self) -> str:
-        """"bool" or "float": the 4-D mask convention of the language model's attention."""
+        """The 4-D mask convention of the language model's attention: "bool" or "float"."""
         name = self.adapter.language_model.config._attn_implementation
         builder = ALL_MASK_ATTENTION_FUNCTIONS.get(name)
         if builder is sdpa_mask:
@@ -237,7 +244,7 @@ class DecoderCut:
         if builder is eager_mask:
             return "float"
         raise NotImplementedError(
-            f"rows keeping different counts need a 4-D attention mask; attention "
+            "rows keeping different counts need a 4-D attention mask; attention "
             f"implementation {name!r} is not supported on that path (use 'sdpa' or 'eager')"
         )
 

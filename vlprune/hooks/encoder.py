@@ -378,11 +378,22 @@ class EncoderCut:
         if state is None or not state.cut:
             return None
         if state.packed:
+            units = state.kept_units()
+            if output.shape[0] != units.numel():
+                raise RuntimeError(
+                    f"the patch merger gave {output.shape[0]} tokens but the encoder cut kept "
+                    f"{units.numel()} merge groups"
+                )
             full = output.new_zeros(sum(state.sizes), *output.shape[1:])
-            full[state.kept_units().to(output.device)] = output
+            full[units.to(output.device)] = output
             return full
         idx = torch.stack(state.kept).to(output.device)
         lead = output.shape[1] - idx.shape[1]
+        if lead not in (0, state.prefix) or output.shape[0] != idx.shape[0]:
+            raise RuntimeError(
+                f"the projector got {tuple(output.shape[:2])} rows but the encoder cut kept "
+                f"{tuple(idx.shape)} units: the selected feature layer was not cut"
+            )
         full = output.new_zeros(output.shape[0], lead + state.sizes[0], output.shape[-1])
         full[:, :lead] = output[:, :lead]
         index = idx[..., None].expand(-1, -1, output.shape[-1])

@@ -129,6 +129,9 @@ class VisionCut:
         self.active = False
         self.orig_len = 0
         self.prefill_mask: torch.Tensor | None = None
+        self.prefill_full = True
+        self.kept_len = 0
+        self.dropped = 0
         self.record: VisionCutRecord | None = None
         self.lm_image_mask: torch.Tensor | None = None
 
@@ -193,6 +196,9 @@ class VisionCut:
         self.active = True
         self.orig_len = length
         self.prefill_mask = kwargs["attention_mask"]
+        self.prefill_full = bool(self.prefill_mask.all())
+        self.kept_len = index.shape[1]
+        self.dropped = length - self.kept_len
         self.lm_image_mask = is_image.gather(1, index) & valid
         self.record = VisionCutRecord(
             visual_tokens=is_image.sum(1).tolist(),
@@ -208,17 +214,27 @@ class VisionCut:
         return kwargs
 
     def _decode(self, args: tuple, kwargs: dict, cache: Any) -> tuple[tuple, dict] | None:
+        """Keep a decode step consistent with the pruned cache (O(1) work besides the mask cat).
+
+        A mask from ``generate`` is full-length: its prompt part is replaced by the pruned
+        prefill mask. Without position ids (a hand-written decode loop) the language model would
+        count positions from the pruned cache length: they are shifted back to the original ones.
+        """
         if not self.active or self.prefill_mask is None:
             return None
+        kwargs = dict(kwargs)
+        steps = kwargs["inputs_embeds"].shape[1]
+        if kwargs.get("position_ids") is None and self.dropped:
+            start = cache.get_seq_length() + self.dropped
+            positions = torch.arange(start, start + steps, device=self.prefill_mask.device)
+            kwargs["position_ids"] = positions.unsqueeze(0)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            new = mask[:, self.orig_len:]
-        elif bool(self.prefill_mask.all()):
-            return None
-        else:
-            steps = cache.get_seq_length() + kwargs["inputs_embeds"].shape[1]
-            steps -= self.prefill_mask.shape[1]
-            new = self.prefill_mask.new_ones(self.prefill_mask.shape[0], steps)
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = torch.cat([self.prefill_mask, new.to(self.prefill_mask)], 1)
+            new = mask[:, self.orig_len:].to(self.prefill_mask)
+            kwargs["attention_mask"] = torch.cat([self.prefill_mask, new], 1)
+        elif not self.prefill_full:
+            new = self.prefill_mask.new_ones(
+                self.prefill_mask.shape[0], cache.get_seq_length() + steps - self.kept_len
+            )
+            kwargs["attention_mask"] = torch.cat([self.prefill_mask, new], 1)
         return args, kwargs

@@ -25,8 +25,10 @@ class FixedPrune(Method):
     def __init__(self, *, indices: Sequence[int] | Sequence[Sequence[int]] = ()) -> None:
         per_image = [indices] if not indices or isinstance(indices[0], int) else indices
         lists = [sorted(set(map(int, idx))) for idx in per_image]
-        if not lists or not lists[0]:
-            raise ValueError("`indices` must hold at least one token index")
+        if not lists or not all(lists):
+            raise ValueError("`indices` must hold at least one token index per image")
+        if any(idx[0] < 0 for idx in lists):
+            raise ValueError("`indices` must be token indices ≥ 0")
         self.indices = lists
 
     def _for_image(self, i: int) -> list[int]:
@@ -63,8 +65,10 @@ class FixedLayerPrune(Method):
     internal = True
 
     def __init__(self, *, indices: Sequence[int] = (), layer: int = 2) -> None:
-        if not indices:
-            raise ValueError("`indices` must hold at least one visual-token ordinal")
+        if not indices or min(indices) < 0:
+            raise ValueError("`indices` must hold visual-token ordinals ≥ 0 (at least one)")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"`layer` must be an int ≥ 1, got {layer!r}")
         self.indices = sorted(set(map(int, indices)))
         self.layer = layer
 

@@ -1,6 +1,6 @@
 """``flowcut``: FlowCut (Tong et al., NeurIPS 2025), pruning by information flow in the ViT.
 
-"Rethinking Redundancy via Information Flow for Efficient Vision-Language Models", arXiv
+"FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models", arXiv
 2505.19536; official code https://github.com/TungChintao/FlowCut (HEAD ``a2ecd247``, last code
 change ``fc5d7a1``). Spec: ``specs/flowcut_transprune_todre.md`` §1 (§4 for cross-method notes).
 
@@ -223,10 +223,12 @@ class FlowCut(Method):
         remaining = horizon - batch.layer - 1
         targets = self.encoder_targets(batch, budget)
         active = [u.numel() > t for u, t in zip(batch.units, targets)]
-        if remaining < 0 or not any(active):
-            return None
         qkv = batch.probes[f"vision{batch.layer}"]
+        if remaining < 0 or not any(active):
+            qkv.clear()
+            return None
         sequences = qkv.qkv(batch.bounds) if batch.packed else qkv.qkv()
+        qkv.clear()  # the layer's inputs are not needed any more
         running = batch.memory.setdefault("running", [None] * len(batch.units))
         relevance: list[torch.Tensor | None] = [None] * len(batch.units)
         for s, (q, k, v) in enumerate(sequences):

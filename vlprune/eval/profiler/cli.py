@@ -71,7 +71,10 @@ def main(args: argparse.Namespace) -> None:
         text_tokens=args.text_tokens, timing=args.timing, count=not args.no_count,
         progress=not args.no_progress, seed=args.seed,
     )
-    result = run_profile(settings)
+    try:
+        result = run_profile(settings)
+    except ValueError as err:
+        raise SystemExit(f"vlprune profile: {err}") from None
     info = result.info
     print(f"{info['model']} (runs on {info['runs_on']}) · {info['device_name']} · {info['dtype']} "
           f"· {info['attn_implementation']} · {info['prompt_tokens']} prompt tokens "

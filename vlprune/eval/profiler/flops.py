@@ -38,6 +38,8 @@ __all__ = [
     "count_flops",
     "exact_flops",
     "paper_macs",
+    "projector_flops",
+    "projector_rows",
     "qwen_window_sizes",
 ]
 
@@ -131,12 +133,15 @@ class RunTokens:
 
     ``layer_tokens[l]``: sequence length entering decoder layer l; ``images``: geometry of each
     image; ``vision_layer_tokens[i][l]``: tokens of image i (all its crops, CLS included)
-    entering vision layer l, empty when nothing is cut inside the encoder.
+    entering vision layer l, empty when nothing is cut inside the encoder;
+    ``projector_rows``: feature rows the projector / merger received when observed (None:
+    derived from the other counts, see :func:`projector_rows`).
     """
 
     layer_tokens: list[int]
     images: list[ImageGeometry]
     vision_layer_tokens: list[list[int]] = field(default_factory=list)
+    projector_rows: int | None = None
 
 
 @dataclass
@@ -216,13 +221,10 @@ def _vision_sequences(v: VisionArch, image: ImageGeometry) -> tuple[int, list[in
 
 
 def vision_flops(v: VisionArch, image: ImageGeometry, *,
-                 layer_tokens: Sequence[int] = ()) -> tuple[float, float]:
-    """(encoder, projector) FLOPs of one image; ``layer_tokens`` as ``RunTokens``.
-
-    With encoder-internal pruning, layer l's tokens are spread over the image's sequences
-    (crops / windows) in proportion to their unpruned sizes; the projector sees the tokens
-    entering the last layer (CLS dropped for CLIP).
-    """
+                 layer_tokens: Sequence[int] = ()) -> float:
+    """Encoder FLOPs of one image (patch embedding and layers); ``layer_tokens`` as in
+    ``RunTokens``. With encoder-internal pruning, layer l's tokens are spread over the image's
+    sequences (crops / windows) in proportion to their unpruned sizes."""
     patches, full, windows = _vision_sequences(v, image)
     n_full = sum(full)
     total = 2.0 * patches * v.patch_in * v.hidden
@@ -234,12 +236,20 @@ def vision_flops(v: VisionArch, image: ImageGeometry, *,
         total += 2 * n * v.hidden * 4 * v.hidden
         total += 2 * n * v.hidden * v.intermediate * v.mlp_mats
         total += 4 * v.hidden * sum(s * s for s in segs)
-    out_tokens = layer_tokens[-1] if layer_tokens else n_full
-    if v.kind == "clip":
-        out_tokens -= image.crops
-    llm_tokens = out_tokens / v.merge
-    projector = sum(2.0 * llm_tokens * i * o for i, o in v.projector)
-    return total, projector
+    return total
+
+
+def projector_rows(v: VisionArch, image: ImageGeometry, layer_tokens: Sequence[int] = ()) -> int:
+    """Feature rows one image sends into the projector / merger (CLS dropped, before the 2x2
+    merge): all of them, or the rows entering the last vision layer when the encoder is cut."""
+    if not layer_tokens:
+        return _vision_sequences(v, image)[0]
+    return layer_tokens[-1] - (image.crops if v.kind == "clip" else 0)
+
+
+def projector_flops(v: VisionArch, rows: float) -> float:
+    """Projector / merger FLOPs for ``rows`` feature rows (``rows / merge`` LLM tokens)."""
+    return sum(2.0 * rows / v.merge * i * o for i, o in v.projector)
 
 
 def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool = True,
@@ -248,18 +258,21 @@ def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool
     on ``lm_head_tokens`` rows) and ``new_tokens - 1`` decode steps with the pruned KV cache
     (layer l caches ``layer_tokens[l]`` prompt tokens)."""
     t = arch.text
-    vision = projector = 0.0
+    vision = 0.0
+    rows = 0
     for i, image in enumerate(run.images):
         cut = run.vision_layer_tokens[i] if i < len(run.vision_layer_tokens) else ()
-        enc, proj = vision_flops(arch.vision, image, layer_tokens=cut)
-        vision += enc
-        projector += proj
+        vision += vision_flops(arch.vision, image, layer_tokens=cut)
+        rows += projector_rows(arch.vision, image, cut)
+    if run.projector_rows is not None:
+        rows = run.projector_rows
     llm = sum(text_layer_flops(t, n, n, causal) for n in run.layer_tokens)
     head = 2.0 * t.hidden * t.vocab
     decode = 0.0
     for step in range(1, new_tokens):
         decode += sum(text_layer_flops(t, 1, n + step, causal) for n in run.layer_tokens) + head
-    return FlopsBreakdown(vision, projector, llm, head * lm_head_tokens, decode, new_tokens)
+    return FlopsBreakdown(vision, projector_flops(arch.vision, rows), llm, head * lm_head_tokens,
+                          decode, new_tokens)
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,

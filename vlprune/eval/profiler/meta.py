@@ -27,6 +27,7 @@ from vlprune.eval.profiler.flops import (
     RunTokens,
     arch_from_config,
     flop_counter,
+    projector_rows,
     qwen_window_sizes,
 )
 from vlprune.eval.profiler.presets import ImageGeometry
@@ -50,7 +51,7 @@ class MetaCounter:
             self._memo[key] = float(counter.get_total_flops())
         return self._memo[key]
 
-    def _clip_image(self, image: ImageGeometry, layer_tokens: list[int]) -> tuple[float, float]:
+    def _clip_image(self, image: ImageGeometry, layer_tokens: list[int]) -> float:
         v, adapter = self.arch.vision, self.adapter
         size = self.model.config.vision_config.image_size
         flops = self._count(("patch", image.crops), lambda: adapter.vision_tower.embeddings
@@ -61,13 +62,9 @@ class MetaCounter:
             n = round(layer_tokens[i] / image.crops) if layer_tokens else full
             flops += self._count(("clip", image.crops, n), lambda n=n: layer(
                 _meta(image.crops, n, v.hidden), attention_mask=None))
-        last = round(layer_tokens[-1] / image.crops) if layer_tokens else full
-        features = image.crops * (last - 1)
-        projector = self._count(("projector", features), lambda: adapter.projector(
-            _meta(features, v.projector[0][0])))
-        return flops, projector
+        return flops
 
-    def _qwen_image(self, image: ImageGeometry, layer_tokens: list[int]) -> tuple[float, float]:
+    def _qwen_image(self, image: ImageGeometry, layer_tokens: list[int]) -> float:
         v, visual = self.arch.vision, self.model.model.visual
         t, h, w = image.grid_thw
         patches = t * h * w
@@ -85,9 +82,13 @@ class MetaCounter:
             flops += self._count(("block", tuple(segs)), lambda n=n, cu=cu_seqlens: block(
                 _meta(n, v.hidden), cu_seqlens=cu,
                 position_embeddings=(_meta(n, head_dim), _meta(n, head_dim))))
-        last = layer_tokens[-1] if layer_tokens else patches
-        projector = self._count(("merger", last), lambda: visual.merger(_meta(last, v.hidden)))
-        return flops, projector
+        return flops
+
+    def _projector(self, rows: int) -> float:
+        """The projector (LLaVA) or patch merger (Qwen) on ``rows`` feature rows."""
+        width = self.arch.vision.projector[0][0] // self.arch.vision.merge
+        return self._count(("projector", rows), lambda: self.adapter.projector(
+            _meta(rows, width)))
 
     def _decoder_layer(self, queries: int, cached: int) -> float:
         """Decoder layer 0 on ``queries`` new tokens over ``cached`` cached ones."""
@@ -111,12 +112,14 @@ class MetaCounter:
         """Counted FLOPs of one sample of ``run`` (see module doc); the LM head runs on the
         last prompt token, as in ``generate``."""
         per_image = self._clip_image if self.arch.vision.kind == "clip" else self._qwen_image
-        vision = projector = 0.0
+        vision, rows = 0.0, 0
         for i, image in enumerate(run.images):
             cut = run.vision_layer_tokens[i] if i < len(run.vision_layer_tokens) else []
-            enc, proj = per_image(image, list(cut))
-            vision += enc
-            projector += proj
+            vision += per_image(image, list(cut))
+            rows += projector_rows(self.arch.vision, image, cut)
+        if run.projector_rows is not None:
+            rows = run.projector_rows
+        projector = self._projector(rows)
         counts = Counter(run.layer_tokens)
         llm = sum(k * self._decoder_layer(n, 0) for n, k in counts.items())
         hidden = self.arch.text.hidden

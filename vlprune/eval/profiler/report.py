@@ -29,10 +29,11 @@ def _ms(cell: dict[str, float | None] | None) -> str:
     return f"{cell['median']:.1f} ±{spread:.1f}"
 
 
-def _speedup(row: dict[str, Any]) -> str:
-    if row.get("speedup_prefill") is not None:
-        return f"{row['speedup_prefill']:.2f}×"
-    return DASH
+def _speedup(row: dict[str, Any], timed: bool) -> str:
+    if timed:
+        value = row.get("speedup_prefill")
+        return DASH if value is None else f"{value:.2f}×"
+    return f"{row['flops_speedup']:.2f}× (FLOPs)"
 
 
 def _budget(row: dict[str, Any]) -> str:
@@ -57,7 +58,7 @@ def format_table(result: ProfileResult) -> str:
                 f"{row['llm_input_tokens']} / {row['mean_layer_tokens']:.0f}",
                 _num(row["paper_tmacs"]), _num(row["exact_tflops_prefill"]),
                 _ms(row.get("prefill_ms")), _ms(row.get("decode_ms_per_token")),
-                _num(row.get("peak_mb"), 4), _speedup(row),
+                _num(row.get("peak_mb"), 4), _speedup(row, result.info["timing"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import vlprune
+from vlprune.adapters import get_adapter
 from vlprune.eval.profiler.flops import (
     FlopsBreakdown,
     RunTokens,
@@ -51,6 +52,7 @@ from vlprune.eval.profiler.timing import (
     time_generate,
     time_prefill,
 )
+from vlprune.registry import get_method
 
 __all__ = ["ProfileResult", "ProfileSettings", "parse_budget", "run_profile"]
 
@@ -145,11 +147,31 @@ def _prepare(settings: ProfileSettings) -> _Target:
                    inputs, timing, meta, source)
 
 
-def _run_tokens(stats: Any, geometry: ImageGeometry) -> list[RunTokens]:
-    """Per-sample token counts from ``handle.stats`` (one image per sample)."""
+def _run_tokens(stats: Any, geometry: ImageGeometry, rows: int | None) -> list[RunTokens]:
+    """Per-sample token counts from ``handle.stats`` (one image per sample); ``rows``: the
+    projector's input rows observed for the whole batch."""
     vision = list(getattr(stats, "vision_layer_tokens", []) or [])
-    return [RunTokens(list(layers), [geometry], [vision[i]] if i < len(vision) else [])
-            for i, layers in enumerate(stats.layer_tokens)]
+    batch = len(stats.layer_tokens)
+    per_sample = None if rows is None else rows // batch
+    return [RunTokens(list(layers), [geometry], [vision[i]] if i < len(vision) else [],
+                      per_sample) for i, layers in enumerate(stats.layer_tokens)]
+
+
+class _ProjectorRows:
+    """Counts the feature rows entering the projector / merger while installed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.rows = 0
+        self._handle = get_adapter(model).projector.register_forward_pre_hook(
+            self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        features = args[0] if args else next(iter(kwargs.values()))
+        self.rows += features.numel() // features.shape[-1]
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        self._handle.remove()
 
 
 def _sum(parts: list[FlopsBreakdown]) -> FlopsBreakdown:
@@ -215,26 +237,32 @@ class _Profiler:
             "peak_mb": peak_memory_mb(self.model, self.t.inputs),
         }
 
-    def _counted_prefill(self, meter: SelectionMeter | None) -> float | None:
-        """Prefill run (it fills ``handle.stats``), counted when the real model runs."""
-        if not self.s.count or self.t.meta is not None:
-            self._prefill()
-            return None
-        if meter is not None:
-            meter.count = True
-            meter.reset()
-        with flop_counter() as counter:
-            self._prefill()
-        if meter is not None:
-            meter.count = False
-        return counter.get_total_flops() - (meter.flops if meter is not None else 0.0)
+    def _counted_prefill(self, meter: SelectionMeter | None) -> tuple[float | None, int]:
+        """Prefill run that fills ``handle.stats``: (counted FLOPs when the real model runs,
+        less the selection's own; feature rows the projector received)."""
+        rows = _ProjectorRows(self.model)
+        try:
+            if not self.s.count or self.t.meta is not None:
+                self._prefill()
+                return None, rows.rows
+            if meter is not None:
+                meter.count = True
+                meter.reset()
+            with flop_counter() as counter:
+                self._prefill()
+            if meter is not None:
+                meter.count = False
+            return counter.get_total_flops() - (meter.flops if meter else 0.0), rows.rows
+        finally:
+            rows.remove()
 
     def baseline(self) -> dict[str, Any]:
         """The unpatched model."""
-        counted = self._counted_prefill(None)
+        counted, rows = self._counted_prefill(None)
         length = self.t.inputs["input_ids"].shape[1]
         layers = self.t.arch.text.layers
-        runs = [RunTokens([length] * layers, [self.t.geometry]) for _ in range(self.s.batch)]
+        runs = [RunTokens([length] * layers, [self.t.geometry], [], rows // self.s.batch)
+                for _ in range(self.s.batch)]
         row = {"method": "baseline", "budget": None, "status": "ok", "note": "",
                "visual_tokens": self.t.geometry.tokens, "kept_tokens": self.t.geometry.tokens}
         row.update(self._flops(runs, counted, None))
@@ -251,12 +279,12 @@ class _Profiler:
             return {**row, "status": "n/a", "note": str(err)}
         meter = SelectionMeter(handle.method, self.t.inputs["input_ids"].device)
         try:
-            counted = self._counted_prefill(meter)
+            counted, rows = self._counted_prefill(meter)
             stats = handle.stats
             row["visual_tokens"] = stats.visual_tokens[0]
             row["kept_tokens"] = stats.kept_tokens[0]
             select = meter.flops if self.s.count and self.t.meta is None else None
-            row.update(self._flops(_run_tokens(stats, self.t.geometry), counted, select))
+            row.update(self._flops(_run_tokens(stats, self.t.geometry, rows), counted, select))
             row.update(self._measure(meter))
         except Exception as err:  # one failing method must not end the sweep
             return {**row, "status": "error", "note": f"{type(err).__name__}: {err}"}
@@ -288,6 +316,8 @@ def run_profile(settings: ProfileSettings,
                 on_row: Callable[[dict[str, Any]], None] | None = None) -> ProfileResult:
     """Profile ``settings.model``: the baseline, then every method x budget (see module doc)."""
     methods = settings.methods if settings.methods is not None else vlprune.list_methods()
+    for name in methods:
+        get_method(name)  # unknown names fail before any model is built
     target = _prepare(settings)
     profiler = _Profiler(settings, target)
     rows: list[dict[str, Any]] = []

@@ -6,7 +6,8 @@
   each new token; ``generate`` copies every token to the host before handing it over, so the
   device is synchronised at each stamp. Time to first token is the first stamp, decode time per
   token the mean gap between the first and the last stamp, end to end the whole call.
-- Selection overhead: the method's own ``select`` / ``choose`` (probe recompute included),
+- Selection overhead: the method's own ``encoder_choose`` / ``select`` / ``choose`` (probe
+  recomputation included),
   timed inside the prefill by wrapping the handle's method instance (CUDA events on GPU).
 - Peak memory of the prefill: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the model's
   parameters and buffers plus the peak of live tensor bytes allocated during the call, read
@@ -85,10 +86,11 @@ def _timer(device: torch.device, out: list[float]) -> Iterator[None]:
 
 
 class SelectionMeter:
-    """Times (and optionally counts the FLOPs of) a pruning method's ``select`` / ``choose``.
+    """Times (and optionally counts the FLOPs of) a method's own work: ``encoder_choose``,
+    ``select`` and ``choose``, probe recomputation included.
 
-    Shadows the two methods on the method *instance* of one patch handle (nothing global) and
-    restores them in :meth:`remove`. ``ms`` / ``flops`` accumulate until :meth:`reset`.
+    Shadows them on the method *instance* of one patch handle (nothing global) and restores
+    them in :meth:`remove`. ``ms`` / ``flops`` accumulate until :meth:`reset`.
     """
 
     def __init__(self, method: Any, device: torch.device) -> None:
@@ -98,7 +100,7 @@ class SelectionMeter:
         self.flops = 0.0
         self._events: list[tuple[Any, Any]] = []
         self._host_ms = 0.0
-        self._names = [n for n in ("select", "choose") if n not in vars(method)]
+        self._names = [n for n in ("encoder_choose", "select", "choose") if n not in vars(method)]
         for name in self._names:
             setattr(method, name, self._wrap(getattr(method, name)))
 
@@ -139,7 +141,7 @@ class SelectionMeter:
         self.flops = 0.0
 
     def remove(self) -> None:
-        """Restore the method's own ``select`` / ``choose``."""
+        """Restore the method's own functions."""
         for name in self._names:
             vars(self.method).pop(name, None)
 

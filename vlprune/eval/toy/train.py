@@ -159,7 +159,9 @@ def _lm_scene(cfg: TrainConfig, index: int) -> data.Scene:
     return data.make_scene(data.generator("train", cfg.seed, 3, index))
 
 
-def _packed(cfg: TrainConfig, index: int, epoch: int, tokenizer: Any) -> tuple[list[int], list[int]]:
+def _packed(
+    cfg: TrainConfig, index: int, epoch: int, tokenizer: Any
+) -> tuple[list[int], list[int]]:
     """Token ids of the packed QA sequence of scene ``index`` at ``epoch`` and the positions
     of its target tokens (answer words and ``</s>``)."""
     rng = data.generator("train", cfg.seed, 4, epoch, index)
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", action="store_true",
                         help=f"also copy the checkpoint into the package ({CHECKPOINT_DIR})")
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        parser.add_argument(flag, type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     model = train(cfg, args.out)

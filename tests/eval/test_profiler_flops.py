@@ -1,0 +1,192 @@
+"""FLOPs of the profiler: the paper formula, the exact analytic count, and both cross-checked
+against ``FlopCounterMode`` (real forwards of tiny models, full-size modules on ``meta``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlprune
+from vlprune.eval.profiler.flops import (
+    RunTokens,
+    TextArch,
+    arch_from_config,
+    count_flops,
+    exact_flops,
+    paper_macs,
+    qwen_window_sizes,
+    text_layer_flops,
+)
+from vlprune.eval.profiler.meta import MetaCounter
+from vlprune.eval.profiler.presets import (
+    PRESETS,
+    build_preset_model,
+    image_geometry,
+    synthetic_inputs,
+)
+from vlprune.eval.profiler.timing import SelectionMeter
+from vlprune.testing import DEFAULT_IMAGE_SIZE, FAMILIES, tiny_model
+
+# Agreement required between analytic and counted FLOPs (they agree exactly in practice).
+REL_TOL = 1e-3
+FULL_PRESETS = [name for name, preset in PRESETS.items() if not preset.mini]
+
+
+def test_paper_formula_matches_reference_table() -> None:
+    """LLaVA-1.5-7B (d 4096, m 11008, 32 layers), 64 text tokens: the spec's table (§7.1)
+    gives 3.33 / 1.31 / 0.98 / 0.65 T MACs for 576 / 192 / 128 / 64 image tokens."""
+    expected = {576: 3.33, 192: 1.31, 128: 0.98, 64: 0.65}
+    for image_tokens, tmacs in expected.items():
+        macs = paper_macs([image_tokens + 64] * 32, 4096, 11008)
+        assert round(macs / 1e12, 2) == tmacs
+
+
+def test_paper_formula_integrates_per_layer_counts() -> None:
+    """FastV K=2 keeping 64 of 576: 2 layers at 640 tokens + 30 layers at 128."""
+    per_layer = [640] * 2 + [128] * 30
+    full, pruned = paper_macs([640], 4096, 11008), paper_macs([128], 4096, 11008)
+    assert paper_macs(per_layer, 4096, 11008) == pytest.approx(2 * full + 30 * pruned)
+
+
+def test_decoder_layer_by_hand() -> None:
+    """d 4, 4 query dims, 2 KV dims (GQA), MLP 8 (3 matrices), 3 tokens:
+    projections 2·3·4·(2·4 + 2·2) = 288, MLP 2·3·4·8·3 = 576, attention 4·4·pairs with
+    6 causal pairs (96) or 9 full pairs (144); a decode token over 4 keys: 96 + 192 + 64."""
+    t = TextArch(layers=1, hidden=4, q_dim=4, kv_dim=2, intermediate=8, vocab=10)
+    assert text_layer_flops(t, 3, 3, causal=True) == 288 + 576 + 96
+    assert text_layer_flops(t, 3, 3, causal=False) == 288 + 576 + 144
+    assert text_layer_flops(t, 1, 4) == 96 + 192 + 64
+
+
+def test_llava_15_7b_exact_llm_by_hand() -> None:
+    """32 × [2·640·4096·(4·4096) projections + 2·640·4096·11008·3 gated MLP
+    + 4·4096·(640·641/2) causal attention] = 8.396 TFLOPs, vs 3.33 T MACs in the paper form."""
+    arch = arch_from_config(PRESETS["llava-1.5-7b"].config(), "llava")
+    run = RunTokens([640] * 32, [image_geometry(PRESETS["llava-1.5-7b"].config(), "llava",
+                                                (336, 336))])
+    by_hand = 32 * (2 * 640 * 4096 * 4 * 4096 + 2 * 640 * 4096 * 11008 * 3
+                    + 4 * 4096 * 640 * 641 // 2)
+    assert exact_flops(arch, run).llm == by_hand
+    assert by_hand / 1e12 == pytest.approx(8.396, abs=1e-3)
+
+
+def test_qwen_windows_by_hand() -> None:
+    """Window side 4 merged tokens: an 8×12 patch grid is 4×6 merged tokens → one 4×4 window
+    (64 patches) and one 4×2 window (32 patches); 16×16 patches → four full windows."""
+    assert qwen_window_sizes((1, 8, 12), 4, 2) == [64, 32]
+    assert qwen_window_sizes((1, 16, 16), 4, 2) == [64] * 4
+
+
+def test_full_preset_sizes() -> None:
+    """Published sizes: Qwen2-7B text uses GQA (4 KV heads of 128 → 512) and a gated MLP."""
+    qwen = arch_from_config(PRESETS["qwen2.5-vl-7b"].config(), "qwen2_5_vl")
+    assert (qwen.text.layers, qwen.text.hidden, qwen.text.q_dim, qwen.text.kv_dim) == (
+        28, 3584, 3584, 512)
+    assert (qwen.text.intermediate, qwen.text.vocab, qwen.text.mlp_mats) == (18944, 152064, 3)
+    assert (qwen.vision.layers, qwen.vision.hidden, qwen.vision.mlp_mats) == (32, 1280, 3)
+    llava = arch_from_config(PRESETS["llava-1.5-7b"].config(), "llava")
+    assert (llava.vision.layers, llava.vision.hidden, llava.vision.intermediate) == (24, 1024, 4096)
+    assert llava.text.kv_dim == llava.text.q_dim == 4096
+
+
+@pytest.mark.parametrize("name", FULL_PRESETS)
+def test_mini_twin_keeps_token_geometry(name: str) -> None:
+    """A mini preset has the full preset's depths and, for one image size, its token counts."""
+    full, mini = PRESETS[name], PRESETS[PRESETS[name].twin]
+    full_cfg, mini_cfg = full.config(), mini.config()
+    full_arch, mini_arch = (arch_from_config(c, full.family) for c in (full_cfg, mini_cfg))
+    assert full_arch.text.layers == mini_arch.text.layers
+    assert full_arch.vision.layers == mini_arch.vision.layers
+    assert image_geometry(full_cfg, full.family, full.image_size) == image_geometry(
+        mini_cfg, full.family, full.image_size)
+
+
+def test_image_geometry_of_full_presets() -> None:
+    """LLaVA-1.5: 576 tokens; LLaVA-NeXT 672²: 5 crops, 576 + 48·49 = 2928; Qwen 672²:
+    48×48 patches → 576 merged tokens."""
+    geom = {name: image_geometry(PRESETS[name].config(), PRESETS[name].family,
+                                 PRESETS[name].image_size) for name in FULL_PRESETS}
+    assert geom["llava-1.5-7b"].tokens == 576
+    assert (geom["llava-next-7b"].tokens, geom["llava-next-7b"].crops) == (2928, 5)
+    assert geom["qwen2-vl-7b"].grid_thw == (1, 48, 48)
+    assert geom["qwen2.5-vl-7b"].tokens == 576
+
+
+def _tiny(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], RunTokens]:
+    model = tiny_model(family)
+    inputs = synthetic_inputs(model.config, family, image_size=DEFAULT_IMAGE_SIZE[family],
+                              text_tokens=12)
+    length = inputs["input_ids"].shape[1]
+    geometry = image_geometry(model.config, family, DEFAULT_IMAGE_SIZE[family])
+    layers = model.config.text_config.num_hidden_layers
+    return model, inputs, RunTokens([length] * layers, [geometry])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unpruned_forward_counted_equals_analytic(family: str, attn: str) -> None:
+    """A plain forward (logits for every position) of a tiny model: FlopCounterMode (with the
+    CPU sdpa formula) equals the analytic count with full n² attention."""
+    model, inputs, run = _tiny(family)
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        counted, _ = count_flops(lambda: model(**inputs))
+    analytic = exact_flops(arch_from_config(model.config, family), run, causal=False,
+                           lm_head_tokens=inputs["input_ids"].shape[1])
+    assert counted == pytest.approx(analytic.prefill, rel=REL_TOL)
+
+
+def _methods() -> list[str]:
+    return vlprune.list_methods()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", _methods())
+def test_pruned_generate_counted_equals_analytic(family: str, method: str) -> None:
+    """Every registered method on every family: greedy generate of 3 tokens (prefill + 2 cached
+    decode steps), counted minus the method's own selection FLOPs, equals the analytic count
+    built from ``handle.stats`` alone (per-layer, encoder and projector rows observed)."""
+    model, inputs, _ = _tiny(family)
+    try:
+        handle = vlprune.patch(model, method, budget=8)
+    except ValueError as err:
+        pytest.skip(f"{method} does not run on {family}: {err}")
+    meter = SelectionMeter(handle.method, torch.device("cpu"))
+    meter.count = True
+    rows = []
+    hook = handle.adapter.projector.register_forward_pre_hook(
+        lambda module, args: rows.append(args[0].numel() // args[0].shape[-1]))
+    try:
+        with torch.no_grad():
+            counted, _ = count_flops(lambda: model.generate(
+                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+        stats = handle.stats
+    finally:
+        hook.remove()
+        meter.remove()
+        handle.unpatch()
+    geometry = image_geometry(model.config, family, DEFAULT_IMAGE_SIZE[family])
+    vision = getattr(stats, "vision_layer_tokens", [])
+    run = RunTokens(stats.layer_tokens[0], [geometry], vision[:1], sum(rows))
+    analytic = exact_flops(arch_from_config(model.config, family), run, causal=False,
+                           new_tokens=3)
+    assert counted - meter.flops == pytest.approx(analytic.total, rel=REL_TOL)
+
+
+@pytest.mark.parametrize("name", FULL_PRESETS)
+def test_full_size_meta_count_equals_analytic(name: str) -> None:
+    """Full-size modules on the meta device (no weights allocated): counted prefill and decode
+    equal the analytic count, unpruned and with a FastV-style schedule (K=2, 64 kept)."""
+    preset = PRESETS[name]
+    model = build_preset_model(preset, device="meta")
+    assert next(model.parameters()).device.type == "meta"
+    arch = arch_from_config(model.config, preset.family)
+    geometry = image_geometry(model.config, preset.family, preset.image_size)
+    length = geometry.tokens + 64
+    counter = MetaCounter(model, preset.family)
+    for layers in ([length] * arch.text.layers, [length] * 2 + [128] * (arch.text.layers - 2)):
+        run = RunTokens(layers, [geometry])
+        counted = counter.count(run, new_tokens=3)
+        analytic = exact_flops(arch, run, causal=False, new_tokens=3)
+        for part in ("vision", "projector", "llm", "lm_head", "decode"):
+            assert getattr(counted, part) == pytest.approx(getattr(analytic, part), rel=REL_TOL)

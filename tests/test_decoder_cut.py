@@ -1,0 +1,326 @@
+"""The decoder-side cut at layer K (``fastv``, internal ``fixed_layer``), DESIGN.md §4 tests 1–5.
+
+Layers < K see the full sequence and layers >= K only text + kept visual rows at their original
+positions. Keep-all equals the unpatched model; ``fixed_layer`` equals a reference that runs the
+decoder layers by hand; the KV cache and ``stats.layer_tokens`` show the two lengths; cached
+generation equals uncached; a padded batch equals per-sample runs; unpatch restores the model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers.masking_utils import create_causal_mask
+
+import vlprune
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+ATTNS = ("sdpa", "eager")
+K = 2
+ORDINALS = [0, 3, 5]
+MAX_NEW = 8
+BIG = 10**6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _model(family: str, attn: str = "sdpa", seed: int = 0):
+    """Shared tiny model; every test unpatches what it patches."""
+    return tiny_model(family, attn_implementation=attn, seed=seed)
+
+
+@functools.cache
+def _inputs(family: str, batch: int = 1, n_words: tuple[int, ...] | None = None, seed: int = 0):
+    return tiny_inputs(
+        family, batch=batch, n_words=list(n_words) if n_words else None, seed=seed
+    )
+
+
+def _forward(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs)
+
+
+def _generate(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, **kwargs)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def _trim(tokens: torch.Tensor, eos: int) -> list[int]:
+    out = []
+    for tok in tokens.tolist():
+        out.append(tok)
+        if tok == eos:
+            break
+    return out
+
+
+def _capture_lm_kwargs(model, inputs) -> dict:
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _forward(model, inputs)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _keep_rows(is_image: torch.Tensor, ordinals: list[int]) -> torch.Tensor:
+    """(B, Lp): every non-visual row + the visual rows whose ordinal is listed."""
+    ordinal = is_image.long().cumsum(1) - 1
+    keep = ~is_image | (is_image & torch.isin(ordinal, torch.tensor(ordinals)))
+    counts = keep.sum(1)
+    assert bool((counts == counts[0]).all())
+    return torch.stack([row.nonzero().squeeze(1) for row in keep])
+
+
+def _gather_pos(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if pos.dim() == 2:
+        return pos.gather(1, index)
+    return torch.stack([p.gather(1, index) for p in pos])
+
+
+def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[torch.Tensor, ...]:
+    """Run the language model's layers by hand, mirroring ``LlamaModel.forward`` /
+    ``Qwen2VLTextModel.forward``: full sequence for layers < ``layer``, then only the kept rows
+    (fresh causal mask over them, RoPE of their original positions) for the rest."""
+    lm = model.model.language_model
+    kw = _capture_lm_kwargs(model, inputs)
+    embeds = kw["inputs_embeds"]
+    batch, length = embeds.shape[:2]
+    mask = kw.get("attention_mask")
+    if mask is None:  # a None mask means plain causal: all ones is the same, explicitly
+        mask = torch.ones(batch, length, dtype=torch.long)
+    pos = kw.get("position_ids")
+    mrope = model.config.model_type.startswith("qwen")
+    if pos is None:
+        pos = torch.arange(length).expand(batch, length)
+    if mrope:
+        assert pos.shape == (3, batch, length)
+        assert set(lm.config.layer_types) == {"full_attention"}
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    keep = _keep_rows(is_image, ordinals)
+    rows = torch.arange(batch)[:, None]
+
+    def run(hidden, mask2d, positions, layers):
+        causal = create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
+            position_ids=None if mrope else positions,
+        )
+        cos_sin = lm.rotary_emb(hidden, positions)
+        for decoder_layer in layers:
+            hidden = decoder_layer(
+                hidden, attention_mask=causal, position_embeddings=cos_sin,
+                position_ids=None if mrope else positions, cache=None, use_cache=False,
+            )
+        return hidden
+
+    with torch.no_grad():
+        hidden = run(embeds, mask, pos, lm.layers[:layer])
+        hidden = run(hidden[rows, keep], mask.gather(1, keep), _gather_pos(pos, keep),
+                     lm.layers[layer:])
+        logits = model.lm_head(lm.norm(hidden))
+    return logits, mask.gather(1, keep).bool()
+
+
+# ------------------------------------------------------------------------------ keep-all
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_at_layer_k_equals_unpatched(family: str, attn: str) -> None:
+    """fastv keeping every visual token at layer 2: logits and greedy tokens unchanged."""
+    model, inputs = _model(family, attn), _inputs(family, batch=2)
+    ref_logits = _forward(model, inputs).logits
+    ref_tokens = _generate(model, inputs)
+    with vlprune.patch(model, "fastv", budget=BIG, layer=K) as handle:
+        logits = _forward(model, inputs).logits
+        stats = handle.stats
+        tokens = _generate(model, inputs)
+    length = inputs["input_ids"].shape[1]
+    assert stats.kept_tokens == stats.visual_tokens
+    assert stats.layer_tokens == [[length] * 4] * 2
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+# -------------------------------------------------------------------------------- oracle
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_layer_equals_hand_run_layers(family: str, attn: str, batch: int) -> None:
+    """fixed_layer logits == layers < K on the full sequence, layers >= K on the kept rows."""
+    model, inputs = _model(family, attn), _inputs(family, batch=batch)
+    ref, valid = _reference_logits(model, inputs, ORDINALS, K)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K) as handle:
+        logits = _forward(model, inputs).logits
+        stats = handle.stats
+    assert logits.shape == ref.shape
+    assert stats.kept_tokens == [len(ORDINALS)] * batch
+    torch.testing.assert_close(logits[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_layer_generate_cache_equals_no_cache(family: str, attn: str, batch: int) -> None:
+    """Decode through per-layer caches of two lengths == re-running the (oracle) prefill."""
+    model, inputs = _model(family, attn), _inputs(family, batch=batch)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
+        cached = _generate(model, inputs)
+        uncached = _generate(model, inputs, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+# ------------------------------------------------------------------- layer tokens, cache
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
+    """Full length before layer K, short from K on: in stats and in each layer's KV cache."""
+    model, inputs = _model(family, attn), _inputs(family, batch=2)
+    length = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    short = length - n_visual + 5
+    with vlprune.patch(model, "fastv", budget=5, layer=K) as handle:
+        out = _forward(model, inputs, use_cache=True)
+        stats = handle.stats
+    assert stats.visual_tokens == [n_visual] * 2
+    assert stats.kept_tokens == [5, 5]
+    assert stats.layer_tokens == [[length, length, short, short]] * 2
+    assert out.logits.shape[1] == short
+    cache_lengths = [layer.keys.shape[2] for layer in out.cache.layers]
+    assert cache_lengths == [length, length, short, short]
+    assert out.cache.get_seq_length() == length  # layer 0: generate's bookkeeping
+
+
+def test_cut_at_layer_one_and_three() -> None:
+    """K is honoured wherever it is: K=1 and K=3 give the expected per-layer lengths."""
+    model, inputs = _model("qwen2_vl"), _inputs("qwen2_vl")
+    length = inputs["input_ids"].shape[1]
+    short = length - 24 + 4
+    for layer, expected in ((1, [length, short, short, short]), (3, [length] * 3 + [short])):
+        with vlprune.patch(model, "fastv", budget=4, layer=layer) as handle:
+            out = _forward(model, inputs, use_cache=True)
+            assert handle.stats.layer_tokens == [expected]
+        assert [lay.keys.shape[2] for lay in out.cache.layers] == expected
+
+
+# --------------------------------------------------------------------------------- batch
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_equals_single_runs(family: str, attn: str) -> None:
+    """fastv (budget 5): a left-padded batch of 3 == each prompt alone (logits, tokens)."""
+    n_words = (5, 9, 3)
+    model = _model(family, attn)
+    batch = _inputs(family, batch=3, n_words=n_words)
+    eos = model.generation_config.eos_token_id
+    with vlprune.patch(model, "fastv", budget=5, layer=K) as handle:
+        logits = _forward(model, batch).logits[:, -1]
+        assert handle.stats.kept_tokens == [5, 5, 5]
+        tokens = _generate(model, batch)
+        for i, n in enumerate(n_words):
+            single = _inputs(family, batch=1, n_words=(n,), seed=i)
+            single_logits = _forward(model, single).logits[0, -1]
+            torch.testing.assert_close(logits[i], single_logits, atol=1e-4, rtol=0)
+            single_tokens = _generate(model, single)
+            assert _trim(tokens[i], eos) == _trim(single_tokens[0], eos), f"sample {i}"
+
+
+def test_rows_with_different_visual_counts_drop_the_same_number() -> None:
+    """LLaVA-NeXT, images of different sizes: every row drops min(n_visual) - budget tokens."""
+    model = _model("llava_next")
+    inputs = tiny_inputs("llava_next", batch=2, image_sizes=[(150, 100), (100, 220)])
+    n_visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    drop = min(n_visual) - 6
+    with vlprune.patch(model, "fastv", budget=6, layer=K) as handle:
+        out = _forward(model, inputs, use_cache=True)
+        stats = handle.stats
+        cached = _generate(model, inputs)
+    assert stats.kept_tokens == [n - drop for n in n_visual]
+    assert min(stats.kept_tokens) == 6
+    length = inputs["input_ids"].shape[1]
+    assert stats.layer_tokens == [[length, length, length - drop, length - drop]] * 2
+    assert out.logits.shape[1] == length - drop
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
+        cached = _generate(model, inputs)
+        uncached = _generate(model, inputs, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+# ------------------------------------------------------------------------------- unpatch
+
+
+@pytest.mark.parametrize("method", ["fastv", "fixed_layer"])
+@pytest.mark.parametrize("attn", ATTNS)
+def test_unpatch_restores_bit_identical_outputs(attn: str, method: str) -> None:
+    """After a decoder cut and unpatch: bit-identical logits and tokens to a never-patched twin."""
+    family = "qwen2_5_vl" if method == "fastv" else "llava"
+    patched = tiny_model(family, attn_implementation=attn, seed=5)
+    fresh = tiny_model(family, attn_implementation=attn, seed=5)
+    inputs = _inputs(family, batch=2)
+    options = {"indices": ORDINALS} if method == "fixed_layer" else {}
+    with vlprune.patch(patched, method, budget=4, layer=K, **options):
+        _forward(patched, inputs, use_cache=True)
+        _generate(patched, inputs)
+    for module in patched.modules():
+        for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+            owner = getattr(getattr(hook, "func", hook), "__func__", hook)
+            assert not getattr(owner, "__module__", "").startswith("vlprune")
+    assert torch.equal(_forward(patched, inputs).logits, _forward(fresh, inputs).logits)
+    assert torch.equal(_generate(patched, inputs), _generate(fresh, inputs))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_manual_cached_decode_equals_generate(family: str) -> None:
+    """A hand-rolled cached decode (no position_ids) after a decoder cut gives generate's
+    logits: the cache reports layer 0's full length, so positions stay the original ones."""
+    model, inputs = _model(family), _inputs(family, batch=1)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
+            out = model(**inputs, use_cache=True)
+            logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+            for t in range(tokens.shape[1] - 1):
+                mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+                out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
+                            use_cache=True)
+                logits.append(out.logits[:, -1])
+                cache = out.cache
+    torch.testing.assert_close(torch.stack(logits, 1), torch.stack(gen.logits, 1),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_beam_search_equals_unpatched(family: str) -> None:
+    """Decoder-side keep-all under beam search (batch expanded, cache reordered) == unpatched;
+    fixed_layer beam search with cache == without."""
+    model, inputs = _model(family), _inputs(family, batch=1)
+    ref = _generate(model, inputs, num_beams=2)
+    with vlprune.patch(model, "fastv", budget=BIG, layer=K):
+        assert torch.equal(_generate(model, inputs, num_beams=2), ref)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
+        cached = _generate(model, inputs, num_beams=2)
+        assert torch.equal(cached, _generate(model, inputs, num_beams=2, use_cache=False))

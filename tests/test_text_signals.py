@@ -1,0 +1,110 @@
+"""``TextAttentionProbe`` recomputes decoder attention rows exactly as the layer computed them.
+
+Reference: the eager attention weights transformers returns with ``output_attentions=True``
+(``out.attentions[j]``, (B, H, L, L), for every family). GQA (4 query / 2 KV heads), 1-D RoPE
+(LLaMA) and M-RoPE (Qwen), causal and left-padding masks (masked columns included).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from vlprune.adapters import get_adapter
+from vlprune.hooks.signals import TextAttentionProbe
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+LAYERS = (0, 1, 3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _model(family: str, attn: str):
+    return tiny_model(family, attn_implementation=attn, seed=1)
+
+
+def _queries(length: int, batch: int) -> torch.Tensor:
+    """(B, 4) query rows: the last position, then a few others (different per row)."""
+    rows = [[length - 1, 7, 0, 3], [length - 1, 2, length - 3, 10], [length - 1, 1, 5, 4]]
+    return torch.tensor(rows[:batch])
+
+
+def _probe_rows(model, inputs, queries: torch.Tensor) -> dict[int, torch.Tensor]:
+    probes = {j: TextAttentionProbe(model.model.language_model.layers[j].self_attn)
+              for j in LAYERS}
+    handles = [probe.install() for probe in probes.values()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return {j: probe.rows(queries) for j, probe in probes.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _eager_rows(family: str, inputs, queries: torch.Tensor) -> dict[int, torch.Tensor]:
+    with torch.no_grad():
+        out = _model(family, "eager")(**inputs, output_attentions=True)
+    assert len(out.attentions) == 4
+    batch = torch.arange(queries.shape[0])[:, None]
+    # (B, H, L, L) -> (B, Q, H, L) -> (B, H, Q, L)
+    return {j: out.attentions[j][batch, :, queries].transpose(1, 2) for j in LAYERS}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_rows_equal_eager_attentions(family: str, batch: int) -> None:
+    """Probe on an eager model: rows(queries) == out.attentions[j][:, :, queries] (1e-5)."""
+    inputs = tiny_inputs(family, batch=batch)
+    queries = _queries(inputs["input_ids"].shape[1], batch)
+    got = _probe_rows(_model(family, "eager"), inputs, queries)
+    want = _eager_rows(family, inputs, queries)
+    for j in LAYERS:
+        heads, length = 4, inputs["input_ids"].shape[1]
+        assert got[j].shape == want[j].shape == (batch, heads, queries.shape[1], length)
+        assert got[j].dtype == torch.float32
+        torch.testing.assert_close(got[j], want[j], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_on_sdpa_model_equals_eager_attentions(family: str, batch: int) -> None:
+    """Probe on an sdpa model (mask None or boolean) == eager weights of a same-seed twin."""
+    inputs = tiny_inputs(family, batch=batch)
+    queries = _queries(inputs["input_ids"].shape[1], batch)
+    got = _probe_rows(_model(family, "sdpa"), inputs, queries)
+    want = _eager_rows(family, inputs, queries)
+    for j in LAYERS:
+        torch.testing.assert_close(got[j], want[j], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_columns_get_no_attention(family: str) -> None:
+    """Left-padded row: real queries give exactly 0 to padding keys; rows sum to 1."""
+    inputs = tiny_inputs(family, batch=2)
+    pad = inputs["attention_mask"] == 0
+    assert bool(pad.any())
+    length = inputs["input_ids"].shape[1]
+    queries = torch.full((2, 1), length - 1)
+    rows = _probe_rows(_model(family, "eager"), inputs, queries)[1]
+    assert bool((rows[pad[:, None, None, :].expand_as(rows)] == 0).all())
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
+
+
+def test_probe_made_by_adapter_sits_on_that_layer() -> None:
+    """``adapter.text_probe(j)`` probes decoder layer j's self-attention; unrun → RuntimeError."""
+    model = _model("qwen2_vl", "eager")
+    probe = get_adapter(model).text_probe(2)
+    assert probe.attention is model.model.language_model.layers[2].self_attn
+    with pytest.raises(RuntimeError):
+        probe.rows(torch.zeros(1, 1, dtype=torch.long))

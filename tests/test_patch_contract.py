@@ -542,3 +542,19 @@ def test_keep_all_beam_search_equals_unpatched(family: str) -> None:
     ref = _generate(model, inputs, num_beams=2)
     with vlprune.patch(model, "uniform", budget=BIG):
         assert torch.equal(_generate(model, inputs, num_beams=2), ref)
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_prompts_pass_through(family: str, method: str) -> None:
+    """Prompts without images are not touched: bit-identical logits and tokens, empty stats."""
+    from vlprune.testing import tiny_tokenizer
+
+    model = _model(family)
+    inputs = tiny_tokenizer()(["<s> w1 w2 w3", "<s> w5 w6 w7 w8 w9"], return_tensors="pt",
+                              padding=True)
+    ref_logits, ref_tokens = _forward(model, inputs).logits, _generate(model, inputs)
+    with vlprune.patch(model, method, budget=3) as handle:
+        assert torch.equal(_forward(model, inputs).logits, ref_logits)
+        assert handle.stats.kept_tokens == []
+        assert torch.equal(_generate(model, inputs), ref_tokens)

@@ -293,30 +293,28 @@ def test_unpatch_restores_bit_identical_outputs(attn: str, method: str) -> None:
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_manual_cached_decode_equals_generate(family: str) -> None:
-    """A hand-rolled cached decode (no position_ids) after a decoder cut gives generate's
-    logits: the cache reports layer 0's full length, so positions stay the original ones."""
+    """A hand-rolled cached decode (no position_ids) after a decoder cut == generate's logits."""
     model, inputs = _model(family), _inputs(family, batch=1)
-    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
-        with torch.no_grad():
-            gen = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-            tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
-            out = model(**inputs, use_cache=True)
-            logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
-            for t in range(tokens.shape[1] - 1):
-                mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-                out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
-                            use_cache=True)
-                logits.append(out.logits[:, -1])
-                cache = out.cache
+    patch = vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K)
+    with patch, torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
+        out = model(**inputs, use_cache=True)
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        for t in range(tokens.shape[1] - 1):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
+                        use_cache=True)
+            logits.append(out.logits[:, -1])
+            cache = out.cache
     torch.testing.assert_close(torch.stack(logits, 1), torch.stack(gen.logits, 1),
                                atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_beam_search_equals_unpatched(family: str) -> None:
-    """Decoder-side keep-all under beam search (batch expanded, cache reordered) == unpatched;
-    fixed_layer beam search with cache == without."""
+    """Decoder cut under beam search: keep-all == unpatched; fixed_layer cached == uncached."""
     model, inputs = _model(family), _inputs(family, batch=1)
     ref = _generate(model, inputs, num_beams=2)
     with vlprune.patch(model, "fastv", budget=BIG, layer=K):

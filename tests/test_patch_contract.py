@@ -478,9 +478,8 @@ def test_two_models_patched_at_once_are_independent() -> None:
 @pytest.mark.parametrize("n_words", [(5, 9), "equal"])
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 def test_rows_keeping_different_counts_are_left_padded(family: str, n_words) -> None:
-    """Images of different sizes with ``ratio``: rows keep different counts, the shorter one is
-    left-padded, and each sample still equals its batch-1 run (logits, cached/uncached tokens);
-    also when the prompts have equal lengths (generate then passes no 2-D mask at all)."""
+    """Rows keeping different counts (ratio, image sizes differ) are left-padded; == batch 1."""
+    # "equal": prompts of equal length, so generate passes no 2-D mask at all.
     sizes = [(150, 100), (100, 220)] if family == "llava_next" else [(168, 112), (224, 112)]
     if n_words == "equal":  # pad the image with fewer tokens with more words
         n_words = (5, 25) if family == "llava_next" else (13, 5)
@@ -518,30 +517,24 @@ def test_dropped_patched_model_is_garbage_collected() -> None:
     assert ref() is None
 
 
-_BEAM_BUG = pytest.mark.xfail(strict=True, reason=(
-    "vlprune/hooks/vision.py: the image layouts come from the get_image_features call "
-    "(VisionCut._remember_layout), which generate makes BEFORE _expand_inputs_for_generation "
-    "repeats input_ids for num_beams / num_return_sequences; VisionCut._cut then asks "
-    "adapter.image_layouts(...) for B images against B*r rows of placeholders and raises "
-    "ValueError ('image_grid_thw gives 24 tokens but the prompt has 48 placeholders', "
-    "'image layouts give 140 tokens but the prompt has 280 placeholders'). LLaVA-1.5 is "
-    "unaffected (its layout ignores the inputs). Fix: when the placeholder count is r times "
-    "the layouts' total, repeat each sample's layouts r times (repeat_interleave order)"
-))
-
-
-@pytest.mark.parametrize("family", [
-    "llava",
-    pytest.param("llava_next", marks=_BEAM_BUG),
-    pytest.param("qwen2_vl", marks=_BEAM_BUG),
-    pytest.param("qwen2_5_vl", marks=_BEAM_BUG),
-])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_beam_search_equals_unpatched(family: str) -> None:
     """Vision-side keep-all under beam search (batch expanded by generate) == unpatched."""
     model, inputs = _model(family), _inputs(family, batch=1)
     ref = _generate(model, inputs, num_beams=2)
     with vlprune.patch(model, "uniform", budget=BIG):
         assert torch.equal(_generate(model, inputs, num_beams=2), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_beam_search_keeps_the_budget_in_every_beam(family: str) -> None:
+    """generate(num_beams=2, num_return_sequences=2) on a batch of 2: each of the 4 expanded
+    rows keeps the budget (images encoded once, layouts repeated per beam)."""
+    model, inputs = _model(family), _inputs(family, batch=2)
+    with vlprune.patch(model, "uniform", budget=4) as handle:
+        out = _generate(model, inputs, num_beams=2, num_return_sequences=2)
+        assert out.shape[0] == 4
+        assert handle.stats.kept_tokens == [4, 4, 4, 4]
 
 
 @pytest.mark.parametrize("method", ["random", "fastv"])

@@ -18,7 +18,11 @@ from vlprune.hooks.vision import CallRecorder, ImageTokens, VisionCut
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
 
-_PATCHED: weakref.WeakKeyDictionary[nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
+# model -> weak reference to its handle: the model's hooks keep the handle alive, and neither
+# reference keeps a dropped model alive.
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[PatchHandle]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class AlreadyPatchedError(RuntimeError):
@@ -185,7 +189,8 @@ class PatchHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if _PATCHED.get(self.model) is self:
+        ref = _PATCHED.get(self.model)
+        if ref is not None and ref() is self:
             del _PATCHED[self.model]
 
     def __enter__(self) -> PatchHandle:
@@ -233,14 +238,15 @@ def patch(
     adapter = get_adapter(model)
     method_ = build_method(method, options)
     method_.check_model(adapter)
-    if model in _PATCHED:
+    existing = _PATCHED.get(model)
+    if existing is not None and existing() is not None:
         raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched ({_PATCHED[model]!r}); "
+            f"{type(model).__name__} is already patched ({existing()!r}); "
             "call .unpatch() on that handle first"
         )
     handle = PatchHandle(model, adapter, method_, budget_)
     handle._install()
-    _PATCHED[model] = handle
+    _PATCHED[model] = weakref.ref(handle)
     return handle
 
 

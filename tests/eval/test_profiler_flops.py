@@ -136,16 +136,9 @@ def test_unpruned_forward_counted_equals_analytic(family: str, attn: str) -> Non
     assert counted == pytest.approx(analytic.prefill, rel=REL_TOL)
 
 
-def _methods() -> list[str]:
-    return vlprune.list_methods()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", _methods())
-def test_pruned_generate_counted_equals_analytic(family: str, method: str) -> None:
-    """Every registered method on every family: greedy generate of 3 tokens (prefill + 2 cached
-    decode steps), counted minus the method's own selection FLOPs, equals the analytic count
-    built from ``handle.stats`` alone (per-layer, encoder and projector rows observed)."""
+def _counted_vs_analytic(family: str, method: str, new_tokens: int) -> tuple[float, float]:
+    """(counted FLOPs less the method's own, analytic FLOPs from ``handle.stats``) of a greedy
+    generate of ``new_tokens`` (1: a plain prefill with ``logits_to_keep=1``)."""
     model, inputs, _ = _tiny(family)
     try:
         handle = vlprune.patch(model, method, budget=8)
@@ -153,13 +146,20 @@ def test_pruned_generate_counted_equals_analytic(family: str, method: str) -> No
         pytest.skip(f"{method} does not run on {family}: {err}")
     meter = SelectionMeter(handle.method, torch.device("cpu"))
     meter.count = True
-    rows = []
+    rows: list[int] = []
     hook = handle.adapter.projector.register_forward_pre_hook(
         lambda module, args: rows.append(args[0].numel() // args[0].shape[-1]))
+
+    def run() -> None:
+        if new_tokens == 1:
+            model(**inputs, logits_to_keep=1)
+        else:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+
     try:
         with torch.no_grad():
-            counted, _ = count_flops(lambda: model.generate(
-                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+            counted, _ = count_flops(run)
         stats = handle.stats
     finally:
         hook.remove()
@@ -167,10 +167,29 @@ def test_pruned_generate_counted_equals_analytic(family: str, method: str) -> No
         handle.unpatch()
     geometry = image_geometry(model.config, family, DEFAULT_IMAGE_SIZE[family])
     vision = getattr(stats, "vision_layer_tokens", [])
-    run = RunTokens(stats.layer_tokens[0], [geometry], vision[:1], sum(rows))
-    analytic = exact_flops(arch_from_config(model.config, family), run, causal=False,
-                           new_tokens=3)
-    assert counted - meter.flops == pytest.approx(analytic.total, rel=REL_TOL)
+    tokens = RunTokens(stats.layer_tokens[0], [geometry], vision[:1], sum(rows))
+    analytic = exact_flops(arch_from_config(model.config, family), tokens, causal=False,
+                           new_tokens=new_tokens)
+    return counted - meter.flops, analytic.total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", vlprune.list_methods())
+def test_pruned_prefill_counted_equals_analytic(family: str, method: str) -> None:
+    """Every registered method on every family: the counted prefill, less the method's own
+    selection FLOPs, equals the analytic count built from ``handle.stats`` (decoder and
+    encoder per-layer tokens) and the observed projector rows."""
+    counted, analytic = _counted_vs_analytic(family, method, new_tokens=1)
+    assert counted == pytest.approx(analytic, rel=REL_TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_pruned_decode_counted_equals_analytic(family: str, method: str) -> None:
+    """Greedy generate of 3 tokens (prefill + 2 decode steps over the pruned per-layer KV
+    cache, vision-side and decoder-side cuts) equals the analytic prefill + decode."""
+    counted, analytic = _counted_vs_analytic(family, method, new_tokens=3)
+    assert counted == pytest.approx(analytic, rel=REL_TOL)
 
 
 @pytest.mark.parametrize("name", FULL_PRESETS)

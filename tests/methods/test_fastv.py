@@ -150,8 +150,7 @@ def test_real_model_counts_and_layer_lengths(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_model_selection_follows_eager_attention(family: str) -> None:
-    """FastV keeps the top-k visual tokens of the eager layer-(K-1) last row (head mean):
-    its logits equal ``fixed_layer`` with exactly those ordinals."""
+    """FastV == fixed_layer with the top-5 visual ordinals of eager layer-1 last-row head mean."""
     model = _model(family, "eager")
     inputs = tiny_inputs(family, batch=1)
     is_image = inputs["input_ids"][0] == model.config.image_token_id

@@ -92,7 +92,9 @@ class _ImagesOnly:
     """Processor mixin without the video processor.
 
     Qwen2-VL/2.5-VL processors load a torchvision video processor, which fails where torchvision
-    is not installed; for image tasks it is never used.
+    is not installed; image tasks never use it. Dropping ``video_processor`` from the processor's
+    attributes lets ``from_pretrained`` and ``save_pretrained`` work without it
+    (``vlprune.testing``'s no-video processors only skip the constructor's class check).
     """
 
     @classmethod
@@ -129,7 +131,8 @@ def load_processor(pretrained: str, family: str, **kwargs: Any) -> ProcessorMixi
     except ImportError as err:
         if family not in IMAGES_ONLY_PROCESSORS:
             raise
-        logger.info(f"vlprune: loading the processor without its video part ({err})")
+        reason = str(err).strip().splitlines()[0]
+        logger.info(f"vlprune: loading the processor without its video part ({reason})")
         processor = IMAGES_ONLY_PROCESSORS[family].from_pretrained(pretrained, **kwargs)
     processor.tokenizer.padding_side = "left"
     return processor
@@ -288,7 +291,15 @@ def _batches(keys: Sequence[tuple[str, int]], size: int) -> list[list[int]]:
 
 
 class VLPrune(lmms):
-    """lmms-eval "simple" model: generation and loglikelihood requests, batched, data-parallel."""
+    """lmms-eval "simple" model: generation and loglikelihood requests, batched, data-parallel.
+
+    Arguments as in the module docstring. ``batch_size`` is per process (an int; lmms-eval's
+    ``auto`` is not supported, so its ``max_batch_size`` is accepted and unused). One
+    :func:`vlprune.patch` is installed after loading (none for ``method=none``); each batch's
+    ``handle.stats`` become per-sample records (:class:`SampleStats` plus task, doc id,
+    settings, generated tokens and, where ``vlprune.eval.profiler`` exists, the decoder
+    layers' analytic prefill FLOPs ``llm_prefill_flops``).
+    """
 
     is_simple = True
 
@@ -376,7 +387,8 @@ class VLPrune(lmms):
         task, split, doc_id = req.args[-2], req.args[-1], req.args[-3]
         if doc_to_visual is None:
             return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        found = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        visuals = [v for v in found if v is not None]
         for v in visuals:
             if not isinstance(v, Image.Image):
                 raise ValueError(

@@ -87,6 +87,21 @@ def split_images(
     return positions, sample
 
 
+def _repeat_per_prompt(
+    layouts: list[ImageLayout], prompt_counts: list[int], repeats: int
+) -> list[ImageLayout]:
+    """Repeat each prompt's consecutive layouts (``prompt_counts`` tokens each) ``repeats``×."""
+    out: list[ImageLayout] = []
+    image = 0
+    for count in prompt_counts:
+        chunk: list[ImageLayout] = []
+        while sum(layout.num_tokens for layout in chunk) < count:
+            chunk.append(layouts[image])
+            image += 1
+        out.extend(chunk * repeats)
+    return out
+
+
 class CallRecorder:
     """Shadow ``obj.name`` (a bound method) with a wrapper that reports each call's arguments.
 
@@ -167,11 +182,31 @@ class VisionCut:
         if self.selector is None:
             self.lm_image_mask = is_image
             return None
-        layouts = self.adapter.image_layouts(self.layout_inputs, int(is_image.sum()))
+        layouts = self._layouts(is_image.sum(1).tolist())
         positions, sample = split_images(input_ids, self.adapter.image_token_id, layouts)
         tokens = ImageTokens(layouts, positions, sample, input_ids, embeds)
         kept = self.selector(tokens)
         return args, self._prefill(kwargs, tokens, kept, is_image)
+
+    def _layouts(self, counts: list[int]) -> list[ImageLayout]:
+        """Image layouts for rows holding ``counts`` placeholders each.
+
+        ``generate(num_beams=r)`` / ``num_return_sequences=r`` encode each prompt's images once,
+        then repeat every prompt row r times: the layouts of each prompt are repeated to match.
+        """
+        try:
+            return self.adapter.image_layouts(self.layout_inputs, sum(counts))
+        except ValueError:
+            for r in range(2, len(counts) + 1):
+                groups = [counts[g:g + r] for g in range(0, len(counts), r)]
+                if len(counts) % r or any(len(set(group)) > 1 for group in groups):
+                    continue
+                try:
+                    base = self.adapter.image_layouts(self.layout_inputs, sum(counts[::r]))
+                except ValueError:
+                    continue
+                return _repeat_per_prompt(base, counts[::r], r)
+            raise
 
     def _prefill(
         self, kwargs: dict, tokens: ImageTokens, kept: list[torch.Tensor], is_image: torch.Tensor

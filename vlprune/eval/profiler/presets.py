@@ -44,8 +44,10 @@ from vlprune.adapters import get_adapter
 
 __all__ = [
     "PRESETS",
+    "ImageGeometry",
     "Preset",
     "ProfileModel",
+    "build_preset_model",
     "image_geometry",
     "load_model",
     "synthetic_inputs",
@@ -244,16 +246,20 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_FULL = {"llava": "llava-1.5-7b", "llava_next": "llava-next-7b", "qwen2_vl": "qwen2-vl-7b",
+         "qwen2_5_vl": "qwen2.5-vl-7b"}
+
+
 @dataclass
 class ProfileModel:
-    """A model to profile: the module (or None for analytic-only), its config and family."""
+    """A model to profile: the module, its config, family and default image size (a real
+    checkpoint takes its family's preset default)."""
 
     name: str
     family: str
     config: PretrainedConfig
-    model: torch.nn.Module | None
+    model: torch.nn.Module
     image_size: tuple[int, int]
-    preset: Preset | None = None
 
 
 def build_preset_model(preset: Preset, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -268,24 +274,17 @@ def build_preset_model(preset: Preset, *, device: str = "cpu", dtype: torch.dtyp
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa", build: bool = True) -> ProfileModel:
-    """A preset name (random weights) or a local path / hub id of a real checkpoint.
-
-    ``build=False`` returns a preset's config only (analytic FLOPs need no weights).
-    """
+               attn_implementation: str = "sdpa") -> ProfileModel:
+    """A preset name (random weights) or a local path / hub id of a real checkpoint."""
     if name in PRESETS:
         preset = PRESETS[name]
-        model = (build_preset_model(preset, device=device, dtype=dtype,
-                                    attn_implementation=attn_implementation) if build else None)
-        return ProfileModel(name, preset.family, preset.config(), model, preset.image_size, preset)
+        model = build_preset_model(preset, device=device, dtype=dtype,
+                                   attn_implementation=attn_implementation)
+        return ProfileModel(name, preset.family, model.config, model, preset.image_size)
     model = AutoModelForImageTextToText.from_pretrained(
         name, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
     family = get_adapter(model).family
     return ProfileModel(name, family, model.config, model, PRESETS[_FULL[family]].image_size)
-
-
-_FULL = {"llava": "llava-1.5-7b", "llava_next": "llava-next-7b", "qwen2_vl": "qwen2-vl-7b",
-         "qwen2_5_vl": "qwen2.5-vl-7b"}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 import vlprune
 from vlprune.adapters import get_adapter
 from vlprune.eval.profiler.flops import (
+    Arch,
     FlopsBreakdown,
     RunTokens,
     arch_from_config,
@@ -111,7 +112,7 @@ class _Target:
     """The model that runs, the sizes FLOPs are reported for, and how FLOPs are counted."""
 
     runner: ProfileModel
-    arch: Any
+    arch: Arch
     geometry: ImageGeometry
     inputs: dict[str, torch.Tensor]
     timing: bool

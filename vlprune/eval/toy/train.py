@@ -4,21 +4,24 @@ Two stages, as CLIP-based VLMs are built:
 
 1. **Vision pretraining** (CLS objective). The ViT and a linear head on its pooled CLS state
    learn multi-label "which (colour, shape) pairs are in the image" (binary cross-entropy), so
-   the CLS token must gather object patches: its attention at the last layers concentrates on
-   objects, as in CLIP. For speed most steps see a 168×168 scene (1–3 objects) embedded at a
-   random window of the 24×24 position table, i.e. 144 of the 576 patch tokens (FLIP-style
-   token dropping: every position embedding is trained at its own place, no interpolation);
-   the last steps see full 336×336 scenes with all 576 tokens.
-2. **Projector + language model** on the QA data, ViT frozen (its penultimate-layer features,
-   the ones LLaVA feeds the LLM, are computed once per training scene and cached). One sequence
-   packs one question of each kind about a scene (``<s> user : <image> q1 assistant : a1 </s>
-   user : q2 ...``); the loss is on answer words and ``</s>``. Questions are redrawn every epoch.
+   the CLS token must gather the object patches: its attention at the last layers concentrates
+   on objects, as in CLIP (:func:`cls_attention_on_objects` measures it).
+2. **Projector + language model** on the QA data, ViT frozen (LLaVA's features: penultimate
+   layer, CLS dropped). One sequence asks one question of each kind about a scene
+   (``<s> user : <image> q1 assistant : a1 </s> user : q2 ...``); the loss is on the answer
+   words and ``</s>``.
+
+Speed (FLIP-style token dropping): most steps of both stages see a 168×168 scene (1–3 objects)
+placed at a random window of the 24×24 patch grid, i.e. 144 of the 576 tokens, each with the
+position embedding and the LLM RoPE position it has in a full image (:func:`encode`,
+:func:`_positions`), so nothing is interpolated; the last steps of each stage see full 336×336
+scenes (3–6 objects, all 576 tokens), the geometry the model is evaluated on.
 
 Everything is seeded (``--seed``); the run is resumable: ``state.pt`` in ``--out`` is written
 every ``--checkpoint-every`` steps and at the end of each stage, and a rerun continues from it.
 The finished model is saved with ``save_pretrained`` (float16 on disk) to ``--out/checkpoint``
 together with the processor, and ``accuracy.json`` records its held-out accuracy; ``--ship``
-writes them into the package (:data:`~vlprune.eval.toy.model.CHECKPOINT_DIR`).
+copies them into the package (:data:`~vlprune.eval.toy.model.CHECKPOINT_DIR`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,11 +44,29 @@ from transformers import LlavaForConditionalGeneration
 from vlprune.adapters import get_adapter
 from vlprune.eval.toy import data
 from vlprune.eval.toy.benchmark import accuracy, predict
-from vlprune.eval.toy.model import CHECKPOINT_DIR, load_toy_model, toy_model, toy_processor
+from vlprune.eval.toy.data import IMAGE_SIZE
+from vlprune.eval.toy.model import (
+    CHECKPOINT_DIR,
+    PATCH_SIZE,
+    load_toy_model,
+    toy_model,
+    toy_processor,
+)
 
-__all__ = ["TrainConfig", "cls_attention_on_objects", "evaluate", "main", "pixels", "train"]
+__all__ = [
+    "TrainConfig",
+    "cls_attention_on_objects",
+    "encode",
+    "evaluate",
+    "export",
+    "main",
+    "pixels",
+    "train",
+]
 
-WINDOW_CANVAS = 168
+GRID = IMAGE_SIZE // PATCH_SIZE
+WINDOW = 12
+WINDOW_OBJECTS = (1, 3)
 CLS_LAYERS = (-2, -1)
 
 
@@ -54,20 +76,20 @@ class TrainConfig:
 
     seed: int = 0
     threads: int = 2
-    vision_window_steps: int = 1200
-    vision_full_steps: int = 150
+    vision_window_steps: int = 600
+    vision_full_steps: int = 60
     vision_batch: int = 32
     vision_full_batch: int = 8
     vision_lr: float = 2e-3
-    lm_scenes: int = 3000
-    lm_steps: int = 1500
+    lm_window_steps: int = 600
+    lm_full_steps: int = 150
     lm_batch: int = 16
     lm_lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup: int = 50
-    eval_every: int = 250
+    eval_every: int = 150
     eval_samples: int = 160
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
     test_samples: int = 1000
     fixed_sample: int = 64
 
@@ -85,19 +107,29 @@ def pixels(images: list[Any], processor: Any) -> torch.Tensor:
     return (arr.permute(0, 3, 1, 2) * ip.rescale_factor - mean) / std
 
 
-def _window_cls(vit: nn.Module, pixel_values: torch.Tensor, row: int, col: int) -> torch.Tensor:
-    """Pooled CLS state (B, D) of ``vit`` on an image placed at patch (``row``, ``col``) of the
-    full grid: patch embeddings get the position embeddings of that window."""
+def window_index(row: int, col: int, side: int) -> torch.Tensor:
+    """(side²,) raster indices in the 24×24 grid of a side×side window at patch (row, col)."""
+    return torch.arange(GRID * GRID).view(GRID, GRID)[row : row + side, col : col + side].flatten()
+
+
+def encode(vit: nn.Module, pixel_values: torch.Tensor, row: int = 0, col: int = 0) -> list:
+    """Hidden states of the CLIP ``vit`` (after pre-layernorm, then after each layer; each
+    (B, 1 + n², D), CLS first) for images of n×n patches placed at patch (``row``, ``col``) of
+    the 24×24 grid: the patches get the position embeddings of that window (FLIP-style token
+    dropping, no interpolation). A full 336 px image at (0, 0) gives the model's own states."""
     emb = vit.embeddings
-    side = emb.image_size // emb.patch_size
-    n = pixel_values.shape[-1] // emb.patch_size
     patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-    grid = torch.arange(side * side).view(side, side)[row : row + n, col : col + n].reshape(-1)
+    side = pixel_values.shape[-1] // emb.patch_size
     pos = emb.position_embedding.weight
     cls = (emb.class_embedding + pos[0]).expand(len(pixel_values), 1, -1)
-    hidden = torch.cat([cls, patches + pos[grid + 1]], dim=1)
-    hidden = vit.encoder(inputs_embeds=vit.pre_layrnorm(hidden)).last_hidden_state
-    return vit.post_layernorm(hidden[:, 0])
+    hidden = vit.pre_layrnorm(
+        torch.cat([cls, patches + pos[window_index(row, col, side) + 1]], dim=1)
+    )
+    states = [hidden]
+    for layer in vit.encoder.layers:
+        hidden = layer(hidden, None)
+        states.append(hidden)
+    return states
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -106,76 +138,65 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-# ----------------------------------------------------------------------------- stage 1
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
-def _vision_batch(cfg: TrainConfig, step: int, full: bool, processor: Any) -> tuple:
-    canvas = data.IMAGE_SIZE if full else WINDOW_CANVAS
-    n_objects = (data.MIN_OBJECTS, data.MAX_OBJECTS) if full else (1, 3)
-    size = cfg.vision_full_batch if full else cfg.vision_batch
+def _scenes(cfg: TrainConfig, stage: int, step: int, size: int, full: bool) -> tuple:
+    """``size`` training scenes of ``stage`` at ``step`` (full 336 px, or one window of 168 px
+    with 1–3 objects) and the window's patch offset (row, col)."""
+    canvas = IMAGE_SIZE if full else WINDOW * PATCH_SIZE
+    n_objects = (data.MIN_OBJECTS, data.MAX_OBJECTS) if full else WINDOW_OBJECTS
     scenes = [
-        data.make_scene(data.generator("train", cfg.seed, 1, int(full), step, i),
+        data.make_scene(data.generator("train", cfg.seed, stage, step, i),
                         canvas=canvas, n_objects=n_objects)
         for i in range(size)
     ]
-    labels = torch.from_numpy(np.stack([data.scene_labels(s) for s in scenes]))
-    window = data.generator("train", cfg.seed, 2, step).integers(0, 24 - canvas // 14 + 1, 2)
-    return pixels([data.render(s) for s in scenes], processor), labels, window
+    row, col = (0, 0) if full else data.generator("train", cfg.seed, stage, step).integers(
+        0, GRID - WINDOW + 1, 2
+    )
+    return scenes, int(row), int(col)
 
 
-def _vision_step(model, head, opt, cfg, step, processor) -> float:
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _vision_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
+    cfg, model = run.cfg, run.model
     full = step >= cfg.vision_window_steps
-    total = cfg.vision_window_steps + cfg.vision_full_steps
-    for group in opt.param_groups:
-        group["lr"] = _lr(step, total, cfg.vision_lr, cfg.warmup)
-    pix, labels, (row, col) = _vision_batch(cfg, step, full, processor)
+    _set_lr(opt, _lr(step, cfg.vision_window_steps + cfg.vision_full_steps, cfg.vision_lr,
+                     cfg.warmup))
+    size = cfg.vision_full_batch if full else cfg.vision_batch
+    scenes, row, col = _scenes(cfg, 1, step, size, full)
+    labels = torch.from_numpy(np.stack([data.scene_labels(s) for s in scenes]))
     vit = model.model.vision_tower
-    pooled = vit(pix).pooler_output if full else _window_cls(vit, pix, int(row), int(col))
-    loss = nn.functional.binary_cross_entropy_with_logits(head(pooled), labels)
+    states = encode(vit, pixels([data.render(s) for s in scenes], run.processor), row, col)
+    logits = run.head(vit.post_layernorm(states[-1][:, 0]))
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- stage 2
 
 
-@torch.no_grad()
-def _vision_features(model, cfg: TrainConfig, processor: Any) -> torch.Tensor:
-    """(lm_scenes, 576, D) float16 penultimate-layer ViT features (CLS dropped) of the
-    stage-2 training scenes."""
-    vit = model.model.vision_tower
-    layer = model.config.vision_feature_layer
-    chunks = []
-    for start in range(0, cfg.lm_scenes, 32):
-        scenes = [_lm_scene(cfg, i) for i in range(start, min(start + 32, cfg.lm_scenes))]
-        out = vit(pixels([data.render(s) for s in scenes], processor), output_hidden_states=True)
-        chunks.append(out.hidden_states[layer][:, 1:].half())
-    return torch.cat(chunks)
-
-
-def _lm_scene(cfg: TrainConfig, index: int) -> data.Scene:
-    return data.make_scene(data.generator("train", cfg.seed, 3, index))
-
-
 def _packed(
-    cfg: TrainConfig, index: int, epoch: int, tokenizer: Any
+    scene: data.Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the packed QA sequence of scene ``index`` at ``epoch`` and the positions
-    of its target tokens (answer words and ``</s>``)."""
-    rng = data.generator("train", cfg.seed, 4, epoch, index)
-    scene = _lm_scene(cfg, index)
-    turns = [data.ask(scene, kind, rng) for kind in rng.permutation(data.KINDS)]
-    vocab = tokenizer.get_vocab()
-    image = [vocab["<image>"]] * (data.IMAGE_SIZE // 14) ** 2
-    ids = [vocab["<s>"], vocab["user"], vocab[":"], *image]
-    targets = []
-    for qa in turns:
+    """Token ids of one sequence asking one question of each kind about ``scene`` (in random
+    order, kinds without a question skipped) and the indices of its target tokens (answer words
+    and ``</s>``)."""
+    ids = [vocab["<s>"], vocab["user"], vocab[":"], *[vocab["<image>"]] * n_image]
+    targets: list[int] = []
+    for kind in rng.permutation(data.KINDS):
+        qa = data.ask(scene, str(kind), rng)
         if qa is None:
             continue
         question, answer = qa
-        if len(ids) > 3 + len(image):
+        if targets:
             ids += [vocab["user"], vocab[":"]]
         ids += [vocab[w] for w in question.split()] + [vocab["assistant"], vocab[":"]]
         targets += [len(ids), len(ids) + 1]
@@ -183,34 +204,52 @@ def _packed(
     return ids, targets
 
 
-def _lm_step(model, opt, cfg, step, feats, tokenizer) -> float:
-    for group in opt.param_groups:
-        group["lr"] = _lr(step, cfg.lm_steps, cfg.lm_lr, cfg.warmup)
-    first = step * cfg.lm_batch
-    index = [(first + i) % cfg.lm_scenes for i in range(cfg.lm_batch)]
-    epoch = first // cfg.lm_scenes
-    seqs = [_packed(cfg, i, epoch, tokenizer) for i in index]
+def _positions(length: int, image: torch.Tensor) -> torch.Tensor:
+    """(length,) RoPE positions of a sequence ``<s> user : [image tokens] text``: the image
+    tokens keep their places ``image`` (raster indices) in the full 576-token layout, the text
+    after them starts at 3 + 576, as in a full prompt (and as pruned prompts keep them)."""
+    n = image.numel()
+    text = torch.arange(3 + GRID * GRID, 3 + GRID * GRID + length - 3 - n)
+    return torch.cat([torch.arange(3), 3 + image, text])
+
+
+def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
+    cfg, model = run.cfg, run.model
+    full = step >= cfg.lm_window_steps
+    _set_lr(opt, _lr(step, cfg.lm_window_steps + cfg.lm_full_steps, cfg.lm_lr, cfg.warmup))
+    scenes, row, col = _scenes(cfg, 2, step, cfg.lm_batch, full)
+    image = window_index(row, col, GRID if full else WINDOW)
+    vocab = run.processor.tokenizer.get_vocab()
+    seqs = [
+        _packed(s, data.generator("train", cfg.seed, 3, step, i), vocab, image.numel())
+        for i, s in enumerate(scenes)
+    ]
     length = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), length), tokenizer.pad_token_id)
+    input_ids = torch.full((len(seqs), length), vocab["<pad>"])
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    positions = torch.zeros((len(seqs), length), dtype=torch.long)
     rows, cols = [], []
     for b, (ids, targets) in enumerate(seqs):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
+        positions[b, : len(ids)] = _positions(len(ids), image)
         rows += [b] * len(targets)
         cols += targets
+    vit = model.model.vision_tower
+    with torch.no_grad():
+        states = encode(vit, pixels([data.render(s) for s in scenes], run.processor), row, col)
+    feats = model.model.multi_modal_projector(states[model.config.vision_feature_layer][:, 1:])
     embeds = model.get_input_embeddings()(input_ids)
-    image = model.model.multi_modal_projector(feats[index].float())
     is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(is_image, image.to(embeds.dtype))
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    embeds = embeds.masked_scatter(is_image, feats.to(embeds.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     loss = nn.functional.cross_entropy(logits[rows_t, cols_t - 1], input_ids[rows_t, cols_t])
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -244,8 +283,8 @@ def cls_attention_on_objects(
     patch_share = []
     try:
         for s in data.samples("test", n):
-            side = data.IMAGE_SIZE // 14
-            on = data.shape_mask(s.scene).reshape(side, 14, side, 14).any(axis=(1, 3)).reshape(-1)
+            mask = data.shape_mask(s.scene).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
+            on = mask.any(axis=(1, 3)).reshape(-1)
             on_t = torch.from_numpy(on)
             model.model.vision_tower(pixels([s.image], processor))
             for layer, probe in probes.items():
@@ -263,10 +302,12 @@ def cls_attention_on_objects(
 
 
 class _Run:
-    """Model, optimizer state and log of a run, saved to / restored from ``out/state.pt``."""
+    """Model, head, optimizer state and log of a run, saved to / restored from
+    ``out/state.pt``."""
 
-    def __init__(self, cfg: TrainConfig, out: Path) -> None:
+    def __init__(self, cfg: TrainConfig, out: Path, vision_from: Path | None = None) -> None:
         self.cfg, self.out = cfg, out
+        self.processor = toy_processor()
         self.model = toy_model(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
@@ -280,11 +321,21 @@ class _Run:
             state = torch.load(state_file, weights_only=False)
             if state["config"] != asdict(cfg):
                 raise ValueError(f"{state_file} was written with another config; use a new --out")
-            self.model.load_state_dict(state["model"])
-            self.head.load_state_dict(state["head"])
-            self.stage, self.step, self.elapsed = state["stage"], state["step"], state["elapsed"]
-            self.log, self.opt_state = state["log"], state["optimizer"]
+            self._restore(state)
             print(f"resuming {self.stage} at step {self.step} ({self.elapsed / 60:.1f} min)")
+        elif vision_from is not None:
+            state = torch.load(vision_from, weights_only=False)
+            if state["stage"] == "vision":
+                raise ValueError(f"{vision_from} has not finished vision pretraining")
+            self._restore(state)
+            self.stage, self.step, self.opt_state = "language", 0, None
+            self.log = [e for e in self.log if e["stage"] == "vision"]
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.stage, self.step, self.elapsed = state["stage"], state["step"], state["elapsed"]
+        self.log, self.opt_state = state["log"], state["optimizer"]
 
     def save(self, opt: torch.optim.Optimizer | None) -> None:
         state = {
@@ -301,64 +352,66 @@ class _Run:
         self.log.append(entry)
         print(json.dumps(entry), flush=True)
 
+    def loop(self, opt: torch.optim.Optimizer, total: int, step_fn: Callable, evaluate_fn:
+             Callable[[], dict[str, float]] | None = None) -> None:
+        """Run ``step_fn(self, opt, step)`` up to ``total`` steps with logging, evaluation
+        and checkpoints."""
+        cfg = self.cfg
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+            self.opt_state = None
+        losses: list[float] = []
+        while self.step < total:
+            start = time.perf_counter()
+            torch.manual_seed(cfg.seed * 100_003 + self.step)
+            losses.append(step_fn(self, opt, self.step))
+            self.step += 1
+            self.elapsed += time.perf_counter() - start
+            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                self.record(loss=float(np.mean(losses)))
+                losses = []
+                if evaluate_fn is not None and (self.step % cfg.eval_every == 0
+                                                or self.step == total):
+                    start = time.perf_counter()
+                    self.record(val=evaluate_fn())
+                    self.elapsed += time.perf_counter() - start
+                self.save(opt)
 
-def _loop(run: _Run, opt: torch.optim.Optimizer, total: int, step_fn, evaluate_fn=None) -> None:
-    cfg = run.cfg
-    if run.opt_state is not None:
-        opt.load_state_dict(run.opt_state)
-        run.opt_state = None
-    losses: list[float] = []
-    while run.step < total:
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + run.step)
-        losses.append(step_fn(run.step))
-        run.step += 1
-        run.elapsed += time.perf_counter() - start
-        if run.step % cfg.checkpoint_every == 0 or run.step == total:
-            run.record(loss=float(np.mean(losses)))
-            losses = []
-            if evaluate_fn is not None and (run.step % cfg.eval_every == 0 or run.step == total):
-                run.record(val=evaluate_fn())
-            run.save(opt)
 
-
-def train(cfg: TrainConfig, out: Path) -> LlavaForConditionalGeneration:
-    """Run (or resume) both stages; returns the trained float32 model."""
+def train(cfg: TrainConfig, out: Path, vision_from: Path | None = None
+          ) -> tuple[LlavaForConditionalGeneration, list[dict[str, Any]]]:
+    """Run (or resume) both stages; returns the trained float32 model (eval mode) and the
+    training log. ``vision_from``: a ``state.pt`` whose finished vision stage is reused."""
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(cfg, out)
-    model, processor = run.model, toy_processor()
+    run = _Run(cfg, out, vision_from)
+    model = run.model
     if run.stage == "vision":
         model.train()
-        vit = model.model.vision_tower
-        params = [*vit.parameters(), *run.head.parameters()]
+        params = [*model.model.vision_tower.parameters(), *run.head.parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
-        total = cfg.vision_window_steps + cfg.vision_full_steps
-        _loop(run, opt, total, lambda s: _vision_step(model, run.head, opt, cfg, s, processor))
+        run.loop(opt, cfg.vision_window_steps + cfg.vision_full_steps, _vision_step)
         run.record(cls_attention=cls_attention_on_objects(model.eval()))
         run.stage, run.step, run.opt_state = "language", 0, None
         run.save(None)
     if run.stage == "language":
-        start = time.perf_counter()
-        feats = _vision_features(model.eval(), cfg, processor)
-        run.elapsed += time.perf_counter() - start
         model.requires_grad_(False)
         trainable = [*model.model.multi_modal_projector.parameters(),
                      *model.model.language_model.parameters(), *model.lm_head.parameters()]
         for p in trainable:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(trainable, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
-        tokenizer = processor.tokenizer
 
-        def step_fn(step: int) -> float:
+        def step_fn(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
             model.train()
-            return _lm_step(model, opt, cfg, step, feats, tokenizer)
+            return _language_step(run, opt, step)
 
-        _loop(run, opt, cfg.lm_steps, step_fn, lambda: evaluate(model, "val", cfg.eval_samples))
+        run.loop(opt, cfg.lm_window_steps + cfg.lm_full_steps, step_fn,
+                 lambda: evaluate(model, "val", cfg.eval_samples))
         run.stage = "done"
         run.save(None)
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), run.log
 
 
 def export(model: LlavaForConditionalGeneration, run_log: list[dict[str, Any]], cfg: TrainConfig,
@@ -390,13 +443,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("toy_run"), help="work directory")
     parser.add_argument("--ship", action="store_true",
                         help=f"also copy the checkpoint into the package ({CHECKPOINT_DIR})")
+    parser.add_argument("--vision-from", type=Path, default=None,
+                        help="state.pt of a run whose vision stage to reuse (skips stage 1)")
     for f in fields(TrainConfig):
         flag = f"--{f.name.replace('_', '-')}"
         parser.add_argument(flag, type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    model = train(cfg, args.out)
-    log = torch.load(args.out / "state.pt", weights_only=False)["log"]
+    model, log = train(cfg, args.out, args.vision_from)
     record = export(model, log, cfg, args.out / "checkpoint")
     print(json.dumps({k: record[k] for k in ("test", "cls_attention_on_objects", "train_minutes")}))
     if args.ship:

@@ -55,7 +55,8 @@ class Qwen2VLAdapter(Adapter):
         total = sum(layout.num_tokens for layout in layouts)
         if total != n_image_tokens:
             raise ValueError(
-                f"image_grid_thw gives {total} tokens but the prompt has {n_image_tokens} placeholders"
+                f"image_grid_thw gives {total} tokens but the prompt has {n_image_tokens} "
+                "placeholders"
             )
         return layouts
 

@@ -8,6 +8,7 @@ running its own backend (sdpa, eager or flash) untouched.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -150,7 +151,8 @@ class VisionAttentionProbe:
 
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        self.inputs = {"hidden": hidden, **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.inputs = {"hidden": hidden, **rest}
 
     def clear(self) -> None:
         """Drop the references to the last call's inputs."""
@@ -204,7 +206,7 @@ class QwenVisionAttentionProbe(VisionAttentionProbe):
         bounds = self.inputs["cu_seqlens"].tolist()
         return [
             (q[a:b].transpose(0, 1), k[a:b].transpose(0, 1))
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]
 
 

@@ -247,21 +247,28 @@ def test_padded_batch_equals_single_runs(family: str, attn: str) -> None:
             assert _trim(tokens[i], eos) == _trim(single_tokens[0], eos), f"sample {i}"
 
 
-def test_rows_with_different_visual_counts_drop_the_same_number() -> None:
-    """LLaVA-NeXT, images of different sizes: every row drops min(n_visual) - budget tokens."""
+def test_rows_with_different_visual_counts_keep_the_budget_each() -> None:
+    """LLaVA-NeXT, images of different sizes: every row keeps exactly the budget from layer K
+    on (padded slots are masked), and each row equals its prompt run alone."""
     model = _model("llava_next")
-    inputs = tiny_inputs("llava_next", batch=2, image_sizes=[(150, 100), (100, 220)])
+    sizes = [(150, 100), (100, 220)]
+    inputs = tiny_inputs("llava_next", batch=2, image_sizes=sizes)
     n_visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    drop = min(n_visual) - 6
+    assert n_visual[0] != n_visual[1]
+    length = inputs["input_ids"].shape[1]
     with vlprune.patch(model, "fastv", budget=6, layer=K) as handle:
         out = _forward(model, inputs, use_cache=True)
         stats = handle.stats
-        cached = _generate(model, inputs)
-    assert stats.kept_tokens == [n - drop for n in n_visual]
-    assert min(stats.kept_tokens) == 6
-    length = inputs["input_ids"].shape[1]
-    assert stats.layer_tokens == [[length, length, length - drop, length - drop]] * 2
-    assert out.logits.shape[1] == length - drop
+        last = out.logits[:, -1]
+        for i in range(2):
+            single = tiny_inputs("llava_next", batch=1, image_sizes=[sizes[i]], seed=i,
+                                 n_words=[(5, 9)[i]])
+            torch.testing.assert_close(_forward(model, single).logits[0, -1], last[i],
+                                       atol=1e-4, rtol=0)
+    assert stats.kept_tokens == [6, 6]
+    kept_len = [length - n + 6 for n in n_visual]
+    assert [row[:K] for row in stats.layer_tokens] == [[length] * K] * 2
+    assert [row[K:] for row in stats.layer_tokens] == [[k] * (4 - K) for k in kept_len]
     with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
         cached = _generate(model, inputs)
         uncached = _generate(model, inputs, use_cache=False)

@@ -1,4 +1,4 @@
-"""``fastv``: hand-checkable selections on planted attention, ``keep_rows``' equal-drop rule, and
+"""``fastv``: hand-checkable selections on planted attention, ``keep_rows``' per-row counts, and
 the method on tiny models (kept counts, layer lengths, the official ranking rule end to end)."""
 
 from __future__ import annotations
@@ -92,20 +92,23 @@ def test_budget_above_visual_count_keeps_everything() -> None:
     assert FastV(layer=2).choose(batch, Budget(tokens=100)).tolist() == [list(range(10))]
 
 
-def test_rows_with_different_visual_counts_drop_the_same_number() -> None:
-    """Row 0 has 6 visual rows, row 1 has 4; k = 2 → both drop 4 - 2 = 2 (row 0 keeps 4)."""
+def test_rows_with_different_visual_counts_keep_exactly_k_each() -> None:
+    """Row 0 has 6 visual rows, row 1 has 4; k = 2 → each keeps its best 2 visual rows; the
+    shorter row 0 (6 rows) is left-padded to row 1's 8 with two masked slots."""
     is_image = torch.stack([_image_rows(10, range(2, 8)), _image_rows(10, range(2, 6))])
     scores = torch.tensor([
-        [9.0, 9.0, 0.1, 0.8, 0.7, 0.2, 0.9, 0.6, 9.0, 9.0],  # drops 2 and 5
-        [9.0, 9.0, 0.5, 0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.0],  # drops 3 and 5
+        [9.0, 9.0, 0.1, 0.8, 0.7, 0.2, 0.9, 0.6, 9.0, 9.0],  # keeps 3 and 6
+        [9.0, 9.0, 0.5, 0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.0],  # keeps 2 and 4
     ])
-    kept = keep_rows(scores, is_image, keep_visual=2)
-    assert kept.tolist() == [[0, 1, 3, 4, 6, 7, 8, 9], [0, 1, 2, 4, 6, 7, 8, 9]]
+    index, slots = keep_rows(scores, is_image, keep_visual=2)
+    assert index.tolist() == [[0, 0, 0, 1, 3, 6, 8, 9], [0, 1, 2, 4, 6, 7, 8, 9]]
+    assert slots.tolist() == [[False, False] + [True] * 6, [True] * 8]
     attention = scores[:, None, :].expand(-1, 3, -1)
     batch, _ = _batch(is_image, attention)
-    assert torch.equal(FastV(layer=2).choose(batch, Budget(tokens=2)), kept)
-    visual_kept = is_image.gather(1, kept).sum(1).tolist()
-    assert visual_kept == [4, 2]
+    chosen_index, chosen_slots = FastV(layer=2).choose(batch, Budget(tokens=2))
+    assert torch.equal(chosen_index, index) and torch.equal(chosen_slots, slots)
+    visual_kept = (is_image.gather(1, index) & slots).sum(1).tolist()
+    assert visual_kept == [2, 2]
 
 
 def test_keep_rows_is_sorted_and_keeps_text_with_low_scores() -> None:

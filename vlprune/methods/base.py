@@ -6,6 +6,7 @@ Methods are pure: they see tensors (features, attention rows, layouts) and retur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -110,17 +111,27 @@ class EncoderBatch:
     memory: dict[str, Any]
 
 
-def keep_rows(scores: torch.Tensor, is_image: torch.Tensor, keep_visual: int) -> torch.Tensor:
-    """Kept rows (B, L - drop) keeping every text row and the best-scored visual rows.
+def keep_rows(
+    scores: torch.Tensor, is_image: torch.Tensor, keep_visual: int | Sequence[int]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Kept rows: every text row and the ``keep_visual`` best-scored visual rows of each row.
 
-    Every row drops the same number of visual tokens, ``drop = min_b(n_visual_b) - keep_visual``,
-    so a batch stays rectangular; rows with more visual tokens keep more of them.
-    ``scores`` (B, L) ranks the visual rows (higher = kept).
+    ``scores`` (B, L) ranks the visual rows (higher = kept, ties: lower index);
+    ``keep_visual`` is one count for every row or one per row (capped at the row's visual
+    count). Each row keeps exactly its count, so a batch equals its rows run alone; rows that
+    keep different numbers are left-padded (see :func:`keep_rows_padded`).
     """
-    n_visual = int(is_image.sum(1).min())
-    drop = max(0, n_visual - keep_visual)
-    ranked = scores.float().masked_fill(~is_image, torch.finfo(torch.float32).max)
-    return select_topk(ranked, is_image.shape[1] - drop)
+    n_visual = is_image.sum(1)
+    wanted = torch.as_tensor(keep_visual, device=is_image.device).expand_as(n_visual)
+    counts = torch.minimum(wanted, n_visual)
+    chosen = torch.zeros_like(is_image)
+    most = int(counts.max())
+    if most > 0:
+        ranked = scores.float().masked_fill(~is_image, float("-inf"))
+        top = select_topk(ranked, most, keep_order=False)
+        take = torch.arange(most, device=top.device) < counts[:, None]
+        chosen.scatter_(1, top, take)
+    return keep_rows_padded(~is_image | chosen)
 
 
 def keep_rows_padded(keep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -45,10 +45,13 @@ class FastV(Method):
         """Self-attention of layer K - 1: its last-query row ranks the visual tokens."""
         return {"attention": adapter.text_probe(self.layer - 1)}
 
-    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
-        """1. last row's attention at K-1, head mean; 2. keep text + top visual rows."""
+    def choose(
+        self, ctx: DecoderBatch, budget: Budget
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """1. last row's attention at K-1, head mean; 2. keep text + each row's top visual
+        rows (``budget`` of that row's visual tokens)."""
         batch, length = ctx.is_image.shape
         last = torch.full((batch, 1), length - 1, device=ctx.hidden.device)
         scores = ctx.probes["attention"].rows(last).mean(dim=1)[:, 0]
-        keep_visual = budget.kept(int(ctx.is_image.sum(1).min()))
+        keep_visual = [budget.kept(n) for n in ctx.is_image.sum(1).tolist()]
         return keep_rows(scores, ctx.is_image, keep_visual)

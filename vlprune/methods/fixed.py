@@ -76,7 +76,9 @@ class FixedLayerPrune(Method):
         """[layer]."""
         return [self.layer]
 
-    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
+    def choose(
+        self, ctx: DecoderBatch, budget: Budget
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Score 1 for the listed visual ordinals, 0 otherwise; keep the top ones."""
         ordinal = ctx.is_image.long().cumsum(1) - 1
         wanted = torch.tensor(self.indices, device=ordinal.device)

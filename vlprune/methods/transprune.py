@@ -29,8 +29,8 @@ Budget and depth rules (vlprune's; the paper compares at TFLOPs levels, spec §2
   reproduces the official counts (``int(N·r_s)`` up to rounding of ``N·r``).
 - Other depths L: cut layers ``round(l · L / 32)`` clamped to 1..L−1; stages landing on one
   layer merge (the later count applies); A = layers ``c_first − 1`` … ``c_last − 1``.
-- Batches: every row drops the same count (``keep_rows``): the sample with the fewest visual
-  tokens follows the schedule exactly, others keep a few more.
+- Batches: each row follows the schedule for its own visual-token count (``keep_rows``); rows
+  that keep different numbers are left-padded, so a batch equals its rows run alone.
 
 Official-code behaviour and what vlprune does:
 
@@ -200,16 +200,18 @@ class TransPrune(Method):
             probes[f"iga{cut}"] = NextLayerAttentionProbe(layers[cut - 1], layers[cut])
         return probes
 
-    def choose(self, ctx: DecoderBatch, budget: Budget) -> torch.Tensor:
-        """Steps 1-4 at cut ``ctx.layer``."""
+    def choose(
+        self, ctx: DecoderBatch, budget: Budget
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-4 at cut ``ctx.layer``; each row follows its own schedule."""
         visual = ctx.input_visual if ctx.input_visual is not None else ctx.is_image.sum(1)
-        n_visual = int(visual.min())
-        keep = stage_counts(n_visual, budget.kept(n_visual), self.ratios)
+        stage = self._stage_at[ctx.layer]
+        keep = [stage_counts(n, budget.kept(n), self.ratios)[stage] for n in visual.tolist()]
         queries, is_text = trailing_text(ctx.is_image)
         attention = ctx.probes[f"iga{ctx.layer}"].rows(queries).mean(dim=1)
         iga = instruction_attention(attention, is_text)
         score = transprune_score(self._accumulated_ttv(ctx), iga, ctx.is_image, self.alpha)
-        return keep_rows(score, ctx.is_image, keep[self._stage_at[ctx.layer]])
+        return keep_rows(score, ctx.is_image, keep)
 
     def _accumulated_ttv(self, ctx: DecoderBatch) -> torch.Tensor:
         """Step 1: (B, L) TTV summed over the accumulation layers before ``ctx.layer``, over the

@@ -83,7 +83,8 @@ def main(args: argparse.Namespace) -> None:
     print(format_table(result))
     print("TMACs paper: FastV formula (multiply-accumulates, LLM prefill); TFLOPs exact: "
           "2 FLOPs/MAC, GQA, gated MLP, causal attention, vision + projector + LM head; "
-          "ms: median ±half-IQR; speed-up: baseline prefill / prefill.")
+          "select ms: the method's own selection inside the prefill; ms: median ±half-IQR; "
+          "speed-up: baseline prefill / prefill.")
     if not info["timing"]:
         print("latency not measured (full-size preset on CPU: FLOPs only; use --device cuda)")
     paths = write_outputs(result, args.out, png=not args.no_plot)

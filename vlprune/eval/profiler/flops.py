@@ -9,7 +9,7 @@
    the vision encoder (per crop / per image / per window, with any encoder-internal pruning),
    projector or merger, LM head, and decode steps with the (pruned) KV cache; prefill and
    decode separately. Element-wise work (norms, activations, softmax, RoPE, residuals) is left
-   out, as in every FLOPs table and in ``FlopCounterMode``; it is well under 1 %.
+   out, as in the papers' tables and in ``FlopCounterMode``.
 3. **Counted** (:func:`count_flops`): ``torch.utils.flop_counter.FlopCounterMode`` on a real
    forward, with a formula for CPU sdpa (which torch counts as 0). torch's sdpa formula, like
    eager attention, charges the full n² scores, so counted numbers match
@@ -41,6 +41,8 @@ __all__ = [
     "projector_flops",
     "projector_rows",
     "qwen_window_sizes",
+    "text_layer_flops",
+    "vision_flops",
 ]
 
 

@@ -46,18 +46,19 @@ def _budget(row: dict[str, Any]) -> str:
 def format_table(result: ProfileResult) -> str:
     """Markdown table: one line per run; ``n/a`` / ``error`` rows carry their reason."""
     head = ("| method | budget | visual kept | LLM tokens in / avg | TMACs paper | TFLOPs exact "
-            "| prefill ms | decode ms/tok | peak MB | speed-up |")
-    lines = [head, "|" + "---|" * 10]
+            "| prefill ms | select ms | decode ms/tok | peak MB | speed-up |")
+    lines = [head, "|" + "---|" * 11]
     for row in result.rows:
         if row["status"] != "ok":
             reason = row["note"].splitlines()[0][:80] if row["note"] else ""
-            cells = [row["method"], _budget(row), row["status"], reason] + [""] * 6
+            cells = [row["method"], _budget(row), row["status"], reason] + [""] * 7
         else:
             cells = [
                 row["method"], _budget(row), str(row["kept_tokens"]),
                 f"{row['llm_input_tokens']} / {row['mean_layer_tokens']:.0f}",
                 _num(row["paper_tmacs"]), _num(row["exact_tflops_prefill"]),
-                _ms(row.get("prefill_ms")), _ms(row.get("decode_ms_per_token")),
+                _ms(row.get("prefill_ms")), _ms(row.get("select_ms")),
+                _ms(row.get("decode_ms_per_token")),
                 _num(row.get("peak_mb"), 4), _speedup(row, result.info["timing"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -24,15 +24,6 @@ MAX_NEW = 8
 BIG = 10**6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _model(family: str, attn: str = "sdpa", seed: int = 0):
     """Shared tiny model; every test unpatches what it patches."""

@@ -17,15 +17,6 @@ from vlprune.registry import list_methods
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _model(family: str):
     return tiny_model(family)

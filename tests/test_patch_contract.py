@@ -63,16 +63,6 @@ def _trim(tokens: torch.Tensor, eos: int) -> list[int]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are latency-bound: one intra-op thread avoids OpenMP spin-waits on a busy
-    2-core machine (measured 100x faster under load); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hook_owner(fn) -> str:
     while isinstance(fn, functools.partial):
         fn = fn.func

@@ -17,13 +17,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip(
     "lmms_eval", reason="lmms-eval is not installed (`bash scripts/setup_dev.sh` installs it)"
@@ -76,15 +74,6 @@ def method_args(method: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Fixtures: checkpoints, dataset, task YAMLs; the subprocess runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: tiny matmuls gain nothing from more, and lose a lot on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ from vlprune.methods.uniform import UniformPrune, evenly_spaced
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layout(n: int) -> ImageLayout:
     side = int(n**0.5)
     return ImageLayout(num_tokens=n, grid=(side, n // side) if side * (n // side) == n else (1, n))

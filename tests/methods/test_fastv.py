@@ -16,15 +16,6 @@ from vlprune.methods.fastv import FastV
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are latency-bound: one intra-op thread (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PlantedProbe:
     """Stands in for a TextAttentionProbe: returns planted (B, H, Q, L) rows, records queries."""
 

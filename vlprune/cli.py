@@ -1,4 +1,4 @@
-"""Command line: ``vlprune demo | methods``."""
+"""Command line: ``vlprune demo | methods | profile | eval``."""
 
 from __future__ import annotations
 

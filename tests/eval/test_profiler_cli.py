@@ -16,30 +16,33 @@ from vlprune.eval.profiler.report import flatten, format_table
 from vlprune.eval.profiler.runner import ProfileSettings, run_profile
 from vlprune.eval.profiler.timing import SelectionMeter, Spread
 from vlprune.methods.random import RandomPrune
+from vlprune.testing import tiny_model
 
 
 def test_cli_writes_table_json_csv_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A mini preset, two methods, one budget: the table lists baseline + 2 rows, the JSON
-    holds timings with their spread, counted FLOPs agree with the analytic ones, and the CSV
-    and PNG exist."""
+    holds per-layer tokens and timings with their spread, counted FLOPs agree with the
+    analytic ones, and the CSV and PNG exist."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "profile"
     main(["profile", "--model", "llava-1.5-7b-mini", "--methods", "random,fastv",
           "--budgets", "64", "--repeats", "2", "--warmup", "0", "--new-tokens", "2",
-          "--text-tokens", "16", "--no-progress", "--out", str(out)])
+          "--text-tokens", "16", "--threads", "1", "--no-progress", "--out", str(out)])
     table = capsys.readouterr().out
     assert "| baseline |" in table and "| random | 64 | 64 |" in table and "| fastv | 64 |" in table
     report = json.loads((out / "profile.json").read_text())
     rows = report["rows"]
     assert [r["method"] for r in rows] == ["baseline", "random", "fastv"]
-    assert report["info"]["attn_implementation"] == "sdpa" and report["info"]["timing"]
+    info = report["info"]
+    assert info["attn_implementation"] == "sdpa" and info["timing"] and info["threads"] == 1
     for row in rows:
         assert row["status"] == "ok"
         assert row["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-3)
         assert row["prefill_ms"]["median"] > 0 and row["prefill_ms"]["p25"] is not None
         assert row["decode_ms_per_token"]["median"] > 0 and row["peak_mb"] > 0
         assert row["speedup_prefill"] > 0
-    assert rows[1]["llm_input_tokens"] == 16 + 64 and rows[2]["llm_input_tokens"] == 16 + 576
+    assert rows[1]["llm_input_tokens"] == 16 + 64
+    assert rows[2]["layer_tokens"][:3] == [16 + 576, 16 + 576, 16 + 64]  # FastV cuts at K=2
     assert rows[2]["select_gflops"] > 0 and rows[2]["select_ms"]["median"] >= 0
     with (out / "profile.csv").open() as handle:
         records = list(csv.DictReader(handle))
@@ -52,7 +55,7 @@ def test_full_size_preset_on_cpu_is_flops_only() -> None:
     at full size and counted on the meta device; no latency. Paper MACs match the spec's table
     (3.33 T unpruned, 0.65 T with 64 image tokens)."""
     result = run_profile(ProfileSettings(model="llava-1.5-7b", methods=["random"], budgets=[64],
-                                         progress=False))
+                                         progress=False, threads=1))
     assert result.info["runs_on"] == "llava-1.5-7b-mini" and not result.info["timing"]
     base, pruned = result.rows
     assert round(base["paper_tmacs"], 2) == 3.33 and round(pruned["paper_tmacs"], 2) == 0.65
@@ -60,7 +63,7 @@ def test_full_size_preset_on_cpu_is_flops_only() -> None:
         assert row["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-3)
         assert "prefill_ms" not in row
     assert pruned["flops_speedup"] > 3
-    assert "(FLOPs)" in format_table(result)
+    assert "| FLOPs ratio |" in format_table(result)
 
 
 def test_unsupported_family_is_na(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,10 +71,23 @@ def test_unsupported_family_is_na(monkeypatch: pytest.MonkeyPatch) -> None:
     crash; the other rows still run."""
     monkeypatch.setattr(RandomPrune, "families", ("qwen2_vl",))
     result = run_profile(ProfileSettings(model="llava-1.5-7b", methods=["random", "uniform"],
-                                         budgets=[64], progress=False, count=False))
+                                         budgets=[64], progress=False, count=False, threads=1))
     status = {r["method"]: r["status"] for r in result.rows}
     assert status == {"baseline": "ok", "random": "n/a", "uniform": "ok"}
     assert "| random | 64 | n/a |" in format_table(result)
+
+
+def test_local_checkpoint_path(tmp_path: Path) -> None:
+    """A saved checkpoint (the route of a real model, local path or hub id) loads through
+    ``AutoModelForImageTextToText``; its family and geometry come from its config."""
+    tiny_model("llava").save_pretrained(tmp_path / "ckpt")
+    result = run_profile(ProfileSettings(
+        model=str(tmp_path / "ckpt"), methods=["random"], budgets=[8], repeats=1, warmup=0,
+        new_tokens=2, text_tokens=8, progress=False, threads=1))
+    assert result.info["family"] == "llava" and result.info["image_tokens"] == 36
+    base, pruned = result.rows
+    assert (base["llm_input_tokens"], pruned["llm_input_tokens"]) == (8 + 36, 8 + 8)
+    assert pruned["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-3)
 
 
 def test_unknown_method_fails_early() -> None:
@@ -87,11 +103,13 @@ def test_help_lists_presets(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_spread_and_flatten() -> None:
-    """Median and inclusive quartiles; timing cells flatten to value / _p25 / _p75 columns."""
+    """Median and inclusive quartiles; timing cells flatten to value / _p25 / _p75 columns and
+    per-layer lists stay out of the CSV."""
     spread = Spread.of([1.0, 2.0, 3.0, 4.0, 100.0])
     assert (spread.median, spread.p25, spread.p75, spread.n) == (3.0, 2.0, 4.0, 5)
     assert Spread.of([7.0]).p75 == 7.0
-    flat = flatten({"method": "x", "prefill_ms": {"median": 3.0, "p25": 2.0, "p75": 4.0}})
+    flat = flatten({"method": "x", "prefill_ms": {"median": 3.0, "p25": 2.0, "p75": 4.0},
+                    "layer_tokens": [5, 5]})
     assert flat == {"method": "x", "prefill_ms": 3.0, "prefill_ms_p25": 2.0, "prefill_ms_p75": 4.0}
 
 

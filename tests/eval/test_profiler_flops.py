@@ -3,6 +3,8 @@ against ``FlopCounterMode`` (real forwards of tiny models, full-size modules on 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -30,6 +32,15 @@ from vlprune.testing import DEFAULT_IMAGE_SIZE, FAMILIES, tiny_model
 # Agreement required between analytic and counted FLOPs (they agree exactly in practice).
 REL_TOL = 1e-3
 FULL_PRESETS = [name for name, preset in PRESETS.items() if not preset.mini]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """FLOP counts do not depend on threads; one thread keeps these runs fast on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_paper_formula_matches_reference_table() -> None:

@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="non-image prompt tokens (64: LLaVA-1.5 prompt of 640 tokens)")
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--timing", dest="timing", action="store_true", default=None,
-                        help="force latency measurements")
+                        help="force latency measurements (a full-size preset then runs itself)")
     timing.add_argument("--no-timing", dest="timing", action="store_false",
                         help="FLOPs only")
     parser.add_argument("--no-count", action="store_true",
@@ -57,6 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=Path("vlprune-profile"),
                         help="directory for profile.json / .csv / .png")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=main)
     return parser
@@ -69,24 +71,28 @@ def main(args: argparse.Namespace) -> None:
         dtype=args.dtype, attn=args.attn, new_tokens=args.new_tokens, warmup=args.warmup,
         repeats=args.repeats, batch=args.batch, image_size=args.image_size,
         text_tokens=args.text_tokens, timing=args.timing, count=not args.no_count,
-        progress=not args.no_progress, seed=args.seed,
+        progress=not args.no_progress, seed=args.seed, threads=args.threads,
     )
     try:
         result = run_profile(settings)
     except ValueError as err:
         raise SystemExit(f"vlprune profile: {err}") from None
     info = result.info
-    print(f"{info['model']} (runs on {info['runs_on']}) · {info['device_name']} · {info['dtype']} "
+    print(f"{info['model']} (runs on {info['runs_on']}) · {info['device_name']} "
+          f"({info['threads']} threads) · {info['dtype']} "
           f"· {info['attn_implementation']} · {info['prompt_tokens']} prompt tokens "
           f"({info['image_tokens']} image) · batch {settings.batch} · "
           f"{settings.new_tokens} new tokens")
     print(format_table(result))
     print("TMACs paper: FastV formula (multiply-accumulates, LLM prefill); TFLOPs exact: "
-          "2 FLOPs/MAC, GQA, gated MLP, causal attention, vision + projector + LM head; "
-          "select ms: the method's own selection inside the prefill; ms: median ±half-IQR; "
-          "speed-up: baseline prefill / prefill.")
-    if not info["timing"]:
-        print("latency not measured (full-size preset on CPU: FLOPs only; use --device cuda)")
+          "prefill FLOPs (2 per MAC; GQA, gated MLP, causal attention, vision + projector + "
+          "LM head).")
+    if info["timing"]:
+        print("ms: median ±half-IQR; select ms: the method's own selection inside the prefill; "
+              "peak MB: prefill, weights included; speed-up: baseline prefill / prefill.")
+    else:
+        print("FLOPs ratio: baseline / run exact TFLOPs. Latency not measured (a full-size "
+              "preset on CPU runs its -mini twin for token counts only; use --device cuda).")
     paths = write_outputs(result, args.out, png=not args.no_plot)
     for kind, path in paths.items():
         print(f"{kind}: {path}", file=sys.stderr)

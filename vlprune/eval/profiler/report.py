@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,6 @@ def _ms(cell: dict[str, float | None] | None) -> str:
     return f"{cell['median']:.1f} ±{spread:.1f}"
 
 
-def _speedup(row: dict[str, Any], timed: bool) -> str:
-    if timed:
-        value = row.get("speedup_prefill")
-        return DASH if value is None else f"{value:.2f}×"
-    return f"{row['flops_speedup']:.2f}× (FLOPs)"
-
-
 def _budget(row: dict[str, Any]) -> str:
     budget = row["budget"]
     if budget is None:
@@ -43,32 +37,48 @@ def _budget(row: dict[str, Any]) -> str:
     return f"r={budget:g}" if isinstance(budget, float) else str(budget)
 
 
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+_FLOPS_COLUMNS: list[Column] = [
+    ("visual kept", lambda r: str(r["kept_tokens"])),
+    ("LLM tokens in / avg", lambda r: f"{r['llm_input_tokens']} / {r['mean_layer_tokens']:.0f}"),
+    ("TMACs paper", lambda r: _num(r["paper_tmacs"])),
+    ("TFLOPs exact", lambda r: _num(r["exact_tflops_prefill"])),
+]
+_TIMED_COLUMNS: list[Column] = [
+    ("prefill ms", lambda r: _ms(r.get("prefill_ms"))),
+    ("select ms", lambda r: _ms(r.get("select_ms"))),
+    ("decode ms/tok", lambda r: _ms(r.get("decode_ms_per_token"))),
+    ("peak MB", lambda r: _num(r.get("peak_mb"), 4)),
+    ("speed-up", lambda r: DASH if r.get("speedup_prefill") is None
+     else f"{r['speedup_prefill']:.2f}×"),
+]
+_FLOPS_RATIO: Column = ("FLOPs ratio", lambda r: f"{r['flops_speedup']:.2f}×")
+
+
 def format_table(result: ProfileResult) -> str:
-    """Markdown table: one line per run; ``n/a`` / ``error`` rows carry their reason."""
-    head = ("| method | budget | visual kept | LLM tokens in / avg | TMACs paper | TFLOPs exact "
-            "| prefill ms | select ms | decode ms/tok | peak MB | speed-up |")
-    lines = [head, "|" + "---|" * 11]
+    """Markdown table: one line per run; ``n/a`` / ``error`` rows carry their reason. Without
+    timings the latency columns give way to the baseline / run FLOPs ratio."""
+    columns = _FLOPS_COLUMNS + (_TIMED_COLUMNS if result.info["timing"] else [_FLOPS_RATIO])
+    lines = ["| method | budget | " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
     for row in result.rows:
-        if row["status"] != "ok":
-            reason = row["note"].splitlines()[0][:80] if row["note"] else ""
-            cells = [row["method"], _budget(row), row["status"], reason] + [""] * 7
+        if row["status"] == "ok":
+            cells = [cell(row) for _, cell in columns]
         else:
-            cells = [
-                row["method"], _budget(row), str(row["kept_tokens"]),
-                f"{row['llm_input_tokens']} / {row['mean_layer_tokens']:.0f}",
-                _num(row["paper_tmacs"]), _num(row["exact_tflops_prefill"]),
-                _ms(row.get("prefill_ms")), _ms(row.get("select_ms")),
-                _ms(row.get("decode_ms_per_token")),
-                _num(row.get("peak_mb"), 4), _speedup(row, result.info["timing"]),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
+            reason = row["note"].splitlines()[0][:80] if row["note"] else ""
+            cells = [row["status"], reason] + [""] * (len(columns) - 2)
+        lines.append("| " + " | ".join([row["method"], _budget(row), *cells]) + " |")
     return "\n".join(lines)
 
 
 def flatten(row: dict[str, Any]) -> dict[str, Any]:
-    """One CSV record: timing cells become ``x`` (median), ``x_p25``, ``x_p75``."""
+    """One CSV record: timing cells become ``x`` (median), ``x_p25``, ``x_p75``; per-layer
+    lists stay in the JSON only."""
     flat: dict[str, Any] = {}
     for key, value in row.items():
+        if isinstance(value, list):
+            continue
         if isinstance(value, dict):
             flat[key] = value.get("median")
             flat[f"{key}_p25"] = value.get("p25")

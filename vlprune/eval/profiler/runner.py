@@ -3,16 +3,18 @@
 One row per (method, budget) plus the unpruned baseline, run on the same model object with the
 same attention backend. Per-layer token counts always come from the patch's own
 ``handle.stats`` (``layer_tokens``, and ``vision_layer_tokens`` for methods that cut inside the
-vision encoder), whatever the method's stage.
+vision encoder), whatever the method's stage; the feature rows entering the projector / merger
+(which an encoder cut after the last layer changes) are observed by a pre-hook of the profiler.
 
 Where the model runs:
 
 - mini presets, real checkpoints, and full-size presets on CUDA: the model itself; counted
   FLOPs from ``FlopCounterMode`` on its prefill (selection FLOPs counted apart).
-- full-size presets on CPU (a 7B forward is out of reach): the preset's ``-mini`` twin, which
-  has the same token geometry and depth, runs the method to obtain the token counts; analytic
-  FLOPs use the full-size sizes, counted FLOPs come from the full-size modules on the
-  ``meta`` device (:mod:`~vlprune.eval.profiler.meta`), and latency is not measured.
+- full-size presets on CPU (a 7B forward is out of reach), unless timing is forced: the
+  preset's ``-mini`` twin, which has the same token geometry and depth, runs the method to
+  obtain the token counts; analytic FLOPs use the full-size sizes, counted FLOPs come from the
+  full-size modules on the ``meta`` device (:mod:`~vlprune.eval.profiler.meta`), and latency is
+  not measured.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ class ProfileSettings:
     """What to profile and how (the ``vlprune profile`` options).
 
     ``methods=None``: every registered method. ``dtype="auto"``: float32 on CPU, bfloat16 on
-    CUDA. ``timing=None``: on, except for full-size presets on CPU (analytic FLOPs only).
+    CUDA. ``timing=None``: on, except for full-size presets on CPU (FLOPs only, from the mini
+    twin's token counts); ``timing=True`` builds and times even a full-size preset on CPU.
+    ``threads``: ``torch.set_num_threads`` for the run (CPU timings on a busy machine are far
+    steadier with 1).
     """
 
     model: str
@@ -89,6 +94,7 @@ class ProfileSettings:
     count: bool = True
     progress: bool = True
     seed: int = 0
+    threads: int | None = None
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype to build the model in."""
@@ -124,7 +130,7 @@ def _prepare(settings: ProfileSettings) -> _Target:
     dtype = settings.torch_dtype()
     preset = PRESETS.get(settings.model)
     on_cpu = not settings.device.startswith("cuda")
-    twin = preset is not None and not preset.mini and on_cpu
+    twin = preset is not None and not preset.mini and on_cpu and settings.timing is not True
     image = settings.image_size or (preset.image_size if preset else None)
     meta = None
     if twin:
@@ -222,6 +228,9 @@ class _Profiler:
             "counted_tflops_prefill": None if counted is None else counted / 1e12,
             "counted_vs_analytic": None if counted is None else counted / full_n2.prefill,
             "select_gflops": None if select_flops is None else select_flops / 1e9,
+            "layer_tokens": list(first),
+            "vision_layer_tokens": [list(v) for v in runs[0].vision_layer_tokens],
+            "projector_rows": runs[0].projector_rows,
         }
 
     def _measure(self, meter: SelectionMeter | None) -> dict[str, Any]:
@@ -315,25 +324,32 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def run_profile(settings: ProfileSettings,
                 on_row: Callable[[dict[str, Any]], None] | None = None) -> ProfileResult:
-    """Profile ``settings.model``: the baseline, then every method x budget (see module doc)."""
+    """Profile ``settings.model``: the baseline, then every method x budget (see module doc);
+    ``on_row`` sees each row as soon as it is done."""
     methods = settings.methods if settings.methods is not None else vlprune.list_methods()
     for name in methods:
         get_method(name)  # unknown names fail before any model is built
-    target = _prepare(settings)
-    profiler = _Profiler(settings, target)
-    rows: list[dict[str, Any]] = []
-    with _progress(1 + len(methods) * len(settings.budgets), settings.progress) as bar:
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        target = _prepare(settings)
+        profiler = _Profiler(settings, target)
         jobs: list[tuple[str, Any]] = [("baseline", None)]
         jobs += [(m, b) for m in methods for b in settings.budgets]
-        for name, budget in jobs:
-            bar.set_postfix_str(f"{name} {budget if budget is not None else ''}".strip())
-            row = profiler.baseline() if budget is None else profiler.method(name, budget)
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-            bar.update()
-    _speedups(rows)
-    return ProfileResult(rows, _info(settings, target))
+        rows: list[dict[str, Any]] = []
+        with _progress(len(jobs), settings.progress) as bar:
+            for name, budget in jobs:
+                bar.set_postfix_str(f"{name} {budget if budget is not None else ''}".strip())
+                row = profiler.baseline() if budget is None else profiler.method(name, budget)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                bar.update()
+        _speedups(rows)
+        return ProfileResult(rows, _info(settings, target))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _info(settings: ProfileSettings, target: _Target) -> dict[str, Any]:
@@ -350,6 +366,7 @@ def _info(settings: ProfileSettings, target: _Target) -> dict[str, Any]:
         "device": settings.device,
         "device_name": (torch.cuda.get_device_name() if settings.device.startswith("cuda")
                         else "cpu"),
+        "threads": torch.get_num_threads(),
         "image_tokens": target.geometry.tokens,
         "prompt_tokens": int(target.inputs["input_ids"].shape[1]),
         "timing": target.timing,

@@ -1,7 +1,17 @@
-"""Suite-wide setup."""
+"""Suite-wide setup.
+
+``TRITON_INTERPRET`` must be set before anything imports triton (transformers and torch may
+import it while test modules are collected): without CUDA the Triton kernel then runs under the
+interpreter; with CUDA the compiled kernel is tested.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

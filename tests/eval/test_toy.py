@@ -4,20 +4,13 @@ tokens; keep-all equals the unpruned model)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pytest
 import torch
 
-import vlprune
 from vlprune.eval.toy import data
-from vlprune.eval.toy.benchmark import accuracy, model_inputs, predict
 from vlprune.eval.toy.model import (
-    CHECKPOINT_DIR,
     WORDS,
     answer_ids,
-    load_toy_model,
     prompt,
     toy_model,
     toy_processor,
@@ -132,7 +125,8 @@ def test_packed_training_sequence_and_positions() -> None:
     scene = data.sample("test", 2).scene
     ids, targets = _packed(scene, np.random.default_rng(0), vocab, 144)
     inv = {i: w for w, i in vocab.items()}
-    assert [inv[i] for i in ids[:3]] == ["<s>", "user", ":"] and ids[3:147] == [vocab["<image>"]] * 144
+    assert [inv[i] for i in ids[:3]] == ["<s>", "user", ":"]
+    assert ids[3:147] == [vocab["<image>"]] * 144
     assert [inv[ids[t]] for t in targets[1::2]] == ["</s>"] * (len(targets) // 2)
     assert all(inv[ids[t]] in data.ANSWERS for t in targets[::2])
     assert all(inv[ids[t - 1]] == ":" for t in targets[::2])

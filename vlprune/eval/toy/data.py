@@ -5,7 +5,7 @@ Every sample is a pure function of ``(split, index)``: the random generator is s
 the splits never share a generator stream (the held-out split is ``"test"``).
 
 A scene holds 3 to 6 shapes (``SHAPES`` × ``COLORS``, every (colour, shape) pair at most once)
-of 32 to 48 px on a 336×336 canvas, i.e. about 2 to 3.5 patches of 14 px: each answer depends
+of 28 to 42 px on a 336×336 canvas, i.e. 2 to 3 patches of 14 px across: each answer depends
 on a few of the 576 patches. Question kinds (``KINDS``, balanced: kind = ``KINDS[index % 4]``):
 
 - ``color``: "what color is the circle ?" about a shape drawn exactly once → a colour;
@@ -41,6 +41,8 @@ __all__ = [
     "ask",
     "generator",
     "make_scene",
+    "pair_index",
+    "patch_objects",
     "render",
     "sample",
     "samples",
@@ -65,7 +67,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 KINDS: tuple[str, ...] = ("color", "count", "presence", "position")
 SPLIT_SEEDS: dict[str, int] = {"train": 11, "val": 12, "test": 13}
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
-MIN_SIZE, MAX_SIZE = 32, 48
+MIN_SIZE, MAX_SIZE = 28, 42
 MARGIN = 6
 MIN_DX = 20
 ANSWERS: tuple[str, ...] = (
@@ -185,13 +187,32 @@ def shape_mask(scene: Scene) -> np.ndarray:
     return np.asarray(mask) > 0
 
 
+def patch_objects(scene: Scene, patch: int = 14, min_cover: float = 0.25) -> np.ndarray:
+    """(n²,) int, raster order over the n×n patches: the index in ``scene.objects`` of the
+    object covering most of each patch if it covers at least ``min_cover`` of it, else -1."""
+    n = scene.size // patch
+    best = np.full(n * n, min_cover)
+    owner = np.full(n * n, -1)
+    for i, shape in enumerate(scene.objects):
+        mask = Image.new("L", (scene.size, scene.size), 0)
+        _draw(ImageDraw.Draw(mask), shape, 255)
+        cover = (np.asarray(mask) > 0).reshape(n, patch, n, patch).mean(axis=(1, 3)).reshape(-1)
+        owner[cover >= best] = i
+        best = np.maximum(best, cover)
+    return owner
+
+
+def pair_index(shape: Shape) -> int:
+    """Index of the object's (colour, shape) pair: ``color_index * len(SHAPES) + shape_index``."""
+    return list(COLORS).index(shape.color) * len(SHAPES) + SHAPES.index(shape.kind)
+
+
 def scene_labels(scene: Scene) -> np.ndarray:
-    """(len(COLORS) * len(SHAPES),) float multi-hot: which (colour, shape) pairs are drawn,
-    index ``color_index * len(SHAPES) + shape_index``."""
+    """(len(COLORS) * len(SHAPES),) float multi-hot: which (colour, shape) pairs are drawn
+    (indexed by :func:`pair_index`)."""
     labels = np.zeros(len(COLORS) * len(SHAPES), dtype=np.float32)
-    colors = list(COLORS)
     for o in scene.objects:
-        labels[colors.index(o.color) * len(SHAPES) + SHAPES.index(o.kind)] = 1.0
+        labels[pair_index(o)] = 1.0
     return labels
 
 

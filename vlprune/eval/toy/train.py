@@ -85,6 +85,8 @@ class TrainConfig:
     lm_full_steps: int = 150
     lm_batch: int = 16
     lm_lr: float = 1.5e-3
+    lm_vision_lr: float = 3e-4
+    questions_per_kind: int = 2
     weight_decay: float = 0.05
     warmup: int = 50
     eval_every: int = 150
@@ -132,15 +134,14 @@ def encode(vit: nn.Module, pixel_values: torch.Tensor, row: int = 0, col: int = 
     return states
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def _set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int) -> None:
+    """Linear warm-up then cosine decay of every group's ``peak`` learning rate."""
     if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+        factor = (step + 1) / warmup
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["peak"] * factor
 
 
 def _scenes(cfg: TrainConfig, stage: int, step: int, size: int, full: bool) -> tuple:
@@ -162,18 +163,53 @@ def _scenes(cfg: TrainConfig, stage: int, step: int, size: int, full: bool) -> t
 # ----------------------------------------------------------------------------- stage 1
 
 
+class VisionHeads(nn.Module):
+    """Stage-1 heads: ``cls`` on the pooled CLS state → 24 (colour, shape) pairs + 4 shapes +
+    6 colours present (multi-label); ``patch`` on each patch token of LLaVA's feature layer →
+    its object's (colour, shape) pair or background (25 classes)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        pairs = len(data.COLORS) * len(data.SHAPES)
+        self.cls = nn.Linear(hidden, pairs + len(data.SHAPES) + len(data.COLORS))
+        self.patch = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, pairs + 1))
+
+
+def _vision_targets(scenes: list[data.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 34) float CLS targets and (B, n²) long patch targets (pair index, 24 = background)."""
+    pairs = np.stack([data.scene_labels(s) for s in scenes])
+    grid = pairs.reshape(len(scenes), len(data.COLORS), len(data.SHAPES))
+    cls = np.concatenate([pairs, grid.max(axis=1), grid.max(axis=2)], axis=1)
+    patches = []
+    for scene in scenes:
+        owner = data.patch_objects(scene, PATCH_SIZE)
+        index = np.array([*(data.pair_index(o) for o in scene.objects), len(data.COLORS) * len(
+            data.SHAPES)])
+        patches.append(index[owner])
+    return torch.from_numpy(cls), torch.from_numpy(np.stack(patches))
+
+
+def _vision_loss(run: _Run, states: list[torch.Tensor], scenes: list[data.Scene]) -> torch.Tensor:
+    """CLS multi-label loss plus the dense patch loss on the feature layer."""
+    cls_target, patch_target = _vision_targets(scenes)
+    vit = run.model.model.vision_tower
+    cls_logits = run.heads.cls(vit.post_layernorm(states[-1][:, 0]))
+    feature = states[run.model.config.vision_feature_layer][:, 1:]
+    patch_logits = run.heads.patch(feature)
+    return nn.functional.binary_cross_entropy_with_logits(cls_logits, cls_target) + (
+        nn.functional.cross_entropy(patch_logits.flatten(0, 1), patch_target.flatten())
+    )
+
+
 def _vision_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     cfg, model = run.cfg, run.model
     full = step >= cfg.vision_window_steps
-    _set_lr(opt, _lr(step, cfg.vision_window_steps + cfg.vision_full_steps, cfg.vision_lr,
-                     cfg.warmup))
+    _set_lr(opt, step, cfg.vision_window_steps + cfg.vision_full_steps, cfg.warmup)
     size = cfg.vision_full_batch if full else cfg.vision_batch
     scenes, row, col = _scenes(cfg, 1, step, size, full)
-    labels = torch.from_numpy(np.stack([data.scene_labels(s) for s in scenes]))
     vit = model.model.vision_tower
     states = encode(vit, pixels([data.render(s) for s in scenes], run.processor), row, col)
-    logits = run.head(vit.post_layernorm(states[-1][:, 0]))
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    loss = _vision_loss(run, states, scenes)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -184,14 +220,15 @@ def _vision_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
 
 
 def _packed(
-    scene: data.Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int
+    scene: data.Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int,
+    per_kind: int = 1,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of one sequence asking one question of each kind about ``scene`` (in random
-    order, kinds without a question skipped) and the indices of its target tokens (answer words
-    and ``</s>``)."""
+    """Token ids of one sequence asking ``per_kind`` questions of each kind about ``scene`` (in
+    random order, kinds without a question skipped) and the indices of its target tokens
+    (answer words and ``</s>``)."""
     ids = [vocab["<s>"], vocab["user"], vocab[":"], *[vocab["<image>"]] * n_image]
     targets: list[int] = []
-    for kind in rng.permutation(data.KINDS):
+    for kind in rng.permutation(np.repeat(data.KINDS, per_kind)):
         qa = data.ask(scene, str(kind), rng)
         if qa is None:
             continue
@@ -216,12 +253,13 @@ def _positions(length: int, image: torch.Tensor) -> torch.Tensor:
 def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     cfg, model = run.cfg, run.model
     full = step >= cfg.lm_window_steps
-    _set_lr(opt, _lr(step, cfg.lm_window_steps + cfg.lm_full_steps, cfg.lm_lr, cfg.warmup))
+    _set_lr(opt, step, cfg.lm_window_steps + cfg.lm_full_steps, cfg.warmup)
     scenes, row, col = _scenes(cfg, 2, step, cfg.lm_batch, full)
     image = window_index(row, col, GRID if full else WINDOW)
     vocab = run.processor.tokenizer.get_vocab()
     seqs = [
-        _packed(s, data.generator("train", cfg.seed, 3, step, i), vocab, image.numel())
+        _packed(s, data.generator("train", cfg.seed, 3, step, i), vocab, image.numel(),
+                cfg.questions_per_kind)
         for i, s in enumerate(scenes)
     ]
     length = max(len(ids) for ids, _ in seqs)
@@ -236,7 +274,7 @@ def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
         rows += [b] * len(targets)
         cols += targets
     vit = model.model.vision_tower
-    with torch.no_grad():
+    with torch.set_grad_enabled(cfg.lm_vision_lr > 0):
         states = encode(vit, pixels([data.render(s) for s in scenes], run.processor), row, col)
     feats = model.model.multi_modal_projector(states[model.config.vision_feature_layer][:, 1:])
     embeds = model.get_input_embeddings()(input_ids)
@@ -245,6 +283,8 @@ def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     loss = nn.functional.cross_entropy(logits[rows_t, cols_t - 1], input_ids[rows_t, cols_t])
+    if cfg.lm_vision_lr > 0:  # keep the stage-1 objectives while the ViT is tuned
+        loss = loss + _vision_loss(run, states, scenes)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -311,8 +351,7 @@ class _Run:
         self.model = toy_model(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            self.head = nn.Linear(self.model.config.vision_config.hidden_size,
-                                  len(data.COLORS) * len(data.SHAPES))
+            self.heads = VisionHeads(self.model.config.vision_config.hidden_size)
         self.stage, self.step, self.elapsed = "vision", 0, 0.0
         self.log: list[dict[str, Any]] = []
         self.opt_state: dict[str, Any] | None = None
@@ -327,20 +366,24 @@ class _Run:
             state = torch.load(vision_from, weights_only=False)
             if state["stage"] == "vision":
                 raise ValueError(f"{vision_from} has not finished vision pretraining")
-            self._restore(state)
-            self.stage, self.step, self.opt_state = "language", 0, None
-            self.log = [e for e in self.log if e["stage"] == "vision"]
+            prefix = "model.vision_tower."
+            vision = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+            self.model.model.vision_tower.load_state_dict(vision)
+            self.heads.load_state_dict(state["heads"])
+            self.stage = "language"
+            self.log = [e for e in state["log"] if e["stage"] == "vision"]
+            self.elapsed = self.log[-1]["minutes"] * 60
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
+        self.heads.load_state_dict(state["heads"])
         self.stage, self.step, self.elapsed = state["stage"], state["step"], state["elapsed"]
         self.log, self.opt_state = state["log"], state["optimizer"]
 
     def save(self, opt: torch.optim.Optimizer | None) -> None:
         state = {
             "config": asdict(self.cfg), "model": self.model.state_dict(),
-            "head": self.head.state_dict(), "stage": self.stage, "step": self.step,
+            "heads": self.heads.state_dict(), "stage": self.stage, "step": self.step,
             "elapsed": self.elapsed, "log": self.log,
             "optimizer": None if opt is None else opt.state_dict(),
         }
@@ -388,19 +431,24 @@ def train(cfg: TrainConfig, out: Path, vision_from: Path | None = None
     model = run.model
     if run.stage == "vision":
         model.train()
-        params = [*model.model.vision_tower.parameters(), *run.head.parameters()]
-        opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
+        params = [*model.model.vision_tower.parameters(), *run.heads.parameters()]
+        opt = torch.optim.AdamW([{"params": params, "peak": cfg.vision_lr}],
+                                weight_decay=cfg.weight_decay)
         run.loop(opt, cfg.vision_window_steps + cfg.vision_full_steps, _vision_step)
         run.record(cls_attention=cls_attention_on_objects(model.eval()))
         run.stage, run.step, run.opt_state = "language", 0, None
         run.save(None)
     if run.stage == "language":
-        model.requires_grad_(False)
-        trainable = [*model.model.multi_modal_projector.parameters(),
-                     *model.model.language_model.parameters(), *model.lm_head.parameters()]
-        for p in trainable:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(trainable, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
+        language = [*model.model.multi_modal_projector.parameters(),
+                    *model.model.language_model.parameters(), *model.lm_head.parameters()]
+        vision = [*model.model.vision_tower.parameters(), *run.heads.parameters()]
+        groups = [{"params": language, "peak": cfg.lm_lr}]
+        if cfg.lm_vision_lr > 0:
+            groups.append({"params": vision, "peak": cfg.lm_vision_lr})
+        else:
+            for p in vision:
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
         def step_fn(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
             model.train()

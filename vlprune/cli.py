@@ -20,12 +20,6 @@ def _methods(args: argparse.Namespace) -> None:
         print(f"| {r['name']} | {r['stage']} | per {r['scope']} | {families} | {r['paper']} |")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from vlprune.eval.demo import main
-
-    main()
-
-
 def _eval(args: argparse.Namespace) -> None:
     from vlprune.eval.lmms_cli import main
 
@@ -36,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``vlprune`` argument parser."""
     parser = argparse.ArgumentParser(prog="vlprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="patch a tiny model and compare prefill before/after")
-    demo.set_defaults(func=_demo)
+    from vlprune.eval.demo import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
     methods = sub.add_parser("methods", help="list registered pruning methods")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.set_defaults(func=_methods)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -29,6 +29,7 @@ __all__ = [
     "BUDGETS",
     "BenchmarkRow",
     "accuracy",
+    "accuracy_by_kind",
     "model_inputs",
     "predict",
     "prefill_flops",
@@ -43,7 +44,7 @@ def model_inputs(processor: LlavaProcessor, batch: Sequence[QASample]) -> dict[s
     """Left-padded prompts + pixels of ``batch``, with position ids that skip the padding (as
     ``generate`` builds them), so a sample's answer does not depend on its batch."""
     inputs = processor(
-        text=[prompt(s.question) for s in batch],
+        text=[prompt(s.question, s.subject) for s in batch],
         images=[s.image for s in batch],
         padding=True,
         return_tensors="pt",
@@ -69,6 +70,15 @@ def predict(
     return words
 
 
+def accuracy_by_kind(answers: Sequence[str], samples: Sequence[QASample]) -> dict[str, float]:
+    """Exact-match accuracy per question kind present in ``samples``."""
+    kinds = dict.fromkeys(s.kind for s in samples)
+    return {
+        kind: accuracy(*zip(*[(a, s) for a, s in zip(answers, samples) if s.kind == kind]))
+        for kind in kinds
+    }
+
+
 def accuracy(answers: Sequence[str], samples: Sequence[QASample]) -> float:
     """Exact-match accuracy of ``answers`` against the samples' answers, in [0, 1]."""
     if len(answers) != len(samples):
@@ -80,10 +90,11 @@ def accuracy(answers: Sequence[str], samples: Sequence[QASample]) -> float:
 class BenchmarkRow:
     """One (method, budget) of :func:`run_benchmark`; ``method="none"`` is the unpruned model.
 
-    ``accuracy`` in [0, 1] (mean over ``seeds`` for ``random``); ``relative``: accuracy / the
-    unpruned accuracy; ``tokens``: mean visual tokens into the language model (after the last
-    decoder cut); ``flops``: prefill FLOPs of one sample (None without the profiler);
-    ``prefill_ms``: median batch-1 prefill time; ``error``: why the method could not run.
+    ``accuracy`` in [0, 1] (mean over ``seeds`` for ``random``), ``per_kind`` the same per
+    question kind; ``relative``: accuracy / the unpruned accuracy; ``tokens``: mean visual
+    tokens into the language model (after the last decoder cut); ``flops``: prefill FLOPs of
+    one sample (None without the profiler); ``prefill_ms``: median batch-1 prefill time;
+    ``error``: why the method could not run.
     """
 
     method: str
@@ -94,6 +105,7 @@ class BenchmarkRow:
     flops: float | None = None
     prefill_ms: float | None = None
     per_seed: tuple[float, ...] = ()
+    per_kind: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -102,17 +114,22 @@ class BenchmarkRow:
 
 
 def prefill_flops(
-    model: LlavaForConditionalGeneration, layer_tokens: Sequence[int]
+    model: LlavaForConditionalGeneration,
+    layer_tokens: Sequence[int],
+    vision_layer_tokens: Sequence[int] = (),
 ) -> float | None:
-    """Exact analytic prefill FLOPs of one sample whose decoder layers see ``layer_tokens``
-    tokens each; None when :mod:`vlprune.eval.profiler` is not available."""
+    """Exact analytic prefill FLOPs (vision encoder, projector, LLM, LM head) of one sample
+    whose decoder layers see ``layer_tokens`` tokens each and whose vision layers see
+    ``vision_layer_tokens`` (empty: nothing cut inside the encoder); None when
+    :mod:`vlprune.eval.profiler` is not available."""
     try:
         from vlprune.eval.profiler.flops import RunTokens, arch_from_config, exact_flops
         from vlprune.eval.profiler.presets import image_geometry
     except ImportError:
         return None
     size = model.config.vision_config.image_size
-    run = RunTokens(list(layer_tokens), [image_geometry(model.config, "llava", (size, size))])
+    run = RunTokens(list(layer_tokens), [image_geometry(model.config, "llava", (size, size))],
+                    [list(vision_layer_tokens)] if vision_layer_tokens else [])
     return exact_flops(arch_from_config(model.config, "llava"), run).prefill
 
 
@@ -137,8 +154,9 @@ def _measure(
     handle: vlprune.PatchHandle | None,
     batch_size: int,
     repeats: int,
-) -> tuple[float, float, float | None, float]:
-    """(accuracy, mean visual tokens into the LLM, prefill FLOPs, prefill ms) of one setting."""
+) -> tuple[float, dict[str, float], float, float | None, float]:
+    """(accuracy, accuracy per kind, mean visual tokens into the LLM, prefill FLOPs, prefill
+    ms) of one setting."""
     answers, kept = [], []
     for start in range(0, len(data), batch_size):
         chunk = data[start : start + batch_size]
@@ -146,11 +164,16 @@ def _measure(
         kept += handle.stats.kept_tokens if handle is not None else [576] * len(chunk)
     one = model_inputs(processor, data[:1])
     ms = _timed_prefill(model, one, repeats)
-    if handle is not None:
-        layers = handle.stats.layer_tokens[0]
+    if handle is not None:  # stats of the timed batch-1 prefill
+        stats = handle.stats
+        layers = stats.layer_tokens[0]
+        vision_layers = stats.vision_layer_tokens[0] if stats.vision_layer_tokens else ()
     else:
         layers = [one["input_ids"].shape[1]] * model.config.text_config.num_hidden_layers
-    return accuracy(answers, data), sum(kept) / len(kept), prefill_flops(model, layers), ms
+        vision_layers = ()
+    flops = prefill_flops(model, layers, vision_layers)
+    by_kind = accuracy_by_kind(answers, data)
+    return accuracy(answers, data), by_kind, sum(kept) / len(kept), flops, ms
 
 
 def run_benchmark(
@@ -164,18 +187,20 @@ def run_benchmark(
     batch_size: int = 16,
     repeats: int = 3,
     split: str = "test",
+    kinds: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchmarkRow]:
     """Score the unpruned model and every method × budget on the first ``n_samples`` samples of
-    ``split`` (default: the shipped toy model and all registered methods; ``random`` averaged
-    over ``seeds``). ``progress(label)`` is called after each finished setting."""
+    ``split`` whose question kind is in ``kinds`` (default: the shipped toy model, all kinds,
+    all registered methods; ``random`` averaged over ``seeds``). ``progress(label)`` is called
+    after each finished setting."""
     model = load_toy_model() if model is None else model
     processor = toy_processor() if processor is None else processor
-    data = samples(split, n_samples)
+    data = samples(split, n_samples, kinds=kinds)
     names = list(vlprune.list_methods() if methods is None else methods)
     budgets = list(budgets)
-    acc, tokens, flops, ms = _measure(model, processor, data, None, batch_size, repeats)
-    rows = [BenchmarkRow("none", None, acc, 1.0, tokens, flops, ms)]
+    acc, by_kind, tokens, flops, ms = _measure(model, processor, data, None, batch_size, repeats)
+    rows = [BenchmarkRow("none", None, acc, 1.0, tokens, flops, ms, per_kind=by_kind)]
     if progress is not None:
         progress("none")
     for name in names:
@@ -207,7 +232,8 @@ def _method_row(
             return BenchmarkRow(name, budget, error=f"{type(exc).__name__}: {exc}")
     accs = tuple(r[0] for r in runs)
     mean = sum(accs) / len(accs)
+    per_kind = {k: statistics.mean(r[1][k] for r in runs) for k in runs[0][1]}
     return BenchmarkRow(
-        name, budget, mean, mean / base if base else None, runs[0][1], runs[0][2],
-        statistics.median(r[3] for r in runs), accs if len(accs) > 1 else (),
+        name, budget, mean, mean / base if base else None, runs[0][2], runs[0][3],
+        statistics.median(r[4] for r in runs), accs if len(accs) > 1 else (), per_kind,
     )

@@ -12,16 +12,27 @@ on a few of the 576 patches. Question kinds (``KINDS``, balanced: kind = ``KINDS
 - ``count``: "how many circles are there ?" → "0" .. "6";
 - ``presence`` (POPE-style): "is there a red circle ?" → yes / no, half of each; the absent
   pair shares its shape or its colour with a drawn object (adversarial negatives);
-- ``position``: "is the red circle left or right of the blue square ?" → left / right, the two
-  centres at least ``MIN_DX`` px apart horizontally.
+- ``position``: "is the red circle on the left or right ?" → left / right of the image's
+  vertical midline, the centre at least ``MIN_DX`` px from it, the colour unique in the scene.
 
-Every answer is one word of the toy tokenizer's vocabulary (``ANSWERS``).
+Every question has a ``subject``: the one word the assistant's reply starts with, naming what
+the answer is about, then the one-word answer (``ANSWERS``). Each kind has its own kind of
+subject, so the subject alone says what to look up and what kind of answer follows: a shape
+("circle", colour questions), a plural ("circles", count), a pair word ("red-circle",
+presence), a colour ("red", position: asked only of an object whose colour is unique).
+
+The toy model is trained to produce both (a one-word chain of thought: a model trained from
+scratch in minutes cannot route a question's words to the answer position through 576 image
+tokens, but it can look up the image with the word it is reading); the benchmark puts the
+subject in the prompt and scores the next word.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +43,7 @@ __all__ = [
     "COLORS",
     "IMAGE_SIZE",
     "KINDS",
+    "PAIR_WORDS",
     "PLURALS",
     "SHAPES",
     "SPLIT_SEEDS",
@@ -42,6 +54,7 @@ __all__ = [
     "generator",
     "make_scene",
     "pair_index",
+    "pair_word",
     "patch_objects",
     "render",
     "sample",
@@ -70,6 +83,7 @@ MIN_OBJECTS, MAX_OBJECTS = 3, 6
 MIN_SIZE, MAX_SIZE = 28, 42
 MARGIN = 6
 MIN_DX = 20
+PAIR_WORDS: tuple[str, ...] = tuple(f"{c}-{s}" for c in COLORS for s in SHAPES)
 ANSWERS: tuple[str, ...] = (
     *COLORS, *(str(n) for n in range(MAX_OBJECTS + 1)), "yes", "no", "left", "right"
 )
@@ -91,22 +105,32 @@ class Shape:
         """"red circle"."""
         return f"{self.color} {self.kind}"
 
+    @property
+    def word(self) -> str:
+        """"red-circle": the object as one vocabulary word (:func:`pair_word`)."""
+        return pair_word(self.color, self.kind)
+
 
 @dataclass(frozen=True)
 class Scene:
-    """Background colour, the objects in drawing order, and the canvas side in pixels."""
+    """Background colour, the objects in drawing order, the canvas side in pixels, and the
+    canvas's left edge ``x0`` in the full ``IMAGE_SIZE`` frame (non-zero only for the training
+    windows of :mod:`~vlprune.eval.toy.train`; left / right are judged in that frame)."""
 
     background: tuple[int, int, int]
     objects: tuple[Shape, ...]
     size: int = IMAGE_SIZE
+    x0: int = 0
 
 
 @dataclass(frozen=True)
 class QASample:
-    """A rendered image with one question, its one-word answer and its ``kind``."""
+    """A rendered image with one question, its ``subject`` word, its one-word answer and its
+    ``kind``."""
 
     image: Image.Image
     question: str
+    subject: str
     answer: str
     kind: str
     scene: Scene
@@ -128,9 +152,11 @@ def make_scene(
     *,
     canvas: int = IMAGE_SIZE,
     n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    x0: int = 0,
 ) -> Scene:
     """Draw a background grey and ``n_objects`` (min, max) non-overlapping objects with distinct
-    (colour, shape) on a ``canvas``-pixel square (an object that finds no room is left out)."""
+    (colour, shape) on a ``canvas``-pixel square whose left edge is at ``x0`` in the full frame
+    (an object that finds no room is left out)."""
     grey = int(rng.integers(190, 236))
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-8, 9, 3))
     n_objects = int(rng.integers(n_objects[0], n_objects[1] + 1))
@@ -143,7 +169,7 @@ def make_scene(
         centre = _place(rng, objects, size, canvas)
         if centre is not None:
             objects.append(Shape(kind, color, *centre, size))
-    return Scene(background, tuple(objects), canvas)  # type: ignore[arg-type]
+    return Scene(background, tuple(objects), canvas, x0)  # type: ignore[arg-type]
 
 
 def _outline(shape: Shape) -> list[tuple[float, float]] | tuple[float, float, float, float]:
@@ -207,6 +233,12 @@ def pair_index(shape: Shape) -> int:
     return list(COLORS).index(shape.color) * len(SHAPES) + SHAPES.index(shape.kind)
 
 
+def pair_word(color: str, kind: str) -> str:
+    """The vocabulary word of a (colour, shape) pair: ``pair_word("red", "circle")`` →
+    "red-circle"."""
+    return f"{color}-{kind}"
+
+
 def scene_labels(scene: Scene) -> np.ndarray:
     """(len(COLORS) * len(SHAPES),) float multi-hot: which (colour, shape) pairs are drawn
     (indexed by :func:`pair_index`)."""
@@ -220,8 +252,9 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] | None:
-    """A (question, answer) of ``kind`` about ``scene``, or None when the scene has none."""
+def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """A (question, subject, answer) of ``kind`` about ``scene``, or None when the scene has
+    none (see the module docstring)."""
     objects = scene.objects
     counts = Counter(o.kind for o in objects)
     if kind == "color":
@@ -229,27 +262,31 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] | 
         if not unique:
             return None
         o = unique[int(rng.integers(len(unique)))]
-        return f"what color is the {o.kind} ?", o.color
+        return f"what color is the {o.kind} ?", o.kind, o.color
     if kind == "count":
         s = SHAPES[int(rng.integers(len(SHAPES)))]
-        return f"how many {PLURALS[s]} are there ?", str(counts[s])
+        return f"how many {PLURALS[s]} are there ?", PLURALS[s], str(counts[s])
     if kind == "presence":
         if rng.random() < 0.5:
             o = objects[int(rng.integers(len(objects)))]
-            return f"is there {_article(o.color)} {o.name} ?", "yes"
+            return f"is there {_article(o.color)} {o.name} ?", o.word, "yes"
         drawn = {(o.color, o.kind) for o in objects}
         near = sorted(
             (c, s) for c in COLORS for s in SHAPES
             if (c, s) not in drawn and any(c == o.color or s == o.kind for o in objects)
         )
         c, s = near[int(rng.integers(len(near)))]
-        return f"is there {_article(c)} {c} {s} ?", "no"
+        return f"is there {_article(c)} {c} {s} ?", pair_word(c, s), "no"
     if kind == "position":
-        pairs = [(a, b) for a in objects for b in objects if abs(a.x - b.x) >= MIN_DX]
-        if not pairs:
+        middle = IMAGE_SIZE / 2 - scene.x0
+        colors = Counter(o.color for o in objects)
+        sided = [o for o in objects if abs(o.x - middle) >= MIN_DX and colors[o.color] == 1]
+        if not sided:
             return None
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        return f"is the {a.name} left or right of the {b.name} ?", "left" if a.x < b.x else "right"
+        o = sided[int(rng.integers(len(sided)))]
+        return f"is the {o.name} on the left or right ?", o.color, (
+            "left" if o.x < middle else "right"
+        )
     raise ValueError(f"unknown question `kind` {kind!r}; expected one of {KINDS}")
 
 
@@ -265,25 +302,32 @@ def generator(split: str, *key: int) -> np.random.Generator:
 
 def scene_with_questions(
     split: str, index: int, kinds: tuple[str, ...]
-) -> tuple[Scene, list[tuple[str, str, str]]]:
-    """Scene ``index`` of ``split`` with one (question, answer, kind) per entry of ``kinds``;
-    scenes are redrawn (same generator) until every kind has a question."""
+) -> tuple[Scene, list[tuple[str, str, str, str]]]:
+    """Scene ``index`` of ``split`` with one (question, subject, answer, kind) per entry of
+    ``kinds``; scenes are redrawn (same generator) until every kind has a question."""
     rng = generator(split, index)
     while True:
         scene = make_scene(rng)
         qas = [ask(scene, kind, rng) for kind in kinds]
         if all(qa is not None for qa in qas):
-            return scene, [(q, a, k) for (q, a), k in zip(qas, kinds)]  # type: ignore[misc]
+            return scene, [(*qa, k) for qa, k in zip(qas, kinds)]  # type: ignore[misc]
 
 
 def sample(split: str, index: int) -> QASample:
     """Sample ``index`` of ``split``: question kind ``KINDS[index % 4]``."""
-    scene, [(question, answer, kind)] = scene_with_questions(
+    scene, [(question, subject, answer, kind)] = scene_with_questions(
         split, index, (KINDS[index % len(KINDS)],)
     )
-    return QASample(render(scene), question, answer, kind, scene)
+    return QASample(render(scene), question, subject, answer, kind, scene)
 
 
-def samples(split: str, n: int, start: int = 0) -> list[QASample]:
-    """Samples ``start .. start + n - 1`` of ``split``."""
-    return [sample(split, i) for i in range(start, start + n)]
+def samples(
+    split: str, n: int, start: int = 0, kinds: Sequence[str] | None = None
+) -> list[QASample]:
+    """The first ``n`` samples of ``split`` from index ``start`` on, keeping only questions of
+    ``kinds`` (default: all; a sample's kind is ``KINDS[index % 4]``)."""
+    kinds = KINDS if kinds is None else tuple(kinds)
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"unknown question `kinds` {sorted(unknown)}; expected some of {KINDS}")
+    chosen = (i for i in itertools.count(start) if KINDS[i % len(KINDS)] in kinds)
+    return [sample(split, i) for i in itertools.islice(chosen, n)]

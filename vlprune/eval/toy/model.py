@@ -27,7 +27,14 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from vlprune.eval.toy.data import ANSWERS, COLORS, IMAGE_SIZE, PLURALS, SHAPES
+from vlprune.eval.toy.data import (
+    ANSWERS,
+    COLORS,
+    IMAGE_SIZE,
+    PAIR_WORDS,
+    PLURALS,
+    SHAPES,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -48,10 +55,12 @@ PATCH_SIZE = 14
 SPECIALS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 _QUESTION_WORDS = (
     "user", "assistant", ":", "?", "what", "color", "is", "the", "how", "many", "are", "there",
-    "a", "an", "or", "of",
+    "a", "an", "or", "on",
 )
 WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys((*_QUESTION_WORDS, *SHAPES, *PLURALS.values(), *COLORS, *ANSWERS))
+    dict.fromkeys(
+        (*_QUESTION_WORDS, *SHAPES, *PLURALS.values(), *COLORS, *PAIR_WORDS, *ANSWERS)
+    )
 )
 VISION = {
     "hidden_size": 64,
@@ -148,9 +157,11 @@ def load_toy_model(path: str | Path = CHECKPOINT_DIR) -> LlavaForConditionalGene
     return model.eval()
 
 
-def prompt(question: str) -> str:
-    """The single-turn prompt whose next token is the one-word answer."""
-    return f"<s> user : <image> {question} assistant :"
+def prompt(question: str, subject: str | None = None) -> str:
+    """The single-turn prompt; with the question's ``subject`` word (the reply's first word,
+    :mod:`~vlprune.eval.toy.data`) the next token is the one-word answer."""
+    reply = "" if subject is None else f" {subject}"
+    return f"<s> user : <image> {question} assistant :{reply}"
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerFast | None = None) -> dict[str, int]:

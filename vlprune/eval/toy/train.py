@@ -8,8 +8,11 @@ Two stages, as CLIP-based VLMs are built:
    on objects, as in CLIP (:func:`cls_attention_on_objects` measures it).
 2. **Projector + language model** on the QA data, ViT frozen (LLaVA's features: penultimate
    layer, CLS dropped). One sequence asks one question of each kind about a scene
-   (``<s> user : <image> q1 assistant : a1 </s> user : q2 ...``); the loss is on the answer
-   words and ``</s>``.
+   (``<s> user : <image> q1 assistant : subject1 answer1 </s> user : q2 ...``); the loss is on
+   the replies (subject word, answer word, ``</s>``). Presence questions are asked
+   ``presence_questions`` times per scene (their 24 pair words are rarer than the other
+   subjects); left / right questions join after ``position_from`` steps, once the model looks
+   objects up by their words.
 
 Speed (FLIP-style token dropping): most steps of both stages see a 168×168 scene (1–3 objects)
 placed at a random window of the 24×24 patch grid, i.e. 144 of the 576 tokens, each with the
@@ -76,20 +79,22 @@ class TrainConfig:
 
     seed: int = 0
     threads: int = 2
-    vision_window_steps: int = 600
-    vision_full_steps: int = 60
+    vision_window_steps: int = 3000
+    vision_full_steps: int = 500
     vision_batch: int = 32
     vision_full_batch: int = 8
     vision_lr: float = 2e-3
-    lm_window_steps: int = 600
-    lm_full_steps: int = 150
+    lm_window_steps: int = 1200
+    lm_full_steps: int = 400
     lm_batch: int = 16
-    lm_lr: float = 1.5e-3
-    lm_vision_lr: float = 3e-4
-    questions_per_kind: int = 2
+    lm_lr: float = 2e-3
+    lm_vision_lr: float = 0.0
+    position_from: int = 600
+    presence_questions: int = 1
+    questions_per_kind: int = 1
     weight_decay: float = 0.05
     warmup: int = 50
-    eval_every: int = 150
+    eval_every: int = 300
     eval_samples: int = 160
     checkpoint_every: int = 25
     test_samples: int = 1000
@@ -147,16 +152,16 @@ def _set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int) -> N
 def _scenes(cfg: TrainConfig, stage: int, step: int, size: int, full: bool) -> tuple:
     """``size`` training scenes of ``stage`` at ``step`` (full 336 px, or one window of 168 px
     with 1–3 objects) and the window's patch offset (row, col)."""
+    row, col = (0, 0) if full else data.generator("train", cfg.seed, stage, step).integers(
+        0, GRID - WINDOW + 1, 2
+    )
     canvas = IMAGE_SIZE if full else WINDOW * PATCH_SIZE
     n_objects = (data.MIN_OBJECTS, data.MAX_OBJECTS) if full else WINDOW_OBJECTS
     scenes = [
         data.make_scene(data.generator("train", cfg.seed, stage, step, i),
-                        canvas=canvas, n_objects=n_objects)
+                        canvas=canvas, n_objects=n_objects, x0=int(col) * PATCH_SIZE)
         for i in range(size)
     ]
-    row, col = (0, 0) if full else data.generator("train", cfg.seed, stage, step).integers(
-        0, GRID - WINDOW + 1, 2
-    )
     return scenes, int(row), int(col)
 
 
@@ -195,9 +200,8 @@ def _vision_loss(run: _Run, states: list[torch.Tensor], scenes: list[data.Scene]
     vit = run.model.model.vision_tower
     cls_logits = run.heads.cls(vit.post_layernorm(states[-1][:, 0]))
     feature = states[run.model.config.vision_feature_layer][:, 1:]
-    patch_logits = run.heads.patch(feature)
     return nn.functional.binary_cross_entropy_with_logits(cls_logits, cls_target) + (
-        nn.functional.cross_entropy(patch_logits.flatten(0, 1), patch_target.flatten())
+        nn.functional.cross_entropy(run.heads.patch(feature).flatten(0, 1), patch_target.flatten())
     )
 
 
@@ -221,23 +225,23 @@ def _vision_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
 
 def _packed(
     scene: data.Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int,
-    per_kind: int = 1,
+    per_kind: int = 1, kinds: tuple[str, ...] = data.KINDS,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of one sequence asking ``per_kind`` questions of each kind about ``scene`` (in
-    random order, kinds without a question skipped) and the indices of its target tokens
-    (answer words and ``</s>``)."""
+    """Token ids of one sequence asking ``per_kind`` questions of each of ``kinds`` about
+    ``scene`` (in random order, kinds without a question skipped) and the indices of its target
+    tokens (the replies: subject word, answer word, ``</s>``)."""
     ids = [vocab["<s>"], vocab["user"], vocab[":"], *[vocab["<image>"]] * n_image]
     targets: list[int] = []
-    for kind in rng.permutation(np.repeat(data.KINDS, per_kind)):
+    for kind in rng.permutation(np.repeat(kinds, per_kind)):
         qa = data.ask(scene, str(kind), rng)
         if qa is None:
             continue
-        question, answer = qa
+        question, subject, answer = qa
         if targets:
             ids += [vocab["user"], vocab[":"]]
         ids += [vocab[w] for w in question.split()] + [vocab["assistant"], vocab[":"]]
-        targets += [len(ids), len(ids) + 1]
-        ids += [vocab[answer], vocab["</s>"]]
+        targets += [len(ids), len(ids) + 1, len(ids) + 2]
+        ids += [vocab[subject], vocab[answer], vocab["</s>"]]
     return ids, targets
 
 
@@ -257,9 +261,13 @@ def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     scenes, row, col = _scenes(cfg, 2, step, cfg.lm_batch, full)
     image = window_index(row, col, GRID if full else WINDOW)
     vocab = run.processor.tokenizer.get_vocab()
+    kinds = tuple(
+        k for kind in data.KINDS if kind != "position" or step >= cfg.position_from
+        for k in [kind] * (cfg.presence_questions if kind == "presence" else 1)
+    )
     seqs = [
         _packed(s, data.generator("train", cfg.seed, 3, step, i), vocab, image.numel(),
-                cfg.questions_per_kind)
+                cfg.questions_per_kind, kinds)
         for i, s in enumerate(scenes)
     ]
     length = max(len(ids) for ids, _ in seqs)

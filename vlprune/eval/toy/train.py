@@ -471,9 +471,9 @@ def train(cfg: TrainConfig, out: Path, vision_from: Path | None = None
 
 
 def export(model: LlavaForConditionalGeneration, run_log: list[dict[str, Any]], cfg: TrainConfig,
-           out: Path) -> dict[str, Any]:
+           out: Path, vision_from: Path | None = None) -> dict[str, Any]:
     """Save model (float16) + processor to ``out``, reload it and record its held-out accuracy
-    in ``out/accuracy.json``."""
+    in ``out/accuracy.json`` (with ``vision_from``, the state its vision stage came from)."""
     out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(out)
     model.float()
@@ -486,6 +486,7 @@ def export(model: LlavaForConditionalGeneration, run_log: list[dict[str, Any]], 
         "cls_attention_on_objects": cls_attention_on_objects(shipped),
         "train_minutes": run_log[-1]["minutes"] if run_log else None,
         "config": asdict(cfg),
+        "vision_stage": "trained in this run" if vision_from is None else f"from {vision_from}",
         "log": run_log,
     }
     (out / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     model, log = train(cfg, args.out, args.vision_from)
-    record = export(model, log, cfg, args.out / "checkpoint")
+    record = export(model, log, cfg, args.out / "checkpoint", args.vision_from)
     print(json.dumps({k: record[k] for k in ("test", "cls_attention_on_objects", "train_minutes")}))
     if args.ship:
         shutil.copytree(args.out / "checkpoint", CHECKPOINT_DIR, dirs_exist_ok=True)

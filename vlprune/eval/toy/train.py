@@ -46,7 +46,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlprune.adapters import get_adapter
 from vlprune.eval.toy import data
-from vlprune.eval.toy.benchmark import accuracy, predict
+from vlprune.eval.toy.benchmark import accuracy, accuracy_by_kind, predict
 from vlprune.eval.toy.data import IMAGE_SIZE
 from vlprune.eval.toy.model import (
     CHECKPOINT_DIR,
@@ -308,11 +308,7 @@ def evaluate(model: LlavaForConditionalGeneration, split: str, n: int) -> dict[s
     model.eval()
     samples = data.samples(split, n)
     answers = predict(model, toy_processor(), samples)
-    result = {"all": accuracy(answers, samples)}
-    for kind in data.KINDS:
-        pairs = [(a, s) for a, s in zip(answers, samples) if s.kind == kind]
-        result[kind] = accuracy([a for a, _ in pairs], [s for _, s in pairs])
-    return result
+    return {"all": accuracy(answers, samples), **accuracy_by_kind(answers, samples)}
 
 
 @torch.no_grad()

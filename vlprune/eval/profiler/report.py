@@ -107,7 +107,7 @@ def write_csv(result: ProfileResult, path: Path) -> None:
 
 
 def plot(result: ProfileResult, path: Path) -> None:
-    """Speed-up and exact prefill TFLOPs vs budget, one line per method (needs matplotlib).
+    """Speed-up and exact prefill TFLOPs vs budget, one line per method.
 
     Measured prefill speed-up where latency was timed, otherwise the FLOPs ratio (dashed).
     """

@@ -161,7 +161,8 @@ def _measure(
     for start in range(0, len(data), batch_size):
         chunk = data[start : start + batch_size]
         answers += predict(model, processor, chunk, batch_size=batch_size)
-        kept += handle.stats.kept_tokens if handle is not None else [576] * len(chunk)
+        kept += (handle.stats.kept_tokens if handle is not None
+                 else [model.config.image_seq_length] * len(chunk))
     one = model_inputs(processor, data[:1])
     ms = _timed_prefill(model, one, repeats)
     if handle is not None:  # stats of the timed batch-1 prefill

@@ -108,6 +108,11 @@ class TextAttentionProbe:
         Returns (B, H, Q, L) float32, identical (to fp tolerance) to the eager weights of the
         same rows; causal and padding masks are applied as the layer applied them.
         """
+        return self.differentiable_rows(queries)
+
+    def differentiable_rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """:meth:`rows` with autograd left on, for training losses on attention (e.g. the
+        toy model's look-up supervision)."""
         if self.inputs is None:
             raise RuntimeError("the probed layer has not run yet in this forward")
         attn = self.attention

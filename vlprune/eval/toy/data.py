@@ -5,8 +5,11 @@ Every sample is a pure function of ``(split, index)``: the random generator is s
 the splits never share a generator stream (the held-out split is ``"test"``).
 
 A scene holds 3 to 6 shapes (``SHAPES`` × ``COLORS``, every (colour, shape) pair at most once)
-of 28 to 42 px on a 336×336 canvas, i.e. 2 to 3 patches of 14 px across: each answer depends
-on a few of the 576 patches. Question kinds (``KINDS``, balanced: kind = ``KINDS[index % 4]``):
+of 34 to 38 px on a 336×336 canvas, i.e. 2.5 patches of 14 px across (9 to 16 patches each):
+each answer depends on a few of the 576 patches. Sizes vary little so that an object's patch
+count says how many objects there are (with 28–42 px, one large object covers as many patches
+as two small ones and the toy model miscounted). Question kinds (``KINDS``, balanced: kind =
+``KINDS[index % 4]``):
 
 - ``color``: "what color is the circle ?" about a shape drawn exactly once → a colour;
 - ``count``: "how many circles are there ?" → "0" .. "6";
@@ -56,6 +59,7 @@ __all__ = [
     "pair_index",
     "pair_word",
     "patch_objects",
+    "referents",
     "render",
     "sample",
     "samples",
@@ -80,7 +84,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 KINDS: tuple[str, ...] = ("color", "count", "presence", "position")
 SPLIT_SEEDS: dict[str, int] = {"train": 11, "val": 12, "test": 13}
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
-MIN_SIZE, MAX_SIZE = 28, 42
+MIN_SIZE, MAX_SIZE = 34, 38
 MARGIN = 6
 MIN_DX = 20
 PAIR_WORDS: tuple[str, ...] = tuple(f"{c}-{s}" for c in COLORS for s in SHAPES)
@@ -288,6 +292,21 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str, st
             "left" if o.x < middle else "right"
         )
     raise ValueError(f"unknown question `kind` {kind!r}; expected one of {KINDS}")
+
+
+def referents(scene: Scene, subject: str) -> list[int]:
+    """Indices in ``scene.objects`` of the objects a reply's ``subject`` word names: a shape
+    (colour questions) or plural (count) names every object of that shape, a pair word
+    (presence) the object of that colour and shape, a colour (position) every object of that
+    colour; empty when none is drawn."""
+    shapes = {s: s for s in SHAPES} | {p: s for s, p in PLURALS.items()}
+    if subject in shapes:
+        return [i for i, o in enumerate(scene.objects) if o.kind == shapes[subject]]
+    if subject in COLORS:
+        return [i for i, o in enumerate(scene.objects) if o.color == subject]
+    if subject in PAIR_WORDS:
+        return [i for i, o in enumerate(scene.objects) if o.word == subject]
+    raise ValueError(f"unknown `subject` {subject!r}: not a shape, plural, colour or pair word")
 
 
 def generator(split: str, *key: int) -> np.random.Generator:

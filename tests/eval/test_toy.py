@@ -185,10 +185,10 @@ def test_packed_training_sequence_and_positions() -> None:
     assert [inv[ids[t]] for t in targets[2::3]] == ["</s>"] * 4
     assert all(inv[ids[t]] in data.ANSWERS for t in targets[1::3])
     assert all(inv[ids[t - 2]] == "assistant" and inv[ids[t - 1]] == ":" for t in targets[::3])
-    assert [at for at, _, _ in lookups] == targets[::3]
-    for at, named, sink in lookups:
-        assert named == data.referents(scene, inv[ids[at]])
-        assert sink == (inv[ids[at]] in {*data.PLURALS.values(), *data.PAIR_WORDS})
+    assert [at for at, _ in lookups] == targets[::3]
+    for at, named in lookups:
+        one_object = inv[ids[at]] in {*data.SHAPES, *data.COLORS}  # colour / position subjects
+        assert named == (data.referents(scene, inv[ids[at]]) if one_object else [])
     image = window_index(2, 0, 12)
     pos = positions(len(ids), image)
     assert pos[:3].tolist() == [0, 1, 2] and pos[3].item() == 3 + 2 * 24
@@ -250,8 +250,8 @@ def test_feature_pool_is_the_vision_towers_feature_layer(pool: FeaturePool) -> N
 def test_language_batch_keeps_object_tokens_at_their_positions(pool: FeaturePool) -> None:
     """Without background a row's image tokens are exactly its scene's object patches, at RoPE
     positions 3 + raster index; text follows at 3 + 576; each subject word's look-up marks the
-    image tokens of the objects it names (and <s> for count and presence); `small_share` picks
-    small (odd) or full (even) scenes; without a background range every row holds all 576
+    image tokens of the objects it names (colour and position questions only); `small_share`
+    picks small (odd) or full (even) scenes; without a background range every row holds all 576
     tokens."""
     vocab = toy_processor().tokenizer.get_vocab()
     inv = {i: w for w, i in vocab.items()}
@@ -274,8 +274,8 @@ def test_language_batch_keeps_object_tokens_at_their_positions(pool: FeaturePool
                 continue
             subject = inv[batch.input_ids[b, at].item()]
             named = data.referents(pool.scenes[i], subject)
-            sink = [0] if subject in {*data.PLURALS.values(), *data.PAIR_WORDS} else []
-            expect = sink + [3 + j for j, o in enumerate(owners.tolist()) if o in named]
+            supervised = subject in {*data.SHAPES, *data.COLORS}
+            expect = [3 + j for j, o in enumerate(owners.tolist()) if o in named and supervised]
             assert torch.nonzero(batch.lookup[b, q]).flatten().tolist() == expect
     answers = batch.input_ids[batch.target_rows, batch.target_cols][1::3].tolist()
     assert all(inv[a] in data.ANSWERS for a in answers)

@@ -38,7 +38,7 @@ from vlprune.eval.toy.vision_stage import GRID, encode, pixels
 from vlprune.hooks.signals import TextAttentionProbe
 
 __all__ = [
-    "SINK_KINDS",
+    "LOOKUP_KINDS",
     "SMALL_OBJECTS",
     "FeaturePool",
     "LanguageBatch",
@@ -53,10 +53,12 @@ __all__ = [
     "positions",
 ]
 
-SINK_KINDS = ("count", "presence")
-"""Question kinds whose look-up may also rest on ``<s>``: their subject can name nothing (no
-circle, an absent pair), and for counting the share left on ``<s>`` tells how many objects
-took the rest (the look-up of colour and position questions names one object)."""
+LOOKUP_KINDS = ("color", "position")
+"""Question kinds whose look-up is supervised: their subject names exactly one object, whose
+colour or side is the answer, and a soft look-up that mixes several objects gets them wrong.
+Count and presence need the evidence of several objects, or of none (no circle, an absent
+pair), and are left to the free heads (a variant that let their look-up rest on ``<s>``
+trained head 0 to put all of it there, i.e. taught nothing)."""
 
 SMALL_OBJECTS = (1, 3)
 """Objects in the pool's small scenes (its odd entries); even entries hold 3–6."""
@@ -123,12 +125,12 @@ def kept_patches(objects: torch.Tensor, rng: np.random.Generator, fraction: floa
 class Packed(NamedTuple):
     """One training sequence: token ``ids``, the indices of its ``targets`` (per reply: subject
     word, answer word, ``</s>``) and per reply its look-up: (position of the subject word,
-    indices of the scene objects the subject names (:func:`~vlprune.eval.toy.data.referents`),
-    whether the ``<s>`` token counts as named too (``SINK_KINDS``))."""
+    indices of the scene objects the subject names, :func:`~vlprune.eval.toy.data.referents`;
+    empty outside ``LOOKUP_KINDS``)."""
 
     ids: list[int]
     targets: list[int]
-    lookups: list[tuple[int, list[int], bool]]
+    lookups: list[tuple[int, list[int]]]
 
 
 def packed(
@@ -139,7 +141,7 @@ def packed(
     random order, kinds without a question skipped) after ``n_image`` image tokens."""
     ids = [vocab["<s>"], vocab["user"], vocab[":"], *[vocab["<image>"]] * n_image]
     targets: list[int] = []
-    lookups: list[tuple[int, list[int], bool]] = []
+    lookups: list[tuple[int, list[int]]] = []
     for kind in rng.permutation(np.repeat(kinds, per_kind)):
         qa = data.ask(scene, str(kind), rng)
         if qa is None:
@@ -149,7 +151,8 @@ def packed(
             ids += [vocab["user"], vocab[":"]]
         ids += [vocab[w] for w in question.split()] + [vocab["assistant"], vocab[":"]]
         targets += [len(ids), len(ids) + 1, len(ids) + 2]
-        lookups.append((len(ids), data.referents(scene, subject), str(kind) in SINK_KINDS))
+        named = data.referents(scene, subject) if kind in LOOKUP_KINDS else []
+        lookups.append((len(ids), named))
         ids += [vocab[subject], vocab[answer], vocab["</s>"]]
     return Packed(ids, targets, lookups)
 
@@ -168,8 +171,8 @@ class LanguageBatch:
     """One stage-2 batch: right-padded ``input_ids`` / ``attention_mask`` / ``position_ids``
     (B, L), the pool ``scenes`` and kept ``patches`` of each row, the (row, column) of every
     target token, and the look-ups: ``queries`` (B, Q) the subject words' positions (0 pads),
-    ``lookup`` (B, Q, L) bool the image tokens showing what each subject names, and ``<s>``
-    for ``SINK_KINDS`` (all False where nothing is named, and for padding)."""
+    ``lookup`` (B, Q, L) bool the image tokens showing what each subject names (all False
+    outside ``LOOKUP_KINDS``, and for padding)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -219,11 +222,10 @@ def language_batch(
         rows += [b] * len(seq.targets)
         cols += seq.targets
         owners = pool.owners[i][p]
-        for q, (at, named, sink) in enumerate(seq.lookups):
+        for q, (at, named) in enumerate(seq.lookups):
             queries[b, q] = at
             named_t = torch.tensor(named, dtype=torch.long)
             lookup[b, q, 3 : 3 + p.numel()] = torch.isin(owners, named_t)
-            lookup[b, q, 0] = sink
     return LanguageBatch(input_ids, mask, pos, scenes, patches, torch.tensor(rows),
                          torch.tensor(cols), queries, lookup)
 

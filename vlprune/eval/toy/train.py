@@ -93,7 +93,7 @@ class TrainConfig:
     vision_batch: int = 32
     vision_full_batch: int = 8
     vision_lr: float = 2e-3
-    side_weight: float = 0.1
+    side_weight: float = 0.3
     shape_weight: float = 1.0
     pool_scenes: int = 4000
     lm_steps: int = 2500

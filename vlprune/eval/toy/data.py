@@ -66,6 +66,7 @@ __all__ = [
     "scene_labels",
     "scene_with_questions",
     "shape_mask",
+    "touched_patches",
 ]
 
 IMAGE_SIZE = 336
@@ -215,6 +216,12 @@ def shape_mask(scene: Scene) -> np.ndarray:
     for shape in scene.objects:
         _draw(draw, shape, 255)
     return np.asarray(mask) > 0
+
+
+def touched_patches(scene: Scene, patch: int = 14) -> np.ndarray:
+    """(n²,) bool, raster order over the n×n patches: patches holding any object pixel."""
+    n = scene.size // patch
+    return shape_mask(scene).reshape(n, patch, n, patch).any(axis=(1, 3)).reshape(-1)
 
 
 def patch_objects(scene: Scene, patch: int = 14, min_cover: float = 0.25) -> np.ndarray:

@@ -79,12 +79,6 @@ class FeaturePool:
         return len(self.scenes)
 
 
-def _touching(scene: data.Scene) -> np.ndarray:
-    """(576,) bool: patches holding at least one object pixel."""
-    mask = data.shape_mask(scene).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
-    return mask.any(axis=(1, 3)).reshape(-1)
-
-
 @torch.no_grad()
 def build_pool(
     model: LlavaForConditionalGeneration,
@@ -110,7 +104,7 @@ def build_pool(
         chunk = scenes[start : start + batch]
         states = encode(vit, pixels([data.render(s) for s in chunk], processor))
         features[start : start + len(chunk)] = states[layer][:, 1:].half()
-    objects = torch.from_numpy(np.stack([_touching(s) for s in scenes]))
+    objects = torch.from_numpy(np.stack([data.touched_patches(s, PATCH_SIZE) for s in scenes]))
     owners = torch.from_numpy(np.stack([data.patch_objects(s, PATCH_SIZE) for s in scenes]))
     return FeaturePool(scenes, features, objects, owners.long())
 
@@ -245,20 +239,24 @@ def language_loss(
     embeds = model.get_input_embeddings()(batch.input_ids)
     is_image = (batch.input_ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(is_image, feats.to(embeds.dtype))
-    probe = TextAttentionProbe(model.model.language_model.layers[0].self_attn)
-    handle = probe.install()
-    try:
-        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
-        attention = probe.differentiable_rows(batch.queries) if lookup_heads > 0 else None
-    finally:
-        handle.remove()
-        probe.clear()
+    inputs = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask,
+              "position_ids": batch.position_ids}
+    if lookup_heads > 0:
+        probe = TextAttentionProbe(model.model.language_model.layers[0].self_attn)
+        handle = probe.install()
+        try:
+            logits = model(**inputs).logits
+            attention = probe.differentiable_rows(batch.queries)[:, :lookup_heads]
+        finally:
+            handle.remove()
+            probe.clear()
+    else:
+        logits = model(**inputs).logits
     picked = logits[batch.target_rows, batch.target_cols - 1]
     target = batch.input_ids[batch.target_rows, batch.target_cols]
     loss = nn.functional.cross_entropy(picked, target)
-    if attention is not None:
-        loss = loss + lookup_loss(attention[:, :lookup_heads], batch.lookup)
+    if lookup_heads > 0:
+        loss = loss + lookup_loss(attention, batch.lookup)
     return loss, picked.argmax(-1) == target
 
 

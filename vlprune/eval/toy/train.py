@@ -53,7 +53,6 @@ from vlprune.eval.toy.model import (
     toy_processor,
 )
 from vlprune.eval.toy.vision_stage import (
-    GRID,
     VisionHeads,
     encode,
     pixels,
@@ -199,8 +198,7 @@ def cls_attention_on_objects(
     patch_share = []
     try:
         for s in data.samples("test", n):
-            mask = data.shape_mask(s.scene).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
-            on = mask.any(axis=(1, 3)).reshape(-1)
+            on = data.touched_patches(s.scene, PATCH_SIZE)
             on_t = torch.from_numpy(on)
             model.model.vision_tower(pixels([s.image], processor))
             for layer, probe in probes.items():

@@ -15,6 +15,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 import vlprune
+from vlprune.compat import call_cache, output_cache
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
@@ -110,14 +111,14 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
 
     def run(hidden, mask2d, positions, layers):
         causal = create_causal_mask(
-            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
+            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, **call_cache(None),
             position_ids=None if mrope else positions,
         )
         cos_sin = lm.rotary_emb(hidden, positions)
         for decoder_layer in layers:
             hidden = decoder_layer(
                 hidden, attention_mask=causal, position_embeddings=cos_sin,
-                position_ids=None if mrope else positions, cache=None, use_cache=False,
+                position_ids=None if mrope else positions, **call_cache(None), use_cache=False,
             )
         return hidden
 
@@ -198,9 +199,9 @@ def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
     assert stats.kept_tokens == [5, 5]
     assert stats.layer_tokens == [[length, length, short, short]] * 2
     assert out.logits.shape[1] == short
-    cache_lengths = [layer.keys.shape[2] for layer in out.cache.layers]
+    cache_lengths = [layer.keys.shape[2] for layer in output_cache(out).layers]
     assert cache_lengths == [length, length, short, short]
-    assert out.cache.get_seq_length() == length  # layer 0: generate's bookkeeping
+    assert output_cache(out).get_seq_length() == length  # layer 0: generate's bookkeeping
 
 
 def test_cut_at_layer_one_and_three() -> None:
@@ -212,7 +213,7 @@ def test_cut_at_layer_one_and_three() -> None:
         with vlprune.patch(model, "fastv", budget=4, layer=layer) as handle:
             out = _forward(model, inputs, use_cache=True)
             assert handle.stats.layer_tokens == [expected]
-        assert [lay.keys.shape[2] for lay in out.cache.layers] == expected
+        assert [lay.keys.shape[2] for lay in output_cache(out).layers] == expected
 
 
 # --------------------------------------------------------------------------------- batch
@@ -299,13 +300,13 @@ def test_manual_cached_decode_equals_generate(family: str) -> None:
                              output_logits=True, return_dict_in_generate=True)
         tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, **call_cache(cache),
                         use_cache=True)
             logits.append(out.logits[:, -1])
-            cache = out.cache
+            cache = output_cache(out)
     torch.testing.assert_close(torch.stack(logits, 1), torch.stack(gen.logits, 1),
                                atol=1e-5, rtol=0)
 

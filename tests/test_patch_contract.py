@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 import vlprune
+from vlprune.compat import call_cache, output_cache
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
@@ -159,7 +160,7 @@ def _oracle_generate(model, embeds, pos, mask, steps: int = MAX_NEW) -> torch.Te
     tokens = []
     with torch.no_grad():
         hidden = lm(
-            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, cache=cache,
+            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **call_cache(cache),
             use_cache=True,
         ).last_hidden_state
         for t in range(steps):
@@ -172,7 +173,7 @@ def _oracle_generate(model, embeds, pos, mask, steps: int = MAX_NEW) -> torch.Te
                 inputs_embeds=model.get_input_embeddings()(nxt[:, None]),
                 position_ids=last + 1 + t,
                 attention_mask=mask,
-                cache=cache,
+                **call_cache(cache),
                 use_cache=True,
             ).last_hidden_state
     return torch.stack(tokens, 1)
@@ -414,13 +415,13 @@ def _manual_decode_logits(model, inputs, tokens: torch.Tensor) -> torch.Tensor:
     2-D mask, the returned cache, no ``position_ids``) that feeds ``tokens`` (B, T)."""
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, **call_cache(cache),
                         use_cache=True)
             logits.append(out.logits[:, -1])
-            cache = out.cache
+            cache = output_cache(out)
     return torch.stack(logits, 1)
 
 

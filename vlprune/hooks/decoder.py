@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from vlprune.adapters.base import Adapter
+from vlprune.compat import layer_cache
 from vlprune.hooks.gather import gather_positions, gather_rows
 
 
@@ -176,7 +177,7 @@ class DecoderCut:
         return self.state.layer_tokens if self.state is not None else []
 
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("cache")
+        cache = layer_cache(kwargs)
         self.prefill = cache is None or cache.get_seq_length() == 0
         if not self.prefill:
             return
@@ -301,7 +302,7 @@ class DecoderCut:
         elif slots is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             n_queries = hidden.shape[1]
-            kv_len = kwargs["cache"].get_seq_length(i) + n_queries
+            kv_len = layer_cache(kwargs).get_seq_length(i) + n_queries
             keys = torch.cat([slots, slots.new_ones(slots.shape[0], kv_len - slots.shape[1])], 1)
             mask = self._new_mask(mask, keys, n_queries, hidden)
         else:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.compat import layer_cache
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
 
 LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
@@ -167,7 +168,7 @@ class VisionCut:
         }
 
     def _cut(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get("cache")
+        cache = layer_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return self._decode(args, kwargs, cache)
         self.active = False

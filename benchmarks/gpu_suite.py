@@ -8,21 +8,24 @@ LLaVA-1.5-7B and Qwen2.5-VL-7B in bf16 (``sdpa``, and ``flash_attention_2`` when
 
 Writes ``gpu_suite.json`` (everything), ``gpu_suite.md`` (tables), ``gpu_suite.png`` and
 ``kernel_tests.log`` into ``--out``. Every method x budget x backend x batch row comes from
-``vlprune.eval.profiler`` (the same code as ``vlprune profile``): prefill ms (CUDA events, one
-warm-up, median and IQR of 10), decode ms per token (greedy ``generate`` of 8 tokens, 2 timed
-runs), peak memory, the speed-up over the unpatched model on the same backend and batch, the
+``vlprune.eval.profiler`` (the same code as ``vlprune profile``): prefill ms (CUDA events,
+median and IQR of 10 runs, each row's first untimed prefill being the warm-up), decode ms per
+token (one greedy ``generate`` of 8 tokens; each sweep starts with an untimed ``generate``),
+peak memory, the speed-up over the unpatched model on the same backend and batch, the
 exact-FLOPs ratio, the efficiency (speed-up / FLOPs ratio) and the selection's own share of
 the prefill.
 
 Sizing (``estimate_seconds``): a prefill costs its exact FLOPs at an assumed 400 TFLOP/s
-(bf16 on an H100, about 40 % of its dense peak) but at least 30 ms (the eager forward's Python
-overhead for 7B models); a decode step costs 30 ms. A run is 13 prefills (stats, warm-up, 10
-timed, memory) and 3 ``generate`` calls; every row is costed at the baseline's FLOPs (an upper
+(bf16 on an H100, about 40 % of its dense peak), at least 30 ms (the eager forward's Python
+overhead at 7B), plus 40 us per vision attention call (Qwen's sdpa path loops over images and
+windows: 1012 calls per 672 px image); a decode step costs 30 ms. A row is 12 prefills (stats
+and warm-up, 10 timed, memory) and one ``generate``, costed at the baseline's FLOPs (an upper
 bound). LLaVA-1.5-7B (8.8 TFLOPs per 640-token prefill) and Qwen2.5-VL-7B (11.5 TFLOPs) come to
-about 300 s for batch 1 and 8 with ``sdpa``; kernel tests, the top-k grid, model builds and
-start-up add about 80 s. ``--time-budget`` (default 440 s) is checked before every run: what
-is left when it is spent gets a ``skipped`` row, so the suite ends in time whatever the
-estimate got wrong (``flash_attention_2``, when importable, runs last for that reason).
+about 315 s for batch 1 and 8 with ``sdpa`` (LLaVA 19 + 81 s, Qwen 28 + 186 s); start-up,
+kernel tests, the top-k grid and model builds add about 70 s. ``--time-budget`` (default 450 s) is
+checked before every run: what is left when it is spent gets a ``skipped`` row, so the suite
+ends in time whatever the estimate got wrong (``flash_attention_2``, when importable, runs
+last for that reason).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ QUICK_IMAGE = {f"{TINY}qwen2_5_vl": (252, 252)}  # 81 visual tokens (LLaVA's tin
 PREFILL_TFLOPS_PER_S = 400.0
 MIN_FORWARD_S = 0.030
 DECODE_STEP_S = 0.030
+ATTENTION_CALL_S = 40e-6  # Qwen's vision attention: one sdpa call per image and window
 KERNEL_TESTS_S = 180.0
 
 
@@ -81,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smoke run: tiny models, budget 16, batches 1 and 2, few repeats")
     parser.add_argument("--out", type=Path, default=Path("gpu_suite_out"))
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds for the whole run (default 440; --quick 600)")
+                        help="seconds for the whole run (default 450; --quick 600)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     parser.add_argument("--attn", default=None,
                         help="comma-separated backends (default: sdpa, + flash_attention_2 "
@@ -116,10 +120,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         attns=attns, batches=[1, 2] if quick else [1, 8],
         budgets=[16] if quick else [64, 128, 192],
         methods=args.methods.split(",") if args.methods else None,
-        repeats=2 if quick else 10, decode_repeats=1 if quick else 2,
+        repeats=2 if quick else 10, decode_repeats=1,
         new_tokens=3 if quick else 8, topk_grid=grid, topk_dim=64 if quick else 4096,
         topk_repeats=3 if quick else 50,
-        time_budget=args.time_budget or (600.0 if quick else 440.0), notes=notes)
+        time_budget=args.time_budget or (600.0 if quick else 450.0), notes=notes)
 
 
 def _sweeps(plan: Plan) -> list[tuple[str, str, int]]:
@@ -159,6 +163,7 @@ def estimate_seconds(plan: Plan) -> dict[str, float]:
     import vlprune
     from vlprune.eval.profiler import RunTokens, arch_from_config, exact_flops
     from vlprune.eval.profiler.presets import image_geometry
+    from vlprune.registry import get_method
 
     methods = plan.methods or vlprune.list_methods()
     out = {}
@@ -168,12 +173,28 @@ def estimate_seconds(plan: Plan) -> dict[str, float]:
         arch = arch_from_config(config, family)
         tokens = RunTokens([geometry.tokens + 64] * arch.text.layers, [geometry])
         flops = batch * exact_flops(arch, tokens).prefill
-        prefill = max(flops / (PREFILL_TFLOPS_PER_S * 1e12), MIN_FORWARD_S)
+        calls = batch * _vision_attention_calls(arch.vision, geometry)
+        prefill = (max(flops / (PREFILL_TFLOPS_PER_S * 1e12), MIN_FORWARD_S)
+                   + calls * ATTENTION_CALL_S)
         generate = prefill + (plan.new_tokens - 1) * DECODE_STEP_S
-        per_run = (3 + plan.repeats) * prefill + (1 + plan.decode_repeats) * generate
-        runs = 1 + len(methods) * len(plan.budgets)
-        out[f"{name} {attn} b{batch}"] = runs * per_run
+        per_run = (2 + plan.repeats) * prefill + plan.decode_repeats * generate
+        runs = 1 + len(plan.budgets) * sum(
+            get_method(m).families is None or family in get_method(m).families for m in methods)
+        out[f"{name} {attn} b{batch}"] = generate + runs * per_run
     return out
+
+
+def _vision_attention_calls(vision: Any, geometry: Any) -> int:
+    """Attention calls of one image's vision tower: Qwen runs sdpa once per image or window
+    (a Python loop over ``cu_seqlens``), CLIP once per layer."""
+    if vision.kind == "clip":
+        return vision.layers
+    from vlprune.eval.profiler.flops import qwen_window_sizes
+
+    windows = (len(qwen_window_sizes(geometry.grid_thw, vision.window, vision.merge_side))
+               if vision.window else 1)
+    return sum(1 if i in vision.full_blocks or not vision.window else windows
+               for i in range(vision.layers))
 
 
 def run_kernel_tests(plan: Plan, out_dir: Path, seconds: float) -> dict[str, Any]:
@@ -261,16 +282,31 @@ def _sweep(plan: Plan, model: Any, attn: str, batch: int, deadline: float) -> di
     from vlprune.eval.profiler import ProfileSettings, run_profile
 
     name = model.name
+    _warm_up(model, plan, batch)
     settings = ProfileSettings(
         model=name, methods=plan.methods, budgets=list(plan.budgets), device=plan.device,
         dtype="float32" if plan.device == "cpu" else "bfloat16", attn=attn,
-        new_tokens=plan.new_tokens, warmup=1, repeats=plan.repeats,
+        new_tokens=plan.new_tokens, warmup=0, repeats=plan.repeats,
         decode_repeats=plan.decode_repeats, batch=batch, image_size=model.image_size,
         timing=True, count=False, threads=1 if plan.device == "cpu" else None)
     result = run_profile(settings, model=model, deadline=deadline)
     _derive(result.rows)
     return {"model": name, "attn": attn, "batch": batch, "info": result.info,
             "rows": result.rows}
+
+
+def _warm_up(model: Any, plan: Plan, batch: int) -> None:
+    """One untimed ``generate`` on the sweep's inputs (its first timed one then runs warm)."""
+    import torch
+
+    from vlprune.eval.profiler import synthetic_inputs
+
+    dtype = next(model.model.parameters()).dtype
+    inputs = synthetic_inputs(model.config, model.family, image_size=model.image_size,
+                              batch=batch, device=plan.device, dtype=dtype)
+    with torch.no_grad():
+        model.model.generate(**inputs, max_new_tokens=plan.new_tokens,
+                             min_new_tokens=plan.new_tokens, do_sample=False)
 
 
 def _environment(plan: Plan) -> dict[str, Any]:

@@ -31,6 +31,7 @@ last for that reason).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -266,6 +267,7 @@ def run_sweeps(plan: Plan, deadline: float) -> list[dict[str, Any]]:
             model = _load(name, plan.device, dtype, attn)
             sweeps += [_sweep(plan, model, attn, batch, deadline) for batch in plan.batches]
             del model
+            gc.collect()
             if plan.device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return sweeps

@@ -152,8 +152,12 @@ def run_topk_grid(plan: Plan, deadline: float) -> list[dict[str, Any]]:
             records.append({"B": b, "N": n, "k": k, "status": "skipped",
                             "note": "time budget spent"})
             continue
-        record = compare_case(device, b, n, k, plan.topk_dim, plan.topk_repeats)
-        records.append({"status": "ok", **record})
+        try:
+            records.append({"status": "ok", **compare_case(device, b, n, k, plan.topk_dim,
+                                                            plan.topk_repeats)})
+        except Exception as err:  # reported, and the suite goes on
+            records.append({"B": b, "N": n, "k": k, "status": "error",
+                            "note": f"{type(err).__name__}: {err}"})
     return records
 
 

@@ -122,10 +122,17 @@ def run_sweeps(plan: Plan, deadline: float) -> list[dict[str, Any]]:
     for attn in plan.attns:
         for name in plan.models:
             if time.monotonic() > deadline:
-                sweeps += [_skipped(name, attn, batch) for batch in plan.batches]
+                note = "time budget spent before the model was built"
+                sweeps += [_unrun(name, attn, b, "skipped", note) for b in plan.batches]
                 continue
-            model = _load(name, plan.device, dtype, attn)
-            sweeps += [_sweep(plan, model, attn, batch, deadline) for batch in plan.batches]
+            model = None
+            for batch in plan.batches:
+                try:  # a failure is a row of the report, not the end of the suite
+                    model = model or _load(name, plan.device, dtype, attn)
+                    sweeps.append(_sweep(plan, model, attn, batch, deadline))
+                except Exception as err:
+                    note = f"{type(err).__name__}: {err}"
+                    sweeps.append(_unrun(name, attn, batch, "error", note))
             del model
             gc.collect()
             if plan.device.startswith("cuda"):
@@ -133,10 +140,10 @@ def run_sweeps(plan: Plan, deadline: float) -> list[dict[str, Any]]:
     return sweeps
 
 
-def _skipped(name: str, attn: str, batch: int) -> dict[str, Any]:
+def _unrun(name: str, attn: str, batch: int, status: str, note: str) -> dict[str, Any]:
+    """A sweep that did not run: one baseline row saying why."""
     return {"model": name, "attn": attn, "batch": batch, "info": None,
-            "rows": [{"method": "baseline", "budget": None, "status": "skipped",
-                      "note": "time budget spent before the model was built"}]}
+            "rows": [{"method": "baseline", "budget": None, "status": status, "note": note}]}
 
 
 def _sweep(plan: Plan, model: Any, attn: str, batch: int, deadline: float) -> dict[str, Any]:
@@ -144,7 +151,8 @@ def _sweep(plan: Plan, model: Any, attn: str, batch: int, deadline: float) -> di
     from vlprune.eval.profiler import ProfileSettings, run_profile
 
     name = model.name
-    _warm_up(model, plan, batch)
+    if time.monotonic() < deadline:
+        _warm_up(model, plan, batch)
     settings = ProfileSettings(
         model=name, methods=plan.methods, budgets=list(plan.budgets), device=plan.device,
         dtype="float32" if plan.device == "cpu" else "bfloat16", attn=attn,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,17 @@ def test_kernel_grid_equal_and_outputs_written(suite) -> None:
     report = (out / "gpu_suite.md").read_text()
     assert report.count("\n## ") == len(SWEEPS)
     assert (out / "gpu_suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_that_fails_becomes_error_rows(monkeypatch) -> None:
+    """A sweep whose model cannot be built is reported as an ``error`` row per batch, with the
+    reason, and the suite goes on."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_suite
+    import gpu_sweeps
+
+    plan = gpu_suite.make_plan(gpu_suite.parse_args(["--quick", "--device", "cpu"]))
+    plan.models = ["tiny:no_such_family"]
+    sweeps = gpu_sweeps.run_sweeps(plan, deadline=time.monotonic() + 60)
+    assert [(s["batch"], s["rows"][0]["status"]) for s in sweeps] == [(1, "error"), (2, "error")]
+    assert "no_such_family" in sweeps[0]["rows"][0]["note"]

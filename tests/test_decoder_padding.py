@@ -14,6 +14,7 @@ import torch
 from transformers.masking_utils import eager_mask, sdpa_mask
 
 from vlprune.adapters import get_adapter
+from vlprune.hooks.calls import CallTracker
 from vlprune.hooks.decoder import CutContext, DecoderCut, causal_slot_mask, mask_slots
 from vlprune.hooks.vision import VisionCut
 from vlprune.methods.base import keep_rows_padded
@@ -42,9 +43,10 @@ def _drop_chooser(drop: list[bool]):
 def _run(model, inputs, drop: list[bool], **kwargs):
     """Greedy generate with the cut installed: (new tokens, first-step logits, cut state)."""
     adapter = get_adapter(model)
-    vision = VisionCut(adapter, None)
-    cut = DecoderCut(adapter, [CUT], _drop_chooser(drop), lambda: vision.lm_image_mask)
-    handles = [*vision.install(), *cut.install()]
+    calls = CallTracker(adapter)
+    vision = VisionCut(adapter, calls, None)
+    cut = DecoderCut(adapter, [CUT], _drop_chooser(drop), vision)
+    handles = [*calls.install(), *vision.install(), *cut.install()]
     try:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
@@ -53,7 +55,7 @@ def _run(model, inputs, drop: list[bool], **kwargs):
         for handle in handles:
             handle.remove()
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    return new, out.logits[0], cut.state
+    return new, out.logits[0], cut.last
 
 
 def _row(inputs, i: int, family: str, n_words: list[int], seed: int):
@@ -143,4 +145,5 @@ def test_padding_slots_are_hidden_keys_and_see_themselves() -> None:
 def test_no_cut_layer_installs_no_hook() -> None:
     """An empty cut-layer list (a stage switched off) installs nothing."""
     adapter = get_adapter(_model("llava", "sdpa"))
-    assert DecoderCut(adapter, [], _drop_chooser([]), lambda: None).install() == []
+    vision = VisionCut(adapter, CallTracker(adapter), None)
+    assert DecoderCut(adapter, [], _drop_chooser([]), vision).install() == []

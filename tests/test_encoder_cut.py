@@ -138,12 +138,15 @@ def test_identity_cut_equals_unpatched(family: str, attn: str) -> None:
     changes nothing: logits (and, sdpa, greedy tokens) equal the unpatched model."""
     model, inputs = _model(family, attn), _inputs(family)
     ref = _logits(model, inputs)
-    generate = functools.partial(model.generate, **inputs, max_new_tokens=4, do_sample=False)
+
+    def generate() -> torch.Tensor:
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
     with torch.no_grad():
         ref_tokens = generate() if attn == "sdpa" else None
     with vlprune.patch(model, "keep_units", budget=BIG, layer=0) as handle, torch.no_grad():
         out = _logits(model, inputs)
-        assert handle._encoder.state.cut
+        assert handle._vision.last.encode.encoder.cut
         if ref_tokens is not None:
             assert torch.equal(generate(), ref_tokens)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -157,7 +160,7 @@ def test_cut_after_feature_layer_equals_fixed(family: str) -> None:
     model, inputs = _model(family), _inputs(family)
     with vlprune.patch(model, "keep_units", budget=BIG, units=UNITS) as handle:
         out = _logits(model, inputs)
-        state = handle._encoder.state
+        state = handle._vision.last.encode.encoder
         n_seq = state.image.count(0)
         tokens = _expected_tokens(state.layouts[0], UNITS, n_seq)
         kept = handle.stats.kept_per_image

@@ -12,9 +12,12 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters import Adapter, get_adapter
 from vlprune.budget import Budget
+from vlprune.hooks.calls import CallTracker, ForwardInputs, Shadow
 from vlprune.hooks.decoder import CutContext, DecoderCut
 from vlprune.hooks.encoder import EncoderCut, EncoderCutContext
-from vlprune.hooks.vision import CallRecorder, ImageTokens, VisionCut
+from vlprune.hooks.loss import KeptRowsLoss
+from vlprune.hooks.state import PatchPart
+from vlprune.hooks.vision import ImageTokens, VisionCut
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
 
@@ -57,29 +60,41 @@ class PruneStats:
         return asdict(self)
 
 
-class PatchHandle:
-    """A patched model: ``.stats`` of the last prefill, ``.unpatch()`` and context-manager use."""
+class PatchHandle(PatchPart):
+    """A patched model: ``.stats`` of the last prefill, ``.unpatch()`` and context-manager use.
+
+    The model's hooks hold the handle (a dropped handle keeps pruning: get it back with
+    :func:`get_handle`, or call :func:`unpatch`). ``copy.deepcopy(model)`` gives a copy patched
+    with its own handle; a patched model cannot be pickled (``torch.save(model)``).
+    """
 
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method, budget: Budget) -> None:
         self.model = model
         self.adapter = adapter
         self.method = method
         self.budget = budget
-        self._hooks: list[RemovableHandle | CallRecorder] = []
+        self._hooks: list[RemovableHandle | Shadow] = []
+        self._calls = CallTracker(adapter)
         has_vision = "vision" in method.stage
-        self._vision = VisionCut(adapter, self._select_vision if has_vision else None)
+        self._vision = VisionCut(adapter, self._calls,
+                                 self._select_vision if has_vision else None)
         self._decoder: DecoderCut | None = None
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
-            self._decoder = DecoderCut(
-                adapter, method.cut_layers(n_layers), self._choose_rows,
-                image_mask=lambda: self._vision.lm_image_mask,
-            )
+            self._decoder = DecoderCut(adapter, method.cut_layers(n_layers), self._choose_rows,
+                                       self._vision)
         self._probes: dict[str, Any] = method.probes(adapter)
         self._encoder: EncoderCut | None = None
         encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
         if encoder_layers:
             self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
+            self._calls.encoder = self._encoder
+        self._needs_encode = self._encoder is not None or any(
+            getattr(probe, "vision", False) for probe in self._probes.values()
+        )
+        self._loss = KeptRowsLoss(model, self._kept_positions)
+        self._calls.generate_checks.append(self._check_generate)
+        self._calls.forward_checks.append(self._check_forward)
         self._settings = {"method": method.name, **budget.as_dict(), **method.settings()}
 
     @property
@@ -89,26 +104,27 @@ class PatchHandle:
 
     @property
     def stats(self) -> PruneStats:
-        """Kept tokens of the last prefill (empty lists before the first forward)."""
+        """Kept tokens of the last prefill in the calling thread (empty lists before the first
+        forward with images)."""
         stats = PruneStats(method=self.method.name, settings=dict(self._settings))
-        if self._encoder is not None:
-            stats.vision_layer_tokens = self._encoder.layer_tokens()
-        vision = self._vision
-        if vision.lm_image_mask is None:
+        record = self._vision.last
+        if record is None:
             return stats
+        if self._encoder is not None:
+            stats.vision_layer_tokens = self._encoder.layer_tokens(record.encode)
         n_layers = len(self.adapter.decoder_layers)
-        visual = vision.lm_image_mask.sum(1).tolist()
-        length = vision.lm_image_mask.shape[1]
-        stats.visual_tokens = stats.kept_tokens = visual
-        stats.seq_len = stats.kept_seq_len = length
-        stats.layer_tokens = [[length] * n_layers for _ in visual]
-        if vision.record is not None:
-            stats.visual_tokens = list(vision.record.visual_tokens)
-            stats.kept_per_image = list(vision.record.kept_per_image)
-            stats.seq_len = vision.record.seq_len
-        if self._decoder is not None and self._decoder.state is not None:
-            stats.kept_tokens = self._decoder.state.is_image.sum(1).tolist()
-            stats.layer_tokens = [list(row) for row in self._decoder.layer_tokens]
+        length = record.index.shape[1]
+        stats.visual_tokens = list(record.visual_tokens)
+        stats.kept_tokens = record.is_image.sum(1).tolist()
+        stats.seq_len = record.orig_len
+        stats.kept_seq_len = length
+        stats.layer_tokens = [[length] * n_layers for _ in stats.visual_tokens]
+        if record.selection is not None:
+            stats.kept_per_image = list(record.selection.kept_per_image)
+        state = self._decoder.last if self._decoder is not None else None
+        if state is not None:
+            stats.kept_tokens = state.is_image.sum(1).tolist()
+            stats.layer_tokens = [list(row) for row in state.layer_tokens]
         return stats
 
     def _install(self) -> None:
@@ -120,6 +136,7 @@ class PatchHandle:
             raise
 
     def _install_all(self) -> None:
+        self._hooks.extend(self._calls.install())
         self._hooks.extend(self._vision.install())
         if self._encoder is not None:
             self._hooks.extend(self._encoder.install())
@@ -129,15 +146,57 @@ class PatchHandle:
             self._hooks.extend(self._decoder.install())
         if self._probes:
             self._hooks.append(self.adapter.language_model.register_forward_hook(self._clear_probes))
+        self._hooks.extend(self._loss.install())
 
     def _clear_probes(self, *_: Any) -> None:
         for probe in self._probes.values():
             probe.clear()
 
+    def _check_generate(self, kwargs: dict[str, Any]) -> None:
+        """Refuse, before any compute, a ``generate`` call vlprune cannot run correctly."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        implementation = kwargs.get(
+            "cache_implementation", getattr(config, "cache_implementation", None)
+        )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if implementation in STATIC_CACHES or _is_static(cache):
+            raise NotImplementedError(STATIC_CACHE_ERROR)
+
+    def _check_forward(self, inputs: ForwardInputs) -> None:
+        """Refuse, before the image encoder or the language model runs, a forward vlprune cannot
+        prune correctly."""
+        cache = inputs.cache
+        if _is_static(cache):
+            raise NotImplementedError(STATIC_CACHE_ERROR)
+        if inputs.new_images and cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vlprune prunes the images of a prefill: this forward feeds new images while "
+                "continuing a KV cache (a new image in a follow-up turn, or a chunked prefill). "
+                "Start the turn that brings the image without `cache`, or pass "
+                "prefill_chunk_size=None"
+            )
+
+    def _kept_positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Original positions of the rows the running prefill's logits cover and which are real
+        (False on padding slots); None when it pruned nothing (or is no prefill)."""
+        record = self._vision.current
+        if record is None or record.replay or self._vision.decoding:
+            return None
+        positions, real = record.index, record.valid
+        state = self._decoder.current if self._decoder is not None else None
+        if state is not None and state.layer_index:
+            positions, real = positions.gather(1, state.index), real.gather(1, state.index)
+            if state.slots is not None:
+                real = real & state.slots
+        if positions.shape[1] == record.orig_len and bool(real.all()):
+            return None
+        return positions, real
+
     @torch.no_grad()
     def _choose_rows(
         self, ctx: CutContext
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        record = self._vision.current
         batch = DecoderBatch(
             layer=ctx.layer,
             hidden=ctx.hidden,
@@ -147,7 +206,9 @@ class PatchHandle:
             layer_index=ctx.layer_index,
             valid=ctx.valid,
             input_visual=ctx.input_visual,
-            image_tokens=self._vision.record.image_tokens if self._vision.record else [],
+            image_tokens=record.selection.image_tokens if record.selection else [],
+            layer_valid=ctx.layer_valid,
+            input_valid=ctx.input_valid,
         )
         rows = self.method.choose(batch, self.budget)
         index = rows[0] if isinstance(rows, tuple) else rows
@@ -162,10 +223,16 @@ class PatchHandle:
 
     @torch.no_grad()
     def _select_vision(self, tokens: ImageTokens) -> list[torch.Tensor]:
+        if self._needs_encode and tokens.encode is None:
+            raise RuntimeError(
+                f"method {self.method.name!r} scores images inside the vision encoder, which did "
+                "not run for this prefill: image features passed precomputed "
+                "(`mm_encoder_outputs`) cannot be pruned by it; pass the pixel values instead"
+            )
         keep = self.method.budgets(tokens.layouts, self.budget)
         units = None
         if self._encoder is not None:
-            units = self._encoder.units_per_image(tokens.layouts)
+            units = self._encoder.units_per_image(tokens.encode, tokens.layouts)
         batch = VisionBatch(
             layouts=tokens.layouts,
             keep=keep,
@@ -177,6 +244,7 @@ class PatchHandle:
             positions=tokens.positions,
             budget=self.budget,
             encoder_units=units,
+            attention_mask=tokens.attention_mask,
         )
         kept = self.method.select(batch)
         if units is not None:
@@ -193,6 +261,12 @@ class PatchHandle:
         if ref is not None and ref() is self:
             del _PATCHED[self.model]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchHandle:
+        new = super().__deepcopy__(memo)
+        if isinstance(new, PatchHandle) and new.active:
+            _PATCHED[new.model] = weakref.ref(new)
+        return new
+
     def __enter__(self) -> PatchHandle:
         return self
 
@@ -202,6 +276,20 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"PatchHandle({type(self.model).__name__}, {self._settings}, {state})"
+
+
+STATIC_CACHES = frozenset({"static", "offloaded_static", "sliding_window", "hybrid", "mamba",
+                           "hybrid_chunked"})
+STATIC_CACHE_ERROR = (
+    "vlprune does not support static KV caches (generate(cache_implementation='static'), "
+    "StaticCache): pruning changes the sequence length the cache was sized for. Use the default "
+    "dynamic cache"
+)
+
+
+def _is_static(cache: Any) -> bool:
+    """A cache of fixed-size (compileable) layers, e.g. ``StaticCache``."""
+    return cache is not None and bool(getattr(cache, "is_compileable", False))
 
 
 def _check_selection(
@@ -241,23 +329,65 @@ def patch(
     (0, 1]). ``options`` are the method's own keyword options (see ``available_methods()``).
     Everything is validated before any hook is installed or any compute runs: bad values raise
     ``ValueError``, an unsupported model ``TypeError``, an already patched model
-    :class:`AlreadyPatchedError`.
+    :class:`AlreadyPatchedError`, a compiled model ``RuntimeError`` (compiled code would ignore
+    the hooks: patch first, then compile).
+
+    The hooks keep the handle alive: dropping it does not unpatch the model
+    (:func:`get_handle` gives it back, :func:`unpatch` removes it).
     """
     budget_ = Budget(tokens=budget, ratio=ratio)
     get_method(method)
+    _check_not_compiled(model)
     adapter = get_adapter(model)
     method_ = build_method(method, options)
     method_.check_model(adapter)
-    existing = _PATCHED.get(model)
-    if existing is not None and existing() is not None:
+    existing = get_handle(model)
+    if existing is not None:
         raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched ({existing()!r}); "
-            "call .unpatch() on that handle first"
+            f"{type(model).__name__} is already patched ({existing!r}); call "
+            "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
         )
     handle = PatchHandle(model, adapter, method_, budget_)
     handle._install()
     _PATCHED[model] = weakref.ref(handle)
     return handle
+
+
+def get_handle(model: nn.Module) -> PatchHandle | None:
+    """The active :class:`PatchHandle` of ``model``, or None if vlprune has not patched it."""
+    ref = _PATCHED.get(model)
+    handle = ref() if ref is not None else None
+    return handle if handle is not None and handle.active else None
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Remove vlprune's patch from ``model`` (whoever holds the handle); True if it was patched."""
+    handle = get_handle(model)
+    if handle is None:
+        return False
+    handle.unpatch()
+    return True
+
+
+def _check_not_compiled(model: nn.Module) -> None:
+    """``RuntimeError`` for a model compiled before patching: torch.compile does not guard on
+    module hooks, so code compiled earlier would silently run without vlprune's."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise RuntimeError(
+            "vlprune.patch got a torch.compile wrapper: patch the model first, then compile it "
+            "(handle = vlprune.patch(model, ...); model = torch.compile(model))"
+        )
+    compiled = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if getattr(module, "_compiled_call_impl", None) is not None
+    ]
+    if compiled:
+        raise RuntimeError(
+            f"{type(model).__name__} was compiled ({', '.join(compiled[:3])}) before "
+            "vlprune.patch: compiled code ignores hooks added later, so nothing would be pruned. "
+            "Patch first, then compile (vlprune.patch(model, ...); model.compile())"
+        )
 
 
 def available_methods() -> list[dict[str, Any]]:

@@ -32,16 +32,21 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.gather import gather_positions, gather_rows
+from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal
+from vlprune.hooks.vision import VisionCut
 
 
 @dataclass
 class DecoderState:
-    """Rows alive in the current prefill: ``index`` (B, Lcur) into the LM input, image flags.
+    """Rows alive in one prefill: ``index`` (B, Lcur) into the LM input, image flags.
 
     ``valid`` (B, Lcur) is False on batch padding and padding slots (default: all True);
     ``slots`` (B, Lcur) is False on padding slots only, None while every slot holds a real row;
     ``input_visual`` (B,): visual rows per sample entering the language model (default: those
-    of ``is_image``).
+    of ``is_image``); ``input_valid`` (B, L): the LM input's rows that are not batch padding.
+    Per layer from the first cut on: ``layer_index`` / ``layer_valid`` / ``layer_slots`` of the
+    rows entering it; ``choices[l]``: what the chooser answered at cut layer l and the row count
+    it cut from (a replay extends it); ``replay``: (the replayed prefill's state, tokens added).
     """
 
     index: torch.Tensor
@@ -53,12 +58,18 @@ class DecoderState:
     input_visual: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     layer_slots: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_valid: torch.Tensor | None = None
+    choices: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    replay: tuple[DecoderState, int] | None = None
 
     def __post_init__(self) -> None:
         if self.valid is None:
             self.valid = torch.ones_like(self.is_image)
         if self.input_visual is None:
             self.input_visual = self.is_image.sum(1)
+        if self.input_valid is None:
+            self.input_valid = self.valid
 
 
 @dataclass
@@ -68,9 +79,10 @@ class CutContext:
     ``hidden``: (B, Lcur, D) input of the layer; ``is_image``: (B, Lcur) bool, visual rows;
     ``index``: (B, Lcur) positions of the current rows in the language model's input;
     ``valid``: (B, Lcur) bool, False on batch padding (and padding slots of earlier cuts);
-    ``layer_index``: rows (LM-input positions) that entered each earlier layer at or after the
-    first cut (layers before it saw every row); ``input_visual``: (B,) visual rows per sample
-    entering the language model.
+    ``layer_index`` / ``layer_valid``: rows (LM-input positions) that entered each earlier layer
+    at or after the first cut, and which of them were real (layers before it saw every row,
+    real where ``input_valid``); ``input_visual``: (B,) visual rows per sample entering the
+    language model; ``input_valid``: (B, L) the LM input's rows that are not batch padding.
     """
 
     layer: int
@@ -80,6 +92,8 @@ class CutContext:
     valid: torch.Tensor | None = None
     layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
     input_visual: torch.Tensor | None = None
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_valid: torch.Tensor | None = None
 
 
 Chooser = Callable[[CutContext], "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"]
@@ -137,12 +151,20 @@ def causal_slot_mask(
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-class DecoderCut:
+class DecoderCut(PatchPart):
     """Installs the layer pre-hooks; ``chooser`` returns kept rows (B, Lnext) at cut layers,
-    or ``(index, slots)`` for padded rows (see the module docstring)."""
+    or ``(index, slots)`` for padded rows (see the module docstring). ``vision`` tells which
+    language-model input rows are image tokens, and which prefill a forward replays."""
+
+    current = ThreadLocal()
+    """:class:`DecoderState` of the forward running in this thread (its prefill's state on a
+    decode step)."""
+    last = ThreadLocal()
+    """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
+    _prefill = ThreadLocal(False)
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
-                 image_mask: Callable[[], torch.Tensor | None]) -> None:
+                 vision: VisionCut) -> None:
         n_layers = len(adapter.decoder_layers)
         bad = [layer for layer in layers if not 0 < layer < n_layers]
         if bad:
@@ -152,39 +174,39 @@ class DecoderCut:
         self.adapter = adapter
         self.layers = sorted(set(layers))
         self.chooser = chooser
-        self.image_mask = image_mask
-        self.state: DecoderState | None = None
-        self.prefill = False
+        self.vision = vision
+        self.records = CacheRecords()
 
     def install(self) -> list[RemovableHandle]:
-        """Register one pre-hook on the language model and one per layer ≥ the first cut; no
+        """Register the language-model hooks and one pre-hook per layer ≥ the first cut; no
         hooks at all when there is no cut layer."""
         if not self.layers:
             return []
-        handles = [self.adapter.language_model.register_forward_pre_hook(
-            self._start, with_kwargs=True)]
+        lm = self.adapter.language_model
+        handles = [
+            lm.register_forward_pre_hook(self._start, with_kwargs=True),
+            lm.register_forward_hook(self._register, with_kwargs=True),
+        ]
         for i in range(self.layers[0], len(self.adapter.decoder_layers)):
             layer = self.adapter.decoder_layers[i]
             hook = partial(self._layer, i)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
-    @property
-    def layer_tokens(self) -> list[list[int]]:
-        """Per sample, the sequence length entering each decoder layer in the last prefill
-        (padding slots not counted)."""
-        return self.state.layer_tokens if self.state is not None else []
-
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.current = None
         cache = kwargs.get("cache")
-        self.prefill = cache is None or cache.get_seq_length() == 0
-        if not self.prefill:
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        if not self._prefill:
+            self.current = self.records.get(cache)
             return
+        if cache is not None:
+            self.records.set(cache, None)
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
-        is_image = self.image_mask()
-        if is_image is None or is_image.shape != (batch, length):
-            self.state = None
+        record = self.vision.current
+        if record is None or record.is_image.shape != (batch, length):
+            self.last = None
             return
         index = torch.arange(length, device=embeds.device).expand(batch, length)
         mask = kwargs.get("attention_mask")
@@ -193,30 +215,68 @@ class DecoderCut:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         n_layers = len(self.adapter.decoder_layers)
-        self.state = DecoderState(index, is_image, length, valid=valid,
-                                  layer_tokens=[[length] * n_layers for _ in range(batch)])
+        state = DecoderState(index, record.is_image, length, valid=valid,
+                             layer_tokens=[[length] * n_layers for _ in range(batch)])
+        self.current = state
+        first = record.first.decoder if record.first is not None else None
+        if record.replay and first is not None:
+            state.replay = (first, record.replay)
+            return
+        self.last = state
+        record.decoder = state
+
+    def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """After a prefill, the cache it filled keeps its state for the decode steps."""
+        cache = getattr(output, "cache", None)
+        if self._prefill and self.current is not None and cache is not None:
+            self.records.set(cache, self.current)
+
+    @property
+    def layer_tokens(self) -> list[list[int]]:
+        """Per sample, the sequence length entering each decoder layer in the last prefill of
+        this thread (padding slots not counted)."""
+        return self.last.layer_tokens if self.last is not None else []
 
     def _layer(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self.state
+        state = self.current
         if state is None:
             return None
-        if not self.prefill:
+        if not self._prefill:
             return self._decode(i, args, kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self.layers:
-            ctx = CutContext(i, hidden, state.is_image, state.index, state.valid,
-                             dict(state.layer_index), state.input_visual)
-            chosen = self.chooser(ctx)
+            chosen = self._choose(i, state, hidden)
+            state.choices[i] = (chosen, state.index.shape[1])
             if chosen is not None:
                 hidden = self._cut(state, chosen, hidden)
         state.layer_index[i] = state.index
         state.layer_slots[i] = state.slots
+        state.layer_valid[i] = state.valid
         counts = [state.index.shape[1]] * len(state.layer_tokens)
         if state.slots is not None:
             counts = state.slots.sum(1).tolist()
         for row, count in zip(state.layer_tokens, counts):
             row[i] = count
         return self._gather_prefill(args, kwargs, hidden, state)
+
+    def _choose(self, i: int, state: DecoderState, hidden: torch.Tensor) -> Any:
+        """The chooser's answer at cut layer ``i``, or the replayed prefill's, extended by the
+        rows appended since (they follow every earlier row and are all kept)."""
+        if state.replay is None:
+            ctx = CutContext(i, hidden, state.is_image, state.index, state.valid,
+                             dict(state.layer_index), state.input_visual,
+                             dict(state.layer_valid), state.input_valid)
+            return self.chooser(ctx)
+        first, extra = state.replay
+        chosen, width = first.choices[i]
+        if chosen is None:
+            return None
+        local, slots = chosen if isinstance(chosen, tuple) else (chosen, None)
+        new = torch.arange(width, width + extra, device=local.device).expand(local.shape[0], -1)
+        local = torch.cat([local, new], 1)
+        if slots is None:
+            return local
+        return local, torch.cat([slots, slots.new_ones(new.shape)], 1)
 
     @staticmethod
     def _cut(state: DecoderState, chosen: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -286,9 +346,7 @@ class DecoderCut:
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         mask = kwargs.get("attention_mask")
-        state = self.state
-        if state is None:
-            return None
+        state = self.current
         slots = state.layer_slots.get(i)
         index = state.layer_index[i]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:

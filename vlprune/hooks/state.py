@@ -1,0 +1,143 @@
+"""Where the hooks keep per-call state: private to each thread, or tied to one KV cache.
+
+A patched model may run forwards from several threads at once, and a pruned KV cache may be
+continued long after other calls ran (multi-turn chat). So nothing a call decides lives on an
+object all calls share:
+
+- :class:`ThreadLocal` attributes hold what one forward hands from hook to hook, and the last
+  prefill's statistics, separately for every thread;
+- :class:`CacheRecords` maps a KV cache (weakly) to what its prefill decided, so every later
+  forward on that cache decodes consistently, whatever ran in between;
+- :func:`mark_pruned` makes a cache whose prompt rows were dropped before the language model
+  report its *logical* length (the unpruned prompt plus what followed) to ``generate`` and the
+  model, which count positions and slice re-fed inputs with it, while attention masks keep
+  using the rows it really holds.
+
+Every object a patch hangs on a model derives from :class:`PatchPart`: ``copy.deepcopy(model)``
+copies the patch with the model (the copy gets its own, independent state), and pickling a
+patched model (``torch.save(model)``) fails with :data:`PICKLE_ERROR`.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from types import MethodType
+from typing import Any
+
+PICKLE_ERROR = (
+    "a model patched by vlprune cannot be pickled or saved whole (torch.save(model), "
+    "pickle.dumps(model)): call vlprune.unpatch(model) first, or save its weights with "
+    "model.state_dict() / model.save_pretrained(...)"
+)
+
+
+class PatchPart:
+    """Base of the objects a patch hangs on a model (hooks, probes, the handle).
+
+    ``copy.deepcopy`` copies the instance attribute by attribute (inside a model's deep copy,
+    references to the model resolve to the copy); pickling raises ``TypeError(PICKLE_ERROR)``.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchPart:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_ERROR)
+
+
+class _Threads(threading.local):
+    """The per-thread storage behind :class:`ThreadLocal`; a deep copy starts empty."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Threads:
+        return _Threads()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_ERROR)
+
+
+class ThreadLocal:
+    """Descriptor: an instance attribute with one value per thread (``default`` until set).
+
+    ``default`` must be immutable (it is shared by every thread).
+    """
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(_threads(obj), self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(_threads(obj), self.name, value)
+
+
+def _threads(obj: Any) -> _Threads:
+    return obj.__dict__.setdefault("_threads", _Threads())
+
+
+class CacheRecords(PatchPart):
+    """What each prefill decided, keyed weakly by the cache it filled (a deep copy starts
+    empty: caches of the original model mean nothing to the copy)."""
+
+    def __init__(self) -> None:
+        self._records: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def get(self, cache: Any) -> Any:
+        """The record of ``cache`` (None if no prefill of this patch filled it)."""
+        return self._records.get(cache)
+
+    def set(self, cache: Any, record: Any) -> None:
+        """Remember ``record`` for ``cache``."""
+        self._records[cache] = record
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CacheRecords:
+        return CacheRecords()
+
+
+def physical_length(cache: Any, layer: int = 0) -> int:
+    """Rows the cache really holds at ``layer`` (its class's ``get_seq_length``)."""
+    return type(cache).get_seq_length(cache, layer)
+
+
+def dropped_rows(cache: Any) -> int:
+    """Prompt rows a vision-side cut dropped before ``cache``'s prefill (0 if none)."""
+    return cache.__dict__.get("vlprune_dropped", 0)
+
+
+def mark_pruned(cache: Any, dropped: int) -> None:
+    """After a prefill that dropped ``dropped`` prompt rows before the language model, make
+    ``cache`` report its logical length at layer 0 (``get_seq_length``: rows held + dropped) and
+    keep the physical one where masks are built (``get_query_offset``)."""
+    cache.__dict__["vlprune_dropped"] = dropped
+    if dropped:
+        cache.__dict__["get_seq_length"] = MethodType(_logical_seq_length, cache)
+        cache.__dict__["get_query_offset"] = MethodType(_physical_query_offset, cache)
+    else:
+        cache.__dict__.pop("get_seq_length", None)
+        cache.__dict__.pop("get_query_offset", None)
+
+
+def _logical_seq_length(cache: Any, layer_idx: int = 0) -> Any:
+    length = type(cache).get_seq_length(cache, layer_idx)
+    if layer_idx == 0 and length > 0:
+        return length + dropped_rows(cache)
+    return length
+
+
+def _physical_query_offset(cache: Any, layer_idx: int = 0) -> Any:
+    offset = type(cache).get_query_offset(cache, layer_idx)
+    if layer_idx == 0 and type(cache).get_seq_length(cache, 0) > 0:
+        return offset - dropped_rows(cache)
+    return offset

@@ -175,7 +175,7 @@ class DecoderCut(PatchPart):
         self.layers = sorted(set(layers))
         self.chooser = chooser
         self.vision = vision
-        self.records = CacheRecords()
+        self.records = CacheRecords("decoder")
 
     def install(self) -> list[RemovableHandle]:
         """Register the language-model hooks and one pre-hook per layer ≥ the first cut; no

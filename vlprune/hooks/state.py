@@ -6,7 +6,7 @@ object all calls share:
 
 - :class:`ThreadLocal` attributes hold what one forward hands from hook to hook, and the last
   prefill's statistics, separately for every thread;
-- :class:`CacheRecords` maps a KV cache (weakly) to what its prefill decided, so every later
+- :class:`CacheRecords` keeps what a prefill decided on the KV cache it filled, so every later
   forward on that cache decodes consistently, whatever ran in between;
 - :func:`mark_pruned` makes a cache whose prompt rows were dropped before the language model
   report its *logical* length (the unpruned prompt plus what followed) to ``generate`` and the
@@ -21,8 +21,8 @@ patched model (``torch.save(model)``) fails with :data:`PICKLE_ERROR`.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
-import weakref
 from types import MethodType
 from typing import Any
 
@@ -88,22 +88,26 @@ def _threads(obj: Any) -> _Threads:
 
 
 class CacheRecords(PatchPart):
-    """What each prefill decided, keyed weakly by the cache it filled (a deep copy starts
-    empty: caches of the original model mean nothing to the copy)."""
+    """What each prefill of one cut decided, stored on the KV cache it filled.
 
-    def __init__(self) -> None:
-        self._records: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+    The record travels with the cache object (a deep-copied cache keeps it); the key tells the
+    patches apart (another patch's records are not this one's).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.key = f"vlprune-{kind}-{next(_KEYS)}"
 
     def get(self, cache: Any) -> Any:
         """The record of ``cache`` (None if no prefill of this patch filled it)."""
-        return self._records.get(cache)
+        return cache.__dict__.get(_RECORDS, {}).get(self.key)
 
     def set(self, cache: Any, record: Any) -> None:
         """Remember ``record`` for ``cache``."""
-        self._records[cache] = record
+        cache.__dict__.setdefault(_RECORDS, {})[self.key] = record
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> CacheRecords:
-        return CacheRecords()
+
+_RECORDS = "vlprune_records"
+_KEYS = itertools.count()
 
 
 def physical_length(cache: Any, layer: int = 0) -> int:

@@ -174,7 +174,7 @@ class VisionCut(PatchPart):
         self.adapter = adapter
         self.calls = calls
         self.selector = selector
-        self.records = CacheRecords()
+        self.records = CacheRecords("vision")
 
     def install(self) -> list[RemovableHandle]:
         """Register the hooks; the caller keeps the handles."""

@@ -14,12 +14,24 @@ from typing import Any
 import torch
 from transformers import BatchFeature, DynamicCache, PreTrainedModel
 
-from vlprune.testing import tiny_inputs, tiny_model
+from vlprune.registry import get_method, list_methods
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
 MAX_NEW = 8
 BIG = 10**6
 """A budget above every tiny image's token count: keeps everything."""
+
+
+def method_families() -> list[tuple[str, str]]:
+    """(method, family) for every registered method and every family it supports: new methods
+    and families are covered automatically."""
+    return [
+        (method, family)
+        for method in list_methods()
+        for family in FAMILIES
+        if get_method(method).families is None or family in get_method(method).families
+    ]
 
 
 @functools.cache
@@ -49,6 +61,18 @@ def generate(model: PreTrainedModel, inputs: Any, max_new_tokens: int = MAX_NEW,
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
     return out[:, inputs["input_ids"].shape[1]:]
+
+
+def right_padded(inputs: Any) -> dict[str, Any]:
+    """A copy of left-padded ``inputs`` with every row's padding moved to its right end."""
+    out = dict(inputs)
+    real = inputs["attention_mask"].sum(1).tolist()
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            out[key] = torch.stack([
+                torch.roll(row, -(row.shape[0] - n)) for row, n in zip(inputs[key], real)
+            ])
+    return out
 
 
 def trim(tokens: torch.Tensor, eos: int) -> list[int]:

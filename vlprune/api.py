@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 from vlprune.adapters import Adapter, get_adapter
 from vlprune.budget import Budget
@@ -159,7 +160,7 @@ class PatchHandle(PatchPart):
             "cache_implementation", getattr(config, "cache_implementation", None)
         )
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if implementation in STATIC_CACHES or _is_static(cache):
+        if implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS or _is_static(cache):
             raise NotImplementedError(STATIC_CACHE_ERROR)
 
     def _check_forward(self, inputs: ForwardInputs) -> None:
@@ -278,12 +279,10 @@ class PatchHandle(PatchPart):
         return f"PatchHandle({type(self.model).__name__}, {self._settings}, {state})"
 
 
-STATIC_CACHES = frozenset({"static", "offloaded_static", "sliding_window", "hybrid", "mamba",
-                           "hybrid_chunked"})
 STATIC_CACHE_ERROR = (
     "vlprune does not support static KV caches (generate(cache_implementation='static'), "
-    "StaticCache): pruning changes the sequence length the cache was sized for. Use the default "
-    "dynamic cache"
+    "StaticCache): its cuts change sequence lengths in Python hooks that compiled static-cache "
+    "decoding cannot follow. Use the default dynamic cache"
 )
 
 

@@ -17,7 +17,7 @@ from vlprune.hooks.calls import CallTracker, ForwardInputs, Shadow
 from vlprune.hooks.decoder import CutContext, DecoderCut
 from vlprune.hooks.encoder import EncoderCut, EncoderCutContext
 from vlprune.hooks.loss import KeptRowsLoss
-from vlprune.hooks.state import PatchPart
+from vlprune.hooks.state import PatchPart, eager_hook
 from vlprune.hooks.vision import ImageTokens, VisionCut
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
@@ -149,6 +149,7 @@ class PatchHandle(PatchPart):
             self._hooks.append(self.adapter.language_model.register_forward_hook(self._clear_probes))
         self._hooks.extend(self._loss.install())
 
+    @eager_hook
     def _clear_probes(self, *_: Any) -> None:
         for probe in self._probes.values():
             probe.clear()

@@ -29,7 +29,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter
-from vlprune.hooks.state import PatchPart, ThreadLocal
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
 """Keyword inputs that describe the images' token layouts."""
@@ -137,6 +137,7 @@ class CallTracker(PatchPart):
         encode, self._encode = self._encode, None
         return encode
 
+    @eager_hook
     def _generate(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         for check in self.generate_checks:
             check(kwargs)
@@ -146,6 +147,7 @@ class CallTracker(PatchPart):
         finally:
             self._generating -= 1
 
+    @eager_hook
     def _encode_call(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         arguments = inspect.signature(original).bind_partial(*args, **kwargs).arguments
         encode = Encode({k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None})
@@ -161,6 +163,7 @@ class CallTracker(PatchPart):
         self._encode = encode
         return out
 
+    @eager_hook
     def _enter(self, module: Any, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -179,6 +182,7 @@ class CallTracker(PatchPart):
         self._depth += 1
         self.forward = inputs
 
+    @eager_hook
     def _exit(self, module: Any, args: tuple, output: Any) -> None:
         self._depth = max(self._depth - 1, 0)
         self.forward = None

@@ -32,7 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.gather import gather_positions, gather_rows
-from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal
+from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
 
 
@@ -193,6 +193,7 @@ class DecoderCut(PatchPart):
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
+    @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.current = None
         cache = kwargs.get("cache")
@@ -225,6 +226,7 @@ class DecoderCut(PatchPart):
         self.last = state
         record.decoder = state
 
+    @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """After a prefill, the cache it filled keeps its state for the decode steps."""
         cache = getattr(output, "cache", None)
@@ -237,6 +239,7 @@ class DecoderCut(PatchPart):
         this thread (padding slots not counted)."""
         return self.last.layer_tokens if self.last is not None else []
 
+    @eager_hook
     def _layer(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self.current
         if state is None:

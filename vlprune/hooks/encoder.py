@@ -55,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.hooks.calls import Encode
-from vlprune.hooks.state import PatchPart, ThreadLocal
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 
 @dataclass
@@ -220,6 +220,7 @@ class EncoderCut(PatchPart):
 
     # ------------------------------------------------------------------ hooks
 
+    @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         encode, self._armed = self._armed, None
         self._running = encode
@@ -299,6 +300,7 @@ class EncoderCut(PatchPart):
             memory=state.memory,
         )
 
+    @eager_hook
     def _after(self, layer: int, module: Any, args: tuple, output: Any) -> Any:
         if self.state is None:
             return None
@@ -348,6 +350,7 @@ class EncoderCut(PatchPart):
         rows = torch.cat([prefix, idx], 1)
         return hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
 
+    @eager_hook
     def _before(self, layer: int, module: Any, args: tuple, kwargs: dict) -> tuple | None:
         state = self.state
         if state is None or not state.cut:
@@ -371,6 +374,7 @@ class EncoderCut(PatchPart):
             )
         return args, kwargs
 
+    @eager_hook
     def _restore(self, module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         state = self.state
         self._running = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.hooks.state import PatchPart, ThreadLocal
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 IGNORE = -100
 
@@ -53,6 +53,7 @@ class KeptRowsLoss(PatchPart):
             self.model.register_forward_hook(self._loss, with_kwargs=True, always_call=True),
         ]
 
+    @eager_hook
     def _take(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._labels = None
         if kwargs.get("labels") is None:
@@ -61,6 +62,7 @@ class KeptRowsLoss(PatchPart):
         self._labels = kwargs.pop("labels")
         return args, kwargs
 
+    @eager_hook
     def _loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         labels, self._labels = self._labels, None
         if labels is None or output is None:

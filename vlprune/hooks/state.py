@@ -15,7 +15,8 @@ object all calls share:
 
 Every object a patch hangs on a model derives from :class:`PatchPart`: ``copy.deepcopy(model)``
 copies the patch with the model (the copy gets its own, independent state), and pickling a
-patched model (``torch.save(model)``) fails with :data:`PICKLE_ERROR`.
+patched model (``torch.save(model)``) fails with :data:`PICKLE_ERROR`. Hooks are
+:func:`eager_hook`: a model compiled after patching runs them eagerly.
 """
 
 from __future__ import annotations
@@ -23,14 +24,26 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
+from collections.abc import Callable
 from types import MethodType
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 PICKLE_ERROR = (
     "a model patched by vlprune cannot be pickled or saved whole (torch.save(model), "
     "pickle.dumps(model)): call vlprune.unpatch(model) first, or save its weights with "
     "model.state_dict() / model.save_pretrained(...)"
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def eager_hook(fn: F) -> F:
+    """Mark a hook to run eagerly under ``torch.compile``: compiled code calls it as it is
+    (its Python control flow and per-thread state are never traced into a graph)."""
+    return torch.compiler.disable(fn)
 
 
 class PatchPart:

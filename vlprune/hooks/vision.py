@@ -40,6 +40,7 @@ from vlprune.hooks.state import (
     PatchPart,
     ThreadLocal,
     dropped_rows,
+    eager_hook,
     mark_pruned,
     physical_length,
 )
@@ -186,6 +187,7 @@ class VisionCut(PatchPart):
 
     # ------------------------------------------------------------------ prefill
 
+    @eager_hook
     def _cut(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.current = None
         inputs = self.calls.forward
@@ -335,6 +337,7 @@ class VisionCut(PatchPart):
         kwargs["position_ids"] = gather_positions(position_ids, record.index)
         return kwargs
 
+    @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """After a prefill: the cache it filled keeps its record and reports its logical length."""
         record = self.current

@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.hooks.state import PatchPart, ThreadLocal
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 
 class Probe(PatchPart):
@@ -46,6 +46,7 @@ class ModuleInputProbe(Probe):
         """Register the pre-hook."""
         return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.value = args[0] if args else next(iter(kwargs.values()))
 

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.hooks.gather import gather_rows
 from vlprune.hooks.signals.module_probes import HandleGroup, Probe
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
-from vlprune.hooks.state import ThreadLocal
+from vlprune.hooks.state import ThreadLocal, eager_hook
 
 
 class TextAttentionProbe(Probe):
@@ -38,6 +38,7 @@ class TextAttentionProbe(Probe):
         """Register the pre-hook that remembers the layer's inputs."""
         return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         self.inputs = {
@@ -113,6 +114,7 @@ class NextLayerAttentionProbe(TextAttentionProbe):
         """Register the forward hook on ``previous``."""
         return self.previous.register_forward_hook(self._remember_output, with_kwargs=True)
 
+    @eager_hook
     @torch.no_grad()
     def _remember_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -197,6 +199,7 @@ class TokenTransitionProbe(Probe):
             for key, name in (("attn", "self_attn"), ("mlp", "mlp"))
         ])
 
+    @eager_hook
     @torch.no_grad()
     def _remember(self, key: str, module: nn.Module, args: tuple, kwargs: dict,
                   output: Any) -> None:

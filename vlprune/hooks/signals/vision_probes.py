@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.hooks.signals.module_probes import Probe
 from vlprune.hooks.signals.recompute import apply_vision_rope
-from vlprune.hooks.state import ThreadLocal
+from vlprune.hooks.state import ThreadLocal, eager_hook
 
 
 class VisionAttentionProbe(Probe):
@@ -39,6 +39,7 @@ class VisionAttentionProbe(Probe):
         """Register the pre-hook that remembers the layer's inputs."""
         return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -276,6 +277,7 @@ class PatchTokenProbe(Probe):
         """Register the pre-hook."""
         return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 

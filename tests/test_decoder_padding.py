@@ -14,7 +14,8 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.hooks.calls import CallTracker
-from vlprune.hooks.decoder import CutContext, DecoderCut, causal_slot_mask, mask_slots
+from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.masks import causal_slot_mask, mask_slots
 from vlprune.hooks.vision import VisionCut
 from vlprune.methods.base import keep_rows_padded
 from vlprune.testing import FAMILIES, tiny_inputs

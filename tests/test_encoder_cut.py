@@ -25,7 +25,7 @@ import vlprune
 from tests.helpers import cached_inputs, cached_model
 from vlprune import registry
 from vlprune.budget import Budget
-from vlprune.hooks.encoder import remap_seqlens
+from vlprune.hooks.encoder_state import remap_seqlens
 from vlprune.methods._vision_common import partition_tokens
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.methods.flowcut import FlowCut

@@ -16,7 +16,8 @@ inputs as for the unpruned prompt.
 Two ``generate`` paths stay exact:
 
 - rows repeated by ``num_beams=r`` / ``num_return_sequences=r`` (each prompt's images encoded
-  once, its rows repeated r times): the selection runs on one row per prompt and is repeated;
+  once, its rows repeated r times): the selection runs on one row per prompt and is repeated
+  (``hooks/images.py``);
 - ``use_cache=False`` re-runs the whole sequence at every step with the image features it
   encoded once: a prefill with the same features object as the last one and its prompt plus
   new tokens keeps that prefill's rows and the new ones (no new selection), as a cached run.
@@ -32,9 +33,10 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.adapters.base import Adapter
 from vlprune.hooks.calls import CallTracker, Encode, ForwardInputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
+from vlprune.hooks.images import ImageTokens, kept_rows, prompt_layouts, split_images
 from vlprune.hooks.state import (
     CacheRecords,
     PatchPart,
@@ -44,29 +46,6 @@ from vlprune.hooks.state import (
     mark_pruned,
     physical_length,
 )
-
-
-@dataclass
-class ImageTokens:
-    """The images of one prefill: per image its layout, sequence positions (N_i,) and row.
-
-    ``input_ids`` (B, L) is None when the prompt came as ``inputs_embeds``;
-    ``attention_mask`` (B, L) the 2-D padding mask (None: no padding); ``encode``: the image
-    encode of this prefill (None when the features were passed precomputed).
-    """
-
-    layouts: list[ImageLayout]
-    positions: list[torch.Tensor]
-    sample: list[int]
-    input_ids: torch.Tensor | None
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor | None = None
-    encode: Encode | None = None
-
-    def features(self) -> list[torch.Tensor]:
-        """Per image, its (N_i, D) rows of ``inputs_embeds``."""
-        return [self.inputs_embeds[s, p] for s, p in zip(self.sample, self.positions)]
-
 
 Selector = Callable[[ImageTokens], list[torch.Tensor]]
 """Returns, per image, the sorted local indices of the tokens it keeps."""
@@ -119,40 +98,6 @@ class PrefillRecord:
     def dropped(self) -> int:
         """Prompt rows removed from the sequence."""
         return self.orig_len - self.index.shape[1]
-
-
-def split_images(
-    is_image: torch.Tensor, layouts: list[ImageLayout]
-) -> tuple[list[torch.Tensor], list[int]]:
-    """Assign the placeholder positions (``is_image``, (B, L)) of each row to consecutive
-    images, in order."""
-    positions: list[torch.Tensor] = []
-    sample: list[int] = []
-    image = 0
-    for row in range(is_image.shape[0]):
-        row_pos = is_image[row].nonzero().squeeze(1)
-        start = 0
-        while start < row_pos.numel():
-            if image >= len(layouts):
-                raise ValueError("more image placeholders than images in the inputs")
-            size = layouts[image].num_tokens
-            positions.append(row_pos[start:start + size])
-            sample.append(row)
-            start += size
-            image += 1
-        if start != row_pos.numel():
-            raise ValueError(f"row {row}: image placeholders do not split into whole images")
-    return positions, sample
-
-
-def repeated_rows(x: torch.Tensor, r: int) -> bool:
-    """True when the rows of ``x`` (B, ...) come in groups of ``r`` identical consecutive rows."""
-    if r == 1:
-        return True
-    if x.shape[0] % r:
-        return False
-    groups = x.reshape(x.shape[0] // r, r, *x.shape[1:])
-    return bool((groups == groups[:, :1]).all())
 
 
 class VisionCut(PatchPart):
@@ -244,7 +189,12 @@ class VisionCut(PatchPart):
         if self.selector is None:
             _check_no_cut_lost(encode)
             return self._record(torch.ones_like(is_image), is_image, inputs, None, encode)
-        repeat, layouts = self._layouts(is_image, inputs, encode)
+        rows = inputs.input_ids if inputs.input_ids is not None else inputs.embeds
+        repeat, layouts = prompt_layouts(
+            self.adapter, is_image, rows,
+            encode.layout_inputs if encode is not None else inputs.layout_inputs,
+            encode.images if encode is not None else None,
+        )
         embeds = kwargs["inputs_embeds"]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -259,11 +209,7 @@ class VisionCut(PatchPart):
             encode,
         )
         kept = self.selector(tokens)
-        keep = ~unique
-        rows = torch.cat([torch.full_like(k, s) for s, k in zip(sample, kept)])
-        cols = torch.cat([p[k] for p, k in zip(positions, kept)])
-        keep[rows, cols] = True
-        keep = keep.repeat_interleave(repeat, 0)
+        keep = kept_rows(unique, positions, sample, kept).repeat_interleave(repeat, 0)
         per_row: list[list[int]] = [[] for _ in range(unique.shape[0])]
         for s, k in zip(sample, kept):
             per_row[s].append(int(k.numel()))
@@ -279,33 +225,6 @@ class VisionCut(PatchPart):
             image_tokens=[row for row in tokens_per_row for _ in range(repeat)],
         )
         return self._record(keep, is_image, inputs, selection, encode)
-
-    def _layouts(self, is_image: torch.Tensor, inputs: ForwardInputs,
-                 encode: Encode | None) -> tuple[int, list[ImageLayout]]:
-        """(r, layouts of one row per prompt): r > 1 when ``generate(num_beams=r)`` /
-        ``num_return_sequences=r`` repeated every prompt's row r times after encoding its images
-        once (rows identical in groups of r, the encode's image count matching)."""
-        layout_inputs = encode.layout_inputs if encode is not None else inputs.layout_inputs
-        expected = encode.images if encode is not None else None
-        rows = inputs.input_ids if inputs.input_ids is not None else inputs.embeds
-        counts = is_image.sum(1).tolist()
-        first_error: ValueError | None = None
-        for r in range(1, len(counts) + 1):
-            if len(counts) % r or not repeated_rows(rows, r):
-                continue
-            try:
-                layouts = self.adapter.image_layouts(layout_inputs, sum(counts[::r]))
-            except ValueError as error:
-                first_error = first_error or error
-                continue
-            if expected is None or len(layouts) == expected:
-                return r, layouts
-        if first_error is not None and expected is None:
-            raise first_error
-        raise ValueError(
-            f"the prompt's {sum(counts)} image placeholders in {len(counts)} rows do not match "
-            f"the {expected} image(s) encoded for it"
-        ) from first_error
 
     def _record(self, keep: torch.Tensor, is_image: torch.Tensor, inputs: ForwardInputs,
                 selection: VisionCutRecord | None, encode: Encode | None) -> PrefillRecord:

@@ -179,14 +179,41 @@ def test_mmtok_stopwords_need_input_ids() -> None:
         forward(model, _as_embeds(model, inputs, "llava"))
 
 
+IMAGE_KEYS = {"llava": ("pixel_values",), "llava_next": ("pixel_values", "image_sizes")}
+SIGNAL_FREE = {"random", "uniform", "fastv", "transprune"}
+"""Methods that need no signal of the vision encoder."""
+
+
+def _image_inputs(family: str, inputs) -> dict:
+    return {k: inputs[k] for k in IMAGE_KEYS.get(family, ("pixel_values", "image_grid_thw"))}
+
+
+@pytest.mark.parametrize(("method", "family"), PAIRS)
+def test_precomputed_image_features_prune_or_raise(method: str, family: str) -> None:
+    """Image features passed precomputed (``mm_encoder_outputs``, encoded before patching):
+    methods without vision-encoder signals prune them exactly as from pixels; the others raise a
+    clear RuntimeError before the language model runs, never a selection from stale signals."""
+    model, inputs = cached_model(family), cached_inputs(family, batch=2)
+    with torch.no_grad():
+        features = model.model.get_image_features(**_image_inputs(family, inputs),
+                                                  return_dict=True)
+    precomputed = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    precomputed["mm_encoder_outputs"] = {"image": features}
+    with vlprune.patch(model, method, ratio=RATIO):
+        ref = forward(model, inputs).logits
+        if method in SIGNAL_FREE:
+            torch.testing.assert_close(forward(model, precomputed).logits, ref, atol=1e-6, rtol=0)
+        else:
+            with pytest.raises(RuntimeError, match="mm_encoder_outputs"):
+                forward(model, precomputed)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_direct_get_image_features_is_never_pruned(family: str) -> None:
     """FlowCut cuts inside the vision encoder only for a prefill: a direct
     ``model.model.get_image_features(...)`` returns the unpatched features, no zero rows."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
-    keys = {"llava": ("pixel_values",), "llava_next": ("pixel_values", "image_sizes")}.get(
-        family, ("pixel_values", "image_grid_thw"))
-    image_inputs = {k: inputs[k] for k in keys}
+    image_inputs = _image_inputs(family, inputs)
     with torch.no_grad():
         ref = torch.cat(model.model.get_image_features(**image_inputs).pooler_output)
         with vlprune.patch(model, "flowcut", budget=4):

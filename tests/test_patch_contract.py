@@ -269,16 +269,18 @@ def test_patching_twice_raises_and_repatching_after_unpatch_works() -> None:
 # ---------------------------------------------------------------- manual cached decoding
 
 
-def _manual_decode_logits(model, inputs, tokens: torch.Tensor) -> torch.Tensor:
+def _manual_decode_logits(model, inputs, tokens: torch.Tensor,
+                          with_mask: bool = True) -> torch.Tensor:
     """Logits of a hand-rolled cached decode (the usual HF loop: new ``input_ids``, the grown
-    2-D mask, the returned cache, no ``position_ids``) that feeds ``tokens`` (B, T)."""
+    2-D mask unless ``with_mask`` is False, the returned cache, no ``position_ids``) that feeds
+    ``tokens`` (B, T)."""
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
         logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
-                        use_cache=True)
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask if with_mask else None,
+                        cache=cache, use_cache=True)
             logits.append(out.logits[:, -1])
             cache = out.cache
     return torch.stack(logits, 1)
@@ -311,6 +313,19 @@ def test_manual_cached_decode_equals_generate(family: str, method: str) -> None:
     with vlprune.patch(model, method, budget=5, **options):
         tokens, ref = _generate_logits(model, inputs)
         manual = _manual_decode_logits(model, inputs, tokens)
+    torch.testing.assert_close(manual, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "flowcut"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manual_decode_without_mask_or_positions_equals_generate(family: str, method: str) -> None:
+    """A hand-rolled cached decode passing neither mask nor positions (batch 1): the model
+    counts positions from the pruned cache, which reports its unpruned length, so the logits
+    are generate's (Qwen's M-RoPE included)."""
+    model, inputs = cached_model(family), cached_inputs(family, batch=1)
+    with vlprune.patch(model, method, budget=5):
+        tokens, ref = _generate_logits(model, inputs)
+        manual = _manual_decode_logits(model, inputs, tokens, with_mask=False)
     torch.testing.assert_close(manual, ref, atol=1e-5, rtol=0)
 
 

@@ -97,7 +97,10 @@ class ThreadLocal:
 
 
 def _threads(obj: Any) -> _Threads:
-    return obj.__dict__.setdefault("_threads", _Threads())
+    threads = obj.__dict__.get("_threads")
+    if threads is None:
+        threads = obj.__dict__.setdefault("_threads", _Threads())
+    return threads
 
 
 class CacheRecords(PatchPart):

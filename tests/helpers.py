@@ -34,6 +34,16 @@ def method_families() -> list[tuple[str, str]]:
     ]
 
 
+def method_one_family() -> list[tuple[str, str]]:
+    """(method, family) for every registered method, each with one family it supports,
+    rotating through the families (for tests too slow to run on every pair)."""
+    out = []
+    for i, method in enumerate(list_methods()):
+        families = [f for m, f in method_families() if m == method]
+        out.append((method, families[i % len(families)]))
+    return out
+
+
 @functools.cache
 def cached_model(family: str, attn: str = "sdpa", seed: int = 0) -> PreTrainedModel:
     """Shared tiny model (see the module docstring)."""

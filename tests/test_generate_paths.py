@@ -10,7 +10,9 @@ at their original positions, then the new text.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -301,14 +303,14 @@ def test_follow_up_generate_feeds_only_new_tokens(method: str, family: str) -> N
 
 
 def test_follow_up_with_a_new_image_is_refused() -> None:
-    """A follow-up that brings a new image on a pruned cache is refused before compute, saying
-    how to go on (its image would not be pruned)."""
+    """A follow-up that brings a new image on a pruned cache (its image would not be pruned) is
+    refused before any module runs, saying how to go on."""
     model, inputs = cached_model("llava"), cached_inputs("llava")
     with vlprune.patch(model, "random", budget=4), torch.no_grad():
         first = model.generate(**inputs, max_new_tokens=2, do_sample=False,
                                return_dict_in_generate=True)
         history = torch.cat([first.sequences, inputs["input_ids"]], 1)
-        with pytest.raises(NotImplementedError, match="without `cache`"):
+        with _no_module_runs(model), pytest.raises(NotImplementedError, match="without `cache`"):
             model.generate(input_ids=history, attention_mask=torch.ones_like(history),
                            pixel_values=inputs["pixel_values"], cache=first.cache,
                            max_new_tokens=2)
@@ -317,19 +319,25 @@ def test_follow_up_with_a_new_image_is_refused() -> None:
 # --------------------------------------------------------------------------- static cache
 
 
+@contextlib.contextmanager
+def _no_module_runs(model) -> Iterator[None]:
+    """Asserts that no submodule of ``model`` runs inside the block."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [], "a module ran"
+
+
 @pytest.mark.parametrize(("method", "family"), PAIRS)
 def test_static_cache_is_refused_before_compute(method: str, family: str) -> None:
     """``generate(cache_implementation="static")`` raises one NotImplementedError naming the
     static cache before any module runs."""
     model, inputs = cached_model(family), cached_inputs(family)
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()]
-    try:
-        with vlprune.patch(model, method, ratio=RATIO), pytest.raises(
-            NotImplementedError, match="static"
-        ):
-            generate(model, inputs, max_new_tokens=2, cache_implementation="static")
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert calls == []
+    with vlprune.patch(model, method, ratio=RATIO), _no_module_runs(model), pytest.raises(
+        NotImplementedError, match="static"
+    ):
+        generate(model, inputs, max_new_tokens=2, cache_implementation="static")

@@ -180,6 +180,9 @@ class PatchHandle(PatchPart):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS or _is_static(cache):
             raise NotImplementedError(STATIC_CACHE_ERROR)
+        images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")
+        if images and cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(NEW_IMAGES_ERROR)
 
     def _check_forward(self, inputs: ForwardInputs) -> None:
         """Refuse, before the image encoder or the language model runs, a forward vlprune cannot
@@ -188,12 +191,7 @@ class PatchHandle(PatchPart):
         if _is_static(cache):
             raise NotImplementedError(STATIC_CACHE_ERROR)
         if inputs.new_images and cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "vlprune prunes the images of a prefill: this forward feeds new images while "
-                "continuing a KV cache (a new image in a follow-up turn, or a chunked prefill). "
-                "Start the turn that brings the image without `cache`, or pass "
-                "prefill_chunk_size=None"
-            )
+            raise NotImplementedError(NEW_IMAGES_ERROR)
 
     def _kept_positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Original positions of the rows the running prefill's logits cover and which are real
@@ -301,6 +299,13 @@ STATIC_CACHE_ERROR = (
     "vlprune does not support static KV caches (generate(cache_implementation='static'), "
     "StaticCache): its cuts change sequence lengths in Python hooks that compiled static-cache "
     "decoding cannot follow. Use the default dynamic cache"
+)
+
+
+NEW_IMAGES_ERROR = (
+    "vlprune prunes the images of a prefill: this forward feeds new images while continuing a "
+    "KV cache (a new image in a follow-up turn, or a chunked prefill). Start the turn that "
+    "brings the image without `cache`, or pass prefill_chunk_size=None"
 )
 
 

@@ -137,7 +137,6 @@ class CallTracker(PatchPart):
         encode, self._encode = self._encode, None
         return encode
 
-    @eager_hook
     def _generate(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         for check in self.generate_checks:
             check(kwargs)
@@ -147,21 +146,34 @@ class CallTracker(PatchPart):
         finally:
             self._generating -= 1
 
-    @eager_hook
     def _encode_call(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        encode = self._begin_encode(original, args, kwargs)
+        out = None
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._end_encode(encode, out)
+        return out
+
+    @eager_hook
+    def _begin_encode(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Encode:
+        """Record an encode; arm the encoder cut if it belongs to a forward or ``generate``."""
         arguments = inspect.signature(original).bind_partial(*args, **kwargs).arguments
         encode = Encode({k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None})
         if self.encoder is not None and (self._depth or self._generating):
             self.encoder.arm(encode)
-        try:
-            out = original(*args, **kwargs)
-        finally:
-            if self.encoder is not None:
-                self.encoder.disarm()
+        return encode
+
+    @eager_hook
+    def _end_encode(self, encode: Encode, out: Any) -> None:
+        """Disarm the encoder cut; a finished encode is the next prefill's."""
+        if self.encoder is not None:
+            self.encoder.disarm()
+        if out is None:
+            return
         pooled = getattr(out, "pooler_output", None)
         encode.images = len(pooled) if isinstance(pooled, (list, tuple)) else None
         self._encode = encode
-        return out
 
     @eager_hook
     def _enter(self, module: Any, args: tuple, kwargs: dict) -> None:

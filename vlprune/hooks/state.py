@@ -42,7 +42,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def eager_hook(fn: F) -> F:
     """Mark a hook to run eagerly under ``torch.compile``: compiled code calls it as it is
-    (its Python control flow and per-thread state are never traced into a graph)."""
+    (its Python control flow, per-thread state and the methods it calls are never traced into
+    a graph). Not for code that calls back into the model (shadows of model methods)."""
     return torch.compiler.disable(fn)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,16 +52,12 @@ Selector = Callable[[ImageTokens], list[torch.Tensor]]
 
 
 @dataclass
-class VisionCutRecord:
-    """What a prefill's selection did, per sample: visual tokens before and after, sequence
-    lengths; ``image_tokens[b]``: placeholders of each image of sample b."""
+class Selection:
+    """What a prefill's selector kept: tokens per image (prompt order), and per sample the
+    placeholders of each of its images (``image_tokens[b]``)."""
 
-    visual_tokens: list[int]
-    kept_tokens: list[int]
-    seq_len: int
-    kept_seq_len: int
     kept_per_image: list[int]
-    image_tokens: list[list[int]] = field(default_factory=list)
+    image_tokens: list[list[int]]
 
 
 @dataclass(eq=False)
@@ -83,7 +79,7 @@ class PrefillRecord:
     is_image: torch.Tensor
     input_ids: torch.Tensor | None
     visual_tokens: list[int]
-    selection: VisionCutRecord | None = None
+    selection: Selection | None = None
     encode: Encode | None = None
     first: PrefillRecord | None = None
     replay: int = 0
@@ -187,7 +183,6 @@ class VisionCut(PatchPart):
                 encode: Encode | None) -> PrefillRecord:
         """Ask the selector (one row per prompt when ``generate`` repeated rows)."""
         if self.selector is None:
-            _check_no_cut_lost(encode)
             return self._record(torch.ones_like(is_image), is_image, inputs, None, encode)
         rows = inputs.input_ids if inputs.input_ids is not None else inputs.embeds
         repeat, layouts = prompt_layouts(
@@ -216,18 +211,14 @@ class VisionCut(PatchPart):
         tokens_per_row: list[list[int]] = [[] for _ in range(unique.shape[0])]
         for s, layout in zip(sample, layouts):
             tokens_per_row[s].append(layout.num_tokens)
-        selection = VisionCutRecord(
-            visual_tokens=is_image.sum(1).tolist(),
-            kept_tokens=(keep & is_image).sum(1).tolist(),
-            seq_len=is_image.shape[1],
-            kept_seq_len=int(keep.sum(1).max()),
+        selection = Selection(
             kept_per_image=[k for row in per_row for _ in range(repeat) for k in row],
             image_tokens=[row for row in tokens_per_row for _ in range(repeat)],
         )
         return self._record(keep, is_image, inputs, selection, encode)
 
     def _record(self, keep: torch.Tensor, is_image: torch.Tensor, inputs: ForwardInputs,
-                selection: VisionCutRecord | None, encode: Encode | None) -> PrefillRecord:
+                selection: Selection | None, encode: Encode | None) -> PrefillRecord:
         index, valid = left_packed_index(keep)
         return PrefillRecord(
             keep=keep,

@@ -274,8 +274,8 @@ def test_choose_keeps_each_rows_budget_exactly() -> None:
 def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
     """The language model sees exactly the budget per image (after the LLM step on NeXT /
     Qwen); the encoder keeps B (LLaVA), B/2 per crop (NeXT), 2B (Qwen). Batch 2, left padding:
-    greedy generation starts with the forward's argmax; without an LLM step (LLaVA-1.5) cached
-    generation equals uncached (uncached steps re-rank with the newest token otherwise)."""
+    greedy generation starts with the forward's argmax; cached generation equals uncached (the
+    uncached steps keep the first step's selection, LLM step included)."""
     model, inputs, budget = cached_model(family), cached_inputs(family, batch=2), BUDGET[family]
     with vlprune.patch(model, "flowcut", budget=budget) as handle, torch.no_grad():
         first = model(**inputs).logits[:, -1].argmax(-1)
@@ -285,9 +285,9 @@ def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
                                   use_cache=False)
     assert stats.kept_tokens == [budget] * 2
     assert torch.equal(cached[:, inputs["input_ids"].shape[1]], first)
+    assert torch.equal(cached, uncached)
     rows = stats.vision_layer_tokens
     if family == "llava":
-        assert torch.equal(cached, uncached)
         assert stats.kept_per_image == [budget] * 2
         assert all(len(set(row)) == 1 for row in stats.layer_tokens)  # no LLM step
         assert rows == [[37, budget + 1, budget + 1]] * 2

@@ -8,9 +8,9 @@ import functools
 
 import pytest
 import torch
-from flash_like import use_flash_like
 
 import vlprune
+from tests.flash_like import use_flash_like
 from vlprune.registry import get_method
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 

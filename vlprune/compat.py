@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-__all__ = ["CACHE_KWARG", "call_cache", "layer_cache", "output_cache"]
+__all__ = ["CACHE_KWARG", "call_cache", "layer_cache", "output_cache", "passed_cache"]
 
 CACHE_KWARG = ("cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters
                else "past_key_values")
@@ -25,11 +25,18 @@ def layer_cache(kwargs: dict[str, Any]) -> Any:
     return kwargs.get(CACHE_KWARG)
 
 
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a user passed to a model's ``forward`` or ``generate`` (either name: 5.24
+    still accepts ``past_key_values``; None when absent)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def call_cache(cache: Any) -> dict[str, Any]:
     """``{name: cache}`` to pass a cache to a model or module call of this release."""
     return {CACHE_KWARG: cache}
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache of a model output (``.cache`` or, before 5.24, ``.past_key_values``)."""
-    return getattr(output, CACHE_KWARG)
+    """The KV cache of a model output (``.cache`` or, before 5.24, ``.past_key_values``; None
+    when the output carries none)."""
+    return getattr(output, CACHE_KWARG, None)

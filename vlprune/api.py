@@ -15,6 +15,7 @@ from vlprune.budget import Budget
 from vlprune.hooks.decoder import CutContext, DecoderCut
 from vlprune.hooks.encoder import EncoderCut, EncoderCutContext
 from vlprune.hooks.vision import CallRecorder, ImageTokens, VisionCut
+from vlprune.keptmap import KeptImage, kept_images
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method, list_methods
 
@@ -81,6 +82,7 @@ class PatchHandle:
         if encoder_layers:
             self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
         self._settings = {"method": method.name, **budget.as_dict(), **method.settings()}
+        self._vision_kept: tuple | None = None  # last vision-side selection, for kept_images()
 
     @property
     def active(self) -> bool:
@@ -182,7 +184,13 @@ class PatchHandle:
         if units is not None:
             keep = [int(k.numel()) for k in kept]  # the encoder cut bounded the counts
         _check_selection(self.method.name, kept, keep, tokens.layouts)
+        self._vision_kept = tokens.input_ids, tokens.layouts, tokens.positions, tokens.sample, kept
         return kept
+
+    def kept_images(self) -> list[KeptImage]:
+        """Per image of the last prefill, the visual tokens alive after the last cut, with their
+        token grids and pixel masks (:func:`vlprune.keptmap.kept_images`)."""
+        return kept_images(self)
 
     def unpatch(self) -> None:
         """Remove every hook; the model behaves exactly as before :func:`patch`. Idempotent."""

@@ -1,0 +1,136 @@
+"""``vlprune show``: the PNG's highlighted pixels are exactly the kept tokens' patches.
+
+Pixel oracle: hand-listed kept cells (the ``fixed`` method keeps known indices) laid over the
+panel by each family's geometry (LLaVA 6x6 patches; LLaVA-NeXT 6x6 thumbnail + 8x12 unpadded
+canvas with a newline per row; Qwen 4x6 merged 2x2 patches); inside a kept cell a pixel is the
+scaled image's, outside it is dimmed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlprune.cli import main as cli_main
+from vlprune.eval.show import DIM, keep_maps, render
+from vlprune.eval.showcase import Showcase, load_showcase, prompt_builder
+from vlprune.keptmap import processor_fit
+from vlprune.testing import (
+    DEFAULT_IMAGE_SIZE,
+    FAMILIES,
+    tiny_image,
+    tiny_model,
+    tiny_processor,
+)
+
+# Per family: ``fixed`` indices, their cells {view: [(row, col)]}, each view's grid and the
+# panel size (images scaled ×2). NeXT: 36 + 13r + c is high-res cell (r, c); 48 a newline.
+CASES = {
+    "llava": ([0, 7, 20, 35], {"image": [(0, 0), (1, 1), (3, 2), (5, 5)]}, {"image": (6, 6)}),
+    "llava_next": ([3, 35, 36, 47, 48, 36 + 13 * 7 + 11],
+                   {"thumbnail": [(0, 3), (5, 5)], "high-res": [(0, 0), (0, 11), (7, 11)]},
+                   {"thumbnail": (6, 6), "high-res": (8, 12)}),
+    "qwen2_vl": ([1, 6, 23], {"image": [(0, 1), (1, 0), (3, 5)]}, {"image": (4, 6)}),
+    "qwen2_5_vl": ([0, 11, 12], {"image": [(0, 0), (1, 5), (2, 0)]}, {"image": (4, 6)}),
+}
+
+
+@functools.cache
+def _showcase(family: str) -> Showcase:
+    model, processor = tiny_model(family), tiny_processor(family)
+    return Showcase(family, model, processor, prompt_builder(processor, model.config),
+                    "w1 w2 w3", processor_fit(processor.image_processor))
+
+
+def _expected(cells: list[tuple[int, int]], grid: tuple[int, int],
+              size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: pixels whose centre falls in a listed cell of a ``grid`` stretched over a
+    ``size`` = (W, H) panel."""
+    (rows, cols), (width, height) = grid, size
+    mask = np.zeros((height, width), dtype=bool)
+    for r, c in cells:
+        y0, y1 = math.ceil(r * height / rows - 0.5), math.ceil((r + 1) * height / rows - 0.5)
+        x0, x1 = math.ceil(c * width / cols - 0.5), math.ceil((c + 1) * width / cols - 0.5)
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_highlighted_pixels_are_the_kept_patches(family, tmp_path):
+    indices, cells, grids = CASES[family]
+    image = tiny_image(3, DEFAULT_IMAGE_SIZE[family])
+    kept = keep_maps(_showcase(family), image, ["fixed"], budget=100,
+                     options={"fixed": {"indices": indices}})
+    assert kept["fixed"].kept.tolist() == indices
+    size = 2 * max(image.size)
+    picture, boxes = render(image, kept, size=size)
+    picture.save(tmp_path / "show.png")
+    png = np.asarray(Image.open(tmp_path / "show.png"))
+    width, height = 2 * image.width, 2 * image.height
+    scaled = np.asarray(image.resize((width, height), Image.BILINEAR))
+    dimmed = (scaled.astype(np.float32) * DIM).astype(np.uint8)
+    assert set(boxes) == {("fixed", view) for view in grids}
+    for view, grid in grids.items():
+        x, y = boxes[("fixed", view)]
+        panel = png[y:y + height, x:x + width]
+        mask = _expected(cells[view], grid, (width, height))
+        assert 0 < mask.sum() < mask.size
+        assert (panel[mask] == scaled[mask]).all()
+        assert (panel[~mask] == dimmed[~mask]).all()
+
+
+def test_unsupported_methods_are_reported_not_drawn():
+    """HiRED needs a CLS token (no Qwen): reported with the reason; the others still run."""
+    image = tiny_image(1, DEFAULT_IMAGE_SIZE["qwen2_vl"])
+    kept = keep_maps(_showcase("qwen2_vl"), image, ["hired", "uniform"], budget=6)
+    assert isinstance(kept["hired"], str) and "hired" in kept["hired"]
+    assert kept["uniform"].n_kept == 6
+
+
+def test_show_command_on_the_toy_model(tmp_path, capsys):
+    """A non-square image on the toy LLaVA (CLIP centre crop): one grid PNG, one per method."""
+    image = tmp_path / "photo.png"
+    tiny_image(2, (120, 90)).save(image)
+    out = tmp_path / "out" / "show.png"
+    cli_main(["show", str(image), "--model", "toy", "--methods", "fastv,hiprune", "--split",
+              "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "fastv: kept 64 of 576 tokens" in printed
+    assert "hiprune: kept 64 of 576 tokens" in printed
+    for path in (out, out.with_name("show_fastv.png"), out.with_name("show_hiprune.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(out).width > Image.open(out.with_name("show_fastv.png")).width
+
+
+def test_show_command_rejects_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="no image file"):
+        cli_main(["show", str(tmp_path / "missing.png")])
+    image = tmp_path / "photo.png"
+    tiny_image(2).save(image)
+    with pytest.raises(ValueError, match="budget"):
+        cli_main(["show", str(image), "--budget", "0", "--methods", "uniform"])
+
+
+def test_full_size_preset_runs_as_its_mini_twin():
+    showcase = load_showcase("llava-1.5-7b")
+    assert showcase.model.config.text_config.hidden_size == 64
+    assert showcase.fit == "crop"
+    kept = keep_maps(showcase, tiny_image(0, (336, 336)), ["uniform"], budget=64)
+    assert (kept["uniform"].n_kept, kept["uniform"].n_tokens) == (64, 576)
+
+
+def test_checkpoint_directory(tmp_path):
+    model, processor = tiny_model("llava_next"), tiny_processor("llava_next")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    showcase = load_showcase(str(tmp_path))
+    assert showcase.fit == "stretch"
+    kept = keep_maps(showcase, tiny_image(0, (150, 100)), ["random"], budget=10)
+    assert kept["random"].n_kept == 10
+    assert [view.name for view in kept["random"].views] == ["thumbnail", "high-res"]
+    assert torch.equal(kept["random"].kept, kept["random"].kept.sort().values)

@@ -107,7 +107,8 @@ def test_transition_probe_reads_submodule_input_and_output() -> None:
 
 def test_official_schedule_on_llava_depth() -> None:
     """32 layers: cuts at the inputs of 0-based layers 7, 9, 12; ratio 0.125 of 576 tokens keeps
-    504, 360, 72 (spec §2.3 table); LLaVA-NeXT's 2880 keeps 2520, 1800, 360."""
+    504, 360, 72 (docs/methods/transprune.md#budget-and-stage-counts); LLaVA-NeXT's 2880 keeps
+    2520, 1800, 360."""
     assert plan_layers(None, 32) == {7: 0, 9: 1, 12: 2}
     assert stage_counts(576, Budget(ratio=0.125).kept(576), OFFICIAL_RATIOS) == [504, 360, 72]
     assert stage_counts(2880, Budget(ratio=0.125).kept(2880), OFFICIAL_RATIOS) == [

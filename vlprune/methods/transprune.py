@@ -2,9 +2,10 @@
 
 "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model", CVPR 2026,
 arXiv 2507.20630; official code https://github.com/liaolea/TransPrune (HEAD c9e8284f, model code
-f4cb73b). Spec: ``specs/flowcut_transprune_todre.md`` §2.
+f4cb73b). Reference: ``docs/methods/transprune.md``.
 
-At every cut layer c of the schedule, over the sample's visual rows still alive (spec §2.3):
+At every cut layer c of the schedule, over the sample's visual rows still alive
+(``docs/methods/transprune.md#algorithm``):
 
 1. TTV: for every layer l of the accumulation range A that ran before c and each of its
    sub-modules F (attention, MLP): ``m = ‖y‖ / ‖x‖`` and ``w = softmax(1 − cos(x, y))`` over
@@ -21,7 +22,8 @@ Official schedule (32-layer Vicuna-7B, LLaVA-1.5 and LLaVA-NeXT): cuts at the in
 layers 7, 9, 12 (after 1-based layers 7, 9, 12), keeping 87.5 %, 62.5 %, 12.5 % of the visual
 tokens entering the LLM (576 → 504 → 360 → 72; TransPrune-High); A = layers 6–11.
 
-Budget and depth rules (vlprune's; the paper compares at TFLOPs levels, spec §2.5):
+Budget and depth rules (vlprune's; the paper compares at TFLOPs levels;
+``docs/methods/transprune.md#budget-and-stage-counts``):
 
 - ``budget`` / ``ratio`` = visual tokens kept after the *last* cut, per request (``K``, the one
   ``kept_count`` rule); stage s keeps ``K_s = N − floor((1 − r_s) / (1 − r_last) · (N − K))``:
@@ -141,7 +143,8 @@ class TransPrune(Method):
     """Token transition variation + instruction-guided attention, pruned in stages in the LLM.
 
     Scope: per request. ``budget`` / ``ratio``: visual tokens kept after the last cut
-    (``ratio=0.125``: the official TransPrune-High schedule). Options (spec §2.5): ``layers``
+    (``ratio=0.125``: the official TransPrune-High schedule). Options
+    (``docs/methods/transprune.md#options-and-official-defaults``): ``layers``
     0-based cut layers, one per stage (None: official 7, 9, 12 scaled to the depth);
     ``ratios`` kept fraction after each stage, whose shape the budget rescales (official
     0.875, 0.625, 0.125); ``direction`` "signed" (code, ``1 − cos``) or "abs" (paper,

@@ -163,6 +163,17 @@ def test_fixed_layer_on_merged_tokens():
         assert _cells(image) == {("image", 0, 2), ("image", 1, 3), ("image", 2, 1)}
 
 
+@pytest.mark.parametrize("method", ["hiprune", "fastv"])
+def test_generate_reports_its_prefill(method):
+    """Decode steps reuse the pruned cache: after ``generate`` the map is the prefill's."""
+    model, inputs = _model("llava"), tiny_inputs("llava", batch=2)
+    with vlprune.patch(model, method, budget=5) as handle, torch.no_grad():
+        model(**inputs)
+        after_forward = [image.kept.tolist() for image in handle.kept_images()]
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert [image.kept.tolist() for image in handle.kept_images()] == after_forward
+
+
 def test_empty_before_a_prefill_and_after_a_text_only_one():
     model = _model("llava")
     with vlprune.patch(model, "random", budget=4) as handle, torch.no_grad():

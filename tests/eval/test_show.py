@@ -114,6 +114,8 @@ def test_show_command_rejects_bad_input(tmp_path):
     tiny_image(2).save(image)
     with pytest.raises(ValueError, match="budget"):
         cli_main(["show", str(image), "--budget", "0", "--methods", "uniform"])
+    with pytest.raises(ValueError, match="unknown `method`"):
+        cli_main(["show", str(image), "--methods", "uniform,nosuch"])
 
 
 def test_full_size_preset_runs_as_its_mini_twin():

@@ -147,5 +147,5 @@ def main(args: argparse.Namespace) -> None:
     png = plot(rows, args.out / "demo.png")
     from vlprune.eval.show import gallery
 
-    kept = gallery(args.out / "gallery.png", methods=args.methods)
+    [kept] = gallery(args.out / "gallery.png", methods=args.methods)
     print(f"saved {args.out / 'demo.json'}, {png}, {kept}")

@@ -27,8 +27,9 @@ import vlprune
 from vlprune.budget import Budget
 from vlprune.eval.showcase import Showcase, load_showcase
 from vlprune.keptmap import FITS, KeptImage
+from vlprune.registry import get_method
 
-__all__ = ["add_parser", "gallery", "keep_maps", "main", "overlay", "render"]
+__all__ = ["add_parser", "gallery", "keep_maps", "main", "overlay", "render", "write_pictures"]
 
 DIM = 0.3
 """Brightness factor of pruned pixels."""
@@ -50,6 +51,8 @@ def keep_maps(
     ``text`` (default: the showcase's), or why the method could not run on the model.
     ``options[method]``: that method's keyword options."""
     Budget(tokens=budget, ratio=ratio)  # bad values raise here, not once per method
+    for name in methods:
+        get_method(name)
     model = showcase.model
     prompt = showcase.prompt(showcase.default_text if text is None else text)
     inputs = showcase.processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
@@ -117,10 +120,25 @@ def render(
     return canvas, boxes
 
 
+def write_pictures(image: Image.Image, kept: dict[str, KeptImage], out: Path, *,
+                   fit: str = "stretch", size: int = 336, columns: int = 5,
+                   split: bool = False) -> list[Path]:
+    """Save :func:`render`'s grid to ``out`` and, with ``split``, one picture per method to
+    ``<out stem>_<method>.png``; returns the paths written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(image, kept, fit=fit, size=size, columns=columns)[0].save(out)
+    written = [out]
+    for name, result in kept.items() if split else ():
+        path = out.with_name(f"{out.stem}_{name}.png")
+        render(image, {name: result}, fit=fit, size=size)[0].save(path)
+        written.append(path)
+    return written
+
+
 def gallery(out: Path, *, budget: int = 64, index: int = 0,
-            methods: Sequence[str] | None = None) -> Path:
+            methods: Sequence[str] | None = None, split: bool = False) -> list[Path]:
     """Every method (default: all registered) at ``budget`` tokens on held-out toy scene
-    ``index`` and its question, on the shipped toy model; writes the PNG to ``out``."""
+    ``index`` and its question, on the shipped toy model; :func:`write_pictures` to ``out``."""
     from vlprune.eval.toy.data import sample
     from vlprune.eval.toy.model import prompt
 
@@ -129,10 +147,7 @@ def gallery(out: Path, *, budget: int = 64, index: int = 0,
     showcase.prompt = functools.partial(prompt, subject=qa.subject)
     kept = keep_maps(showcase, qa.image, methods or vlprune.list_methods(), text=qa.question,
                      budget=budget)
-    picture, _ = render(qa.image, _shown(kept), fit=showcase.fit)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out)
-    return out
+    return write_pictures(qa.image, _shown(kept), out, fit=showcase.fit, split=split)
 
 
 def _shown(kept: dict[str, KeptImage | str]) -> dict[str, KeptImage]:
@@ -192,15 +207,8 @@ def main(args: argparse.Namespace) -> None:
                             budget=budget, ratio=args.ratio))
     if not kept:
         raise SystemExit(f"no method could run on {args.model}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    picture, _ = render(image, kept, fit=fit, size=args.size, columns=args.columns)
-    picture.save(args.out)
-    written = [args.out]
-    if args.split:
-        for name, result in kept.items():
-            path = args.out.with_name(f"{args.out.stem}_{name}.png")
-            render(image, {name: result}, fit=fit, size=args.size)[0].save(path)
-            written.append(path)
+    written = write_pictures(image, kept, args.out, fit=fit, size=args.size,
+                             columns=args.columns, split=args.split)
     for name, result in kept.items():
         print(f"{name}: kept {result.n_kept} of {result.n_tokens} tokens")
     print("saved " + ", ".join(map(str, written)))

@@ -1,9 +1,10 @@
 """``vlprune show``: the PNG's highlighted pixels are exactly the kept tokens' patches.
 
-Pixel oracle: hand-listed kept cells (the ``fixed`` method keeps known indices) laid over the
-panel by each family's geometry (LLaVA 6x6 patches; LLaVA-NeXT 6x6 thumbnail + 8x12 unpadded
-canvas with a newline per row; Qwen 4x6 merged 2x2 patches); inside a kept cell a pixel is the
-scaled image's, outside it is dimmed.
+Pixel oracle: each kept index's cell, worked out by hand from each family's geometry (LLaVA 6x6
+patches; LLaVA-NeXT 6x6 thumbnail + 8x12 unpadded canvas with a newline per row; Qwen 4x6 merged
+2x2 patches), laid over the panel: inside a kept cell a pixel is the scaled image's, outside it
+is dimmed. Covered: vision-side selections (``fixed`` keeps known indices), cuts inside the
+vision encoder and in the decoder.
 """
 
 from __future__ import annotations
@@ -20,24 +21,38 @@ from vlprune.cli import main as cli_main
 from vlprune.eval.show import DIM, keep_maps, render
 from vlprune.eval.showcase import Showcase, load_showcase, prompt_builder
 from vlprune.keptmap import processor_fit
-from vlprune.testing import (
-    DEFAULT_IMAGE_SIZE,
-    FAMILIES,
-    tiny_image,
-    tiny_model,
-    tiny_processor,
-)
+from vlprune.testing import DEFAULT_IMAGE_SIZE, tiny_image, tiny_model, tiny_processor
 
-# Per family: ``fixed`` indices, their cells {view: [(row, col)]}, each view's grid and the
-# panel size (images scaled ×2). NeXT: 36 + 13r + c is high-res cell (r, c); 48 a newline.
-CASES = {
-    "llava": ([0, 7, 20, 35], {"image": [(0, 0), (1, 1), (3, 2), (5, 5)]}, {"image": (6, 6)}),
-    "llava_next": ([3, 35, 36, 47, 48, 36 + 13 * 7 + 11],
-                   {"thumbnail": [(0, 3), (5, 5)], "high-res": [(0, 0), (0, 11), (7, 11)]},
-                   {"thumbnail": (6, 6), "high-res": (8, 12)}),
-    "qwen2_vl": ([1, 6, 23], {"image": [(0, 1), (1, 0), (3, 5)]}, {"image": (4, 6)}),
-    "qwen2_5_vl": ([0, 11, 12], {"image": [(0, 0), (1, 5), (2, 0)]}, {"image": (4, 6)}),
+# Token grids per family (default tiny image sizes): LLaVA 6x6; NeXT (150x100) a 6x6 thumbnail
+# (indices 0..35), then an 8x12 unpadded canvas whose row r starts at 36 + 13r (12 cells and one
+# newline token); Qwen (168x112) 4x6 merged 2x2 patches.
+GRIDS = {
+    "llava": {"image": (6, 6)},
+    "llava_next": {"thumbnail": (6, 6), "high-res": (8, 12)},
+    "qwen2_vl": {"image": (4, 6)},
+    "qwen2_5_vl": {"image": (4, 6)},
 }
+FIXED = {"llava": [0, 7, 20, 35], "llava_next": [3, 35, 36, 47, 48, 36 + 13 * 7 + 11],
+         "qwen2_vl": [1, 6, 23], "qwen2_5_vl": [0, 11, 12]}
+RUNS = [
+    *[(family, "fixed", {"indices": FIXED[family]}) for family in GRIDS],
+    ("llava", "flowcut", {}),  # cut inside the vision encoder only
+    ("qwen2_vl", "flowcut", {}),  # encoder cut, then the LLM step
+    ("qwen2_5_vl", "fastv", {}),  # decoder cut
+    ("llava_next", "transprune", {}),  # several decoder cuts
+    ("llava_next", "todre", {"tau": 0.0}),  # vision stage + decoder stage
+]
+
+
+def _cells(family: str, indices: list[int]) -> dict[str, list[tuple[int, int]]]:
+    """The (row, col) cell of each kept index, per grid, by hand (NeXT newlines have none)."""
+    cells: dict[str, list[tuple[int, int]]] = {view: [] for view in GRIDS[family]}
+    for i in indices:
+        if family != "llava_next" or i < 36:
+            cells[next(iter(GRIDS[family]))].append(divmod(i, 6))
+        elif (i - 36) % 13 < 12:
+            cells["high-res"].append(divmod(i - 36, 13))
+    return cells
 
 
 @functools.cache
@@ -60,28 +75,32 @@ def _expected(cells: list[tuple[int, int]], grid: tuple[int, int],
     return mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_highlighted_pixels_are_the_kept_patches(family, tmp_path):
-    indices, cells, grids = CASES[family]
+@pytest.mark.parametrize(("family", "method", "options"), RUNS)
+def test_highlighted_pixels_are_the_kept_patches(family, method, options, tmp_path):
+    """Every family and cut point (the kept indices themselves are checked against independent
+    oracles in tests/test_keptmap.py); ``fixed`` keeps known indices."""
     image = tiny_image(3, DEFAULT_IMAGE_SIZE[family])
-    kept = keep_maps(_showcase(family), image, ["fixed"], budget=100,
-                     options={"fixed": {"indices": indices}})
-    assert kept["fixed"].kept.tolist() == indices
-    size = 2 * max(image.size)
-    picture, boxes = render(image, kept, size=size)
+    kept = keep_maps(_showcase(family), image, [method], budget=6 if method != "fixed" else 100,
+                     options={method: options})
+    indices = kept[method].kept.tolist()
+    if method == "fixed":
+        assert indices == FIXED[family]
+    else:
+        assert 0 < len(indices) < kept[method].n_tokens
+    picture, boxes = render(image, kept, size=2 * max(image.size))
     picture.save(tmp_path / "show.png")
     png = np.asarray(Image.open(tmp_path / "show.png"))
     width, height = 2 * image.width, 2 * image.height
     scaled = np.asarray(image.resize((width, height), Image.BILINEAR))
     dimmed = (scaled.astype(np.float32) * DIM).astype(np.uint8)
-    assert set(boxes) == {("fixed", view) for view in grids}
-    for view, grid in grids.items():
-        x, y = boxes[("fixed", view)]
+    assert set(boxes) == {(method, view) for view in GRIDS[family]}
+    for view, cells in _cells(family, indices).items():
+        x, y = boxes[(method, view)]
         panel = png[y:y + height, x:x + width]
-        mask = _expected(cells[view], grid, (width, height))
-        assert 0 < mask.sum() < mask.size
+        mask = _expected(cells, GRIDS[family][view], (width, height))
         assert (panel[mask] == scaled[mask]).all()
         assert (panel[~mask] == dimmed[~mask]).all()
+    assert any(cells for cells in _cells(family, indices).values())
 
 
 def test_unsupported_methods_are_reported_not_drawn():

@@ -7,7 +7,7 @@ dropped), and the original positions of the rows that reach the last decoder lay
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import pytest
 import torch
@@ -15,9 +15,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import vlprune
+from tests.helpers import cached_model as _model
 from vlprune.adapters import ImageLayout
 from vlprune.keptmap import kept_image, layout_views, processor_fit
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model, tiny_processor
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_processor
 
 # Per family: kept local indices of the ``fixed`` oracle and the (view, row, col) cells they
 # are, by hand. LLaVA: 6x6 grid. NeXT (150x100 image): 6x6 thumbnail (0..35), then an 8x12
@@ -32,11 +33,6 @@ FIXED = {
     "qwen2_vl": ([1, 6, 23], [("image", 0, 1), ("image", 1, 0), ("image", 3, 5)]),
     "qwen2_5_vl": ([0, 11, 12], [("image", 0, 0), ("image", 1, 5), ("image", 2, 0)]),
 }
-
-
-@functools.cache
-def _model(family: str):
-    return tiny_model(family)
 
 
 def _run(family: str, method: str, batch: int = 2, **options) -> tuple[list, object, dict]:
@@ -172,6 +168,42 @@ def test_generate_reports_its_prefill(method):
         after_forward = [image.kept.tolist() for image in handle.kept_images()]
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert [image.kept.tolist() for image in handle.kept_images()] == after_forward
+
+
+def test_beams_repeat_their_prompts_map():
+    """``generate(num_beams=2)`` repeats each prompt row (its image encoded once): every row
+    reports its prompt's image, kept as in a plain forward of the same prompts."""
+    model, inputs = _model("llava_next"), tiny_inputs("llava_next", batch=2)
+    with vlprune.patch(model, "hiprune", budget=6) as handle, torch.no_grad():
+        model(**inputs)
+        single = [image.kept.tolist() for image in handle.kept_images()]
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+        beams = handle.kept_images()
+    assert [image.sample for image in beams] == [0, 1, 2, 3]
+    assert [image.kept.tolist() for image in beams] == [single[0], single[0],
+                                                        single[1], single[1]]
+
+
+def test_each_thread_sees_its_own_last_prefill():
+    """Like ``handle.stats``, the map is the calling thread's last prefill: a prefill in
+    another thread (another prompt) neither shows here nor replaces this thread's map."""
+    model = _model("llava")
+    one, two = tiny_inputs("llava", batch=1), tiny_inputs("llava", batch=2, seed=1)
+    with vlprune.patch(model, "fastv", budget=5) as handle, torch.no_grad():
+        model(**one)
+        mine = [image.kept.tolist() for image in handle.kept_images()]
+        seen = {}
+
+        def other() -> None:
+            seen["before"] = handle.kept_images()
+            model(**two)
+            seen["after"] = [image.sample for image in handle.kept_images()]
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert seen == {"before": [], "after": [0, 1]}
+        assert [image.kept.tolist() for image in handle.kept_images()] == mine
 
 
 def test_empty_before_a_prefill_and_after_a_text_only_one():

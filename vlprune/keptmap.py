@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlprune.adapters.base import ImageLayout
-from vlprune.hooks.gather import left_packed_index
-from vlprune.hooks.vision import split_images
+from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.images import prompt_layouts, split_images
 
 if TYPE_CHECKING:
-    from vlprune.api import PatchHandle
+    from vlprune.handle import PatchHandle
+    from vlprune.hooks.vision import PrefillRecord
 
 __all__ = ["FITS", "KeptImage", "KeptView", "kept_images", "layout_views", "processor_fit"]
 
@@ -143,56 +143,59 @@ def kept_image(layout: ImageLayout, kept: torch.Tensor, sample: int = 0) -> Kept
 
 
 def kept_images(handle: PatchHandle) -> list[KeptImage]:
-    """Per image of ``handle``'s last prefill (prompt order), the tokens alive after its last
-    cut; empty before the first prefill and after a prefill without images."""
-    record = _last_prefill(handle)
+    """Per image of ``handle``'s last prefill in the calling thread (prompt order), the tokens
+    alive after its last cut; empty before the first prefill and after one without images."""
+    record = handle._vision.last
     if record is None:
         return []
-    layouts, positions, sample, alive = record
+    prompt_image = _prompt_image_mask(record)
+    alive = _alive_prompt_rows(record) & prompt_image
+    layouts, positions, sample = _images(handle.adapter, record, prompt_image)
     return [
         kept_image(layout, alive[s, pos].nonzero()[:, 0], s)
         for layout, pos, s in zip(layouts, positions, sample)
     ]
 
 
-def _last_prefill(
-    handle: PatchHandle,
-) -> tuple[list[ImageLayout], list[torch.Tensor], list[int], torch.Tensor] | None:
-    """The one place that reads the handle's hook state: the last prefill's image layouts, the
-    prompt positions (N_i,) and batch row of each image, and a (B, L) bool over the prompt,
-    True on image positions alive after the last cut.
+def _prompt_image_mask(record: PrefillRecord) -> torch.Tensor:
+    """(B, L) bool over the prompt: its image placeholders. The vision-side cut drops image rows
+    only, so they are the dropped rows and the image rows the language model got."""
+    image = ~record.keep
+    rows, cols = (record.is_image & record.valid).nonzero(as_tuple=True)
+    image[rows, record.index[rows, cols]] = True
+    return image
 
-    Prompt positions → language-model input rows: the vision-side selection (recorded by the
-    handle) left-packs the kept positions exactly as the vision cut does; without a vision
-    stage the rows are the prompt's. Then the decoder cut's surviving rows, if any.
-    """
-    vision = handle._vision
-    if vision.lm_image_mask is None:
-        return None
-    selection = handle._vision_kept if vision.selector is not None else None
-    if selection is not None:
-        input_ids, layouts, positions, sample, kept = selection
-        keep = input_ids != handle.adapter.image_token_id
-        for pos, s, idx in zip(positions, sample, kept):
-            keep[s, pos[idx]] = True
-        rows, valid = left_packed_index(keep)
-    else:
-        is_image = vision.lm_image_mask
-        layouts = vision._layouts(is_image.sum(1).tolist())
-        positions, sample = split_images(is_image.long(), 1, layouts)
-        rows = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
-        valid = torch.ones_like(is_image)
-    if rows.shape != vision.lm_image_mask.shape:
-        raise RuntimeError("vlprune: the recorded vision selection does not match the last prefill")
-    length = rows.shape[1] if selection is None else selection[0].shape[1]
-    live = vision.lm_image_mask & valid
-    state = handle._decoder.state if handle._decoder is not None else None
-    if state is not None and state.index.shape[0] == rows.shape[0]:
-        rows, live = rows.gather(1, state.index), state.is_image & state.valid
-    alive = torch.zeros(rows.shape[0], length, dtype=torch.bool, device=rows.device)
-    batch = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
-    alive[batch[live], rows[live]] = True
-    return layouts, positions, sample, alive
+
+def _alive_prompt_rows(record: PrefillRecord) -> torch.Tensor:
+    """(B, L) bool over the prompt: rows that reach the last decoder layer (the language
+    model's input rows, narrowed by the decoder cut's last surviving rows if it cut)."""
+    positions, live = record.index, record.valid
+    state = record.decoder
+    if state is not None:
+        positions, live = positions.gather(1, state.index), state.valid
+    alive = torch.zeros_like(record.keep)
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    alive[rows.expand_as(positions)[live], positions[live]] = True
+    return alive
+
+
+def _images(
+    adapter: Adapter, record: PrefillRecord, prompt_image: torch.Tensor
+) -> tuple[list[ImageLayout], list[torch.Tensor], list[int]]:
+    """Per image of the prefill (row by row): its layout, prompt positions (N_i,) and batch
+    row; rows ``generate`` repeated (beams) repeat their prompt's images."""
+    ids = record.input_ids if record.input_ids is not None else prompt_image
+    images = record.encode.images if record.encode is not None else None
+    repeat, layouts = prompt_layouts(adapter, prompt_image, ids, record.layout_inputs, images)
+    positions, sample = split_images(prompt_image[::repeat], layouts)
+    out: tuple[list, list, list] = ([], [], [])
+    for row in range(prompt_image.shape[0]):
+        for layout, pos, s in zip(layouts, positions, sample):
+            if s == row // repeat:
+                out[0].append(layout)
+                out[1].append(pos)
+                out[2].append(row)
+    return out
 
 
 def processor_fit(image_processor: Any) -> str:

@@ -277,7 +277,7 @@ class VisionCut(PatchPart):
                 )
             return None
         self.current = record
-        if record.dropped == 0 or record.mask is None:
+        if record.mask is None:
             return None
         kwargs = dict(kwargs)
         steps = kwargs["inputs_embeds"].shape[1]

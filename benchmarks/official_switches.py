@@ -13,10 +13,12 @@ kinds); a random-weight model would say nothing about which tokens matter.
    crop grids: share of the crop budget given to a different crop.
 3. ``ties``: share of top-k selections whose k-th and (k+1)-th scores are equal (the tie rule
    decides membership), with vlprune's fp32 scores and with the same scores rounded to fp16.
-4. ``positions``: vision-side methods with the kept tokens' positions renumbered contiguously
-   after the cut (what the official LLaVA code does: it splices the kept tokens into a shorter
-   prompt) against vlprune's original positions: accuracy of both and the largest change of the
-   answer logits (same kept tokens).
+4. ``positions``: ``positions="renumber"`` (the kept tokens renumbered contiguously after
+   every cut: what the official LLaVA code does, splicing the kept tokens into a shorter prompt,
+   and TransPrune / FlowCut's language-model step after each decoder cut) against vlprune's
+   original positions: accuracy of both, the share of kept tokens in common (decoder cuts
+   after the first score renumbered rows), answers changed and the largest change of the
+   answer logits.
 5. ``precision``: MMTok with its features L2-normalised in fp16 (official) against fp32;
    FlowCut's CLIP scores computed in fp16 (official) against fp32: share of score vectors with
    NaN, and kept-token overlap where they have none.
@@ -49,17 +51,28 @@ BUDGET = 64
 BATCH = 16
 
 
-def run(model: Any, processor: Any, data: list, method: str, **options: Any
-        ) -> tuple[float, list[set[int]]]:
-    """Accuracy and the kept token indices of every question under ``method`` (batch 16)."""
-    answers, kept = [], []
+def predict(model: Any, processor: Any, data: list, method: str, **options: Any
+            ) -> tuple[torch.Tensor, list[set[int]]]:
+    """Answer logits (questions, vocab) and the kept token indices of every question under
+    ``method`` (batch 16)."""
+    logits, kept = [], []
     with vlprune.patch(model, method, budget=BUDGET, **options) as handle, torch.no_grad():
         for start in range(0, len(data), BATCH):
             inputs = model_inputs(processor, data[start:start + BATCH])
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-            answers += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            logits.append(model(**inputs, logits_to_keep=1).logits[:, -1])
             kept += [set(image.kept.tolist()) for image in handle.kept_images()]
-    return accuracy(answers, data), kept
+    return torch.cat(logits), kept
+
+
+def answers(processor: Any, logits: torch.Tensor) -> list[str]:
+    return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+
+
+def run(model: Any, processor: Any, data: list, method: str, **options: Any
+        ) -> tuple[float, list[set[int]]]:
+    """Accuracy and the kept token indices of every question under ``method``."""
+    logits, kept = predict(model, processor, data, method, **options)
+    return accuracy(answers(processor, logits), data), kept
 
 
 def overlap(a: list[set[int]], b: list[set[int]]) -> float:
@@ -81,6 +94,8 @@ def switches(model: Any, processor: Any, data: list) -> list[dict[str, Any]]:
         ("hiprune", {}, {"wrap_neighbours": True}, "wrap_neighbours=True (official)"),
         ("mmtok", {}, {"stopwords": stop}, "stopwords=mmtok_stopwords(tokenizer) (official)"),
         ("transprune", {}, {"direction": "abs"}, 'direction="abs" (paper Eq. 2)'),
+        ("transprune", {"counts": "proportional"}, {}, 'counts="official" (switch) against'
+         ' counts="proportional"'),
         ("todre", {}, {"variant": "kcenter"}, 'variant="kcenter" (v1)'),
         ("todre", {}, {"stage2": False}, "stage2=False (stage 1 only)"),
     ]
@@ -212,41 +227,18 @@ def precision(model: Any, processor: Any, data: list) -> list[dict[str, Any]]:
     return out
 
 
-def _answer_logits(model: Any, processor: Any, data: list, method: str,
-                   renumber: bool) -> torch.Tensor:
-    """(questions, vocab) last-position logits under ``method``; ``renumber``: positions of the
-    pruned sequence made contiguous (a pre-hook after the vision cut)."""
-    def contiguous(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = kwargs["attention_mask"]
-        return args, {**kwargs, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-
-    out = []
-    with vlprune.patch(model, method, budget=BUDGET) as handle, torch.no_grad():
-        hook = (model.model.language_model.register_forward_pre_hook(contiguous, with_kwargs=True)
-                if renumber else None)
-        try:
-            for start in range(0, len(data), BATCH):
-                inputs = model_inputs(processor, data[start:start + BATCH])
-                out.append(model(**inputs, logits_to_keep=1).logits[:, -1])
-        finally:
-            if hook is not None:
-                hook.remove()
-        del handle
-    return torch.cat(out)
-
-
 def positions(model: Any, processor: Any, data: list) -> list[dict[str, Any]]:
-    vocab = processor.tokenizer
     out = []
-    for method in ("hiprune", "hired", "globalcom2", "mmtok", "flowcut", "todre"):
-        original = _answer_logits(model, processor, data, method, renumber=False)
-        renumbered = _answer_logits(model, processor, data, method, renumber=True)
-        answers = [vocab.convert_ids_to_tokens(x.argmax(-1).tolist())
-                   for x in (original, renumbered)]
-        out.append({"method": method, "accuracy_original": accuracy(answers[0], data),
-                    "accuracy_contiguous": accuracy(answers[1], data),
+    for method in ("hiprune", "hired", "globalcom2", "mmtok", "flowcut", "todre", "fastv",
+                   "transprune"):
+        original, kept_a = predict(model, processor, data, method)
+        renumbered, kept_b = predict(model, processor, data, method, positions="renumber")
+        picked = [answers(processor, x) for x in (original, renumbered)]
+        out.append({"method": method, "accuracy_original": accuracy(picked[0], data),
+                    "accuracy_renumber": accuracy(picked[1], data),
+                    "overlap": overlap(kept_a, kept_b),
                     "max_logit_change": float((original - renumbered).abs().max()),
-                    "answers_changed": sum(a != b for a, b in zip(*answers))})
+                    "answers_changed": sum(a != b for a, b in zip(*picked))})
     return out
 
 

@@ -48,14 +48,15 @@ semantic term on Qwen; the LLM step's visual-only softmaxes; LLaVA-NeXT newline 
 
 Fixed / extended (official code is batch-1;
 ``docs/methods/flowcut.md#differences-from-the-official-code``): kept tokens keep their original
-positions (1-D and M-RoPE); the official LLaVA-NeXT renumbers positions contiguously and
-FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: not cheap in this hook
-design). Qwen: the global query attends within each image (the official flattens all images
-together) and whole 2×2 merge groups are dropped (the official drops single patches, so its merger
+positions (1-D and M-RoPE); the official LLaVA code renumbers positions contiguously, after the
+vision-side splice and after the LLM step (``vlprune.patch(..., positions="renumber")``), and
+FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: an approximation).
+Qwen: the global query attends within each image (the official flattens all images together) and
+whole 2×2 merge groups are dropped (the official drops single patches, so its merger
 concatenates four unrelated survivors); the count formula runs in merge groups. Qwen2.5-VL (no
 official code) is handled in window order with remapped window boundaries. Any batch size, left
-padding, sdpa and eager. An image nothing was pruned from keeps every token (newlines included), so
-a budget above every image's size equals the unpatched model.
+padding, sdpa and eager. An image nothing was pruned from keeps every token (newlines included),
+so a budget above every image's size equals the unpatched model.
 """
 
 from __future__ import annotations

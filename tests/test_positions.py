@@ -24,10 +24,21 @@ import vlprune
 from tests.helpers import ATTNS, BIG, MAX_NEW, cached_inputs, cached_model, forward, generate
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
+from vlprune.hooks.positions import renumber
 from vlprune.methods.base import DecoderBatch
 from vlprune.registry import build_method
 
 ATOL = 1e-5
+def test_renumber_by_hand() -> None:
+    """Real rows are numbered on from the first real row's own position (padding rows and slots
+    take their predecessor's number); the shift is how far the last real row moved down."""
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 3, 7, 8, 9, 12]])
+    real = torch.tensor([[False, True, True, False, True, True], [True] * 5 + [False]])
+    new, shift = renumber(positions, real)
+    assert new.tolist() == [[1, 1, 2, 2, 3, 4], [0, 1, 2, 3, 4, 4]]
+    assert shift.tolist() == [[1], [5]]
+
+
 # (method, family, prompt seed, patch keyword arguments, renumbering changes the kept tokens):
 # decoder cuts (three, one), a vision-side cut before a decoder cut (FlowCut's LLaVA-NeXT path),
 # vision-side cuts alone. Where the kept tokens change, a later cut scored on original

@@ -11,6 +11,7 @@ from torch import nn
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
 from vlprune.handle import PatchHandle, PruneStats, register, registered
+from vlprune.hooks.positions import POSITIONS
 from vlprune.registry import build_method, get_method, list_methods
 
 __all__ = [
@@ -34,13 +35,17 @@ def patch(
     *,
     budget: int | None = None,
     ratio: float | None = None,
+    positions: str = "original",
     **options: Any,
 ) -> PatchHandle:
     """Prune visual tokens of ``model`` with ``method``; returns a :class:`PatchHandle`.
 
     Exactly one of ``budget`` (visual tokens kept per unit of the method's scope: per image for
     most methods; a budget larger than an image keeps all of it) or ``ratio`` (kept fraction in
-    (0, 1]). ``options`` are the method's own keyword options (see ``available_methods()``).
+    (0, 1]). ``positions``: ``"original"`` (kept tokens keep their RoPE positions) or
+    ``"renumber"`` (the kept tokens renumbered contiguously after every cut, later tokens
+    following them: what most official implementations on LLaVA do; 1-D RoPE models only).
+    ``options`` are the method's own keyword options (see ``available_methods()``).
     Everything is validated before any hook is installed or any compute runs: bad values raise
     ``ValueError``, an unsupported model ``TypeError``, an already patched model
     :class:`AlreadyPatchedError`, a compiled model ``RuntimeError`` (compiled code would ignore
@@ -51,8 +56,16 @@ def patch(
     """
     budget_ = Budget(tokens=budget, ratio=ratio)
     get_method(method)
+    if positions not in POSITIONS:
+        raise ValueError(f"`positions` must be one of {', '.join(POSITIONS)}, got {positions!r}")
     _check_not_compiled(model)
     adapter = get_adapter(model)
+    if positions == "renumber" and adapter.rope != "1d":
+        raise ValueError(
+            f"`positions='renumber'` renumbers 1-D RoPE positions (LLaMA / Vicuna language "
+            f"models); a {adapter.family} model has 3-D M-RoPE positions, which vlprune keeps "
+            "(as the official Qwen code of HiPrune and MMTok does): use positions='original'"
+        )
     method_ = build_method(method, options)
     method_.check_model(adapter)
     existing = registered(model)
@@ -61,7 +74,7 @@ def patch(
             f"{type(model).__name__} is already patched ({existing!r}); call "
             "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
         )
-    handle = PatchHandle(model, adapter, method_, budget_)
+    handle = PatchHandle(model, adapter, method_, budget_, positions)
     handle._install()
     register(handle)
     return handle

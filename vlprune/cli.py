@@ -1,4 +1,4 @@
-"""Command line: ``vlprune demo | methods | profile | eval``."""
+"""Command line: ``vlprune demo | methods | profile | show | eval``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlprune.eval.profiler.cli import add_parser as add_profile_parser
 
     add_profile_parser(sub)
+    from vlprune.eval.show import add_parser as add_show_parser
+
+    add_show_parser(sub)
     evaluate = sub.add_parser(
         "eval", help="run lmms-eval with --model vlprune (all further arguments go to lmms-eval)",
         add_help=False, prefix_chars="+",

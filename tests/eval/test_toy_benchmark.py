@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 import vlprune
@@ -96,8 +97,8 @@ def test_informed_methods_beat_random_at_64_tokens(model: LlavaForConditionalGen
 def test_demo_command_prints_table_and_saves_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`vlprune demo` on a small sample prints the method × budget table and writes demo.json
-    and demo.png."""
+    """`vlprune demo` on a small sample prints the method × budget table and writes demo.json,
+    demo.png and the gallery (one cell per method, side by side)."""
     cli_main(["demo", "--samples", "8", "--methods", "random", "fastv", "--budgets", "64",
               "--seeds", "0", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -107,3 +108,5 @@ def test_demo_command_prints_table_and_saves_plot(
     assert [(r["method"], r["budget"]) for r in rows] == [("none", None), ("random", 64),
                                                           ("fastv", 64)]
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gallery = Image.open(tmp_path / "gallery.png")
+    assert gallery.width > 2 * 336 > gallery.height > 336

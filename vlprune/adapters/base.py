@@ -90,6 +90,11 @@ class Adapter:
         return self._resolve("model.language_model.layers")
 
     @property
+    def rotary_embedding(self) -> nn.Module:
+        """The language model's rotary embedding: ``(x, position_ids) -> (cos, sin)``."""
+        return self._resolve("model.language_model.rotary_emb")
+
+    @property
     def vision_tower(self) -> nn.Module:
         """The vision encoder."""
         return self._resolve(self.vision_path)

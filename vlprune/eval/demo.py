@@ -3,7 +3,8 @@
 Loads the trained toy LLaVA (:mod:`vlprune.eval.toy`, 576 visual tokens per image, offline),
 scores the unpruned model and each method at 64 / 128 / 192 kept tokens on held-out synthetic
 questions (:func:`~vlprune.eval.toy.benchmark.run_benchmark`), prints a table with a progress
-bar and writes ``demo.png`` (accuracy vs kept tokens) and ``demo.json`` to ``--out``.
+bar and writes ``demo.png`` (accuracy vs kept tokens), ``demo.json`` and ``gallery.png`` (what each
+method keeps of one held-out scene at 64 tokens, :func:`vlprune.eval.show.gallery`) to ``--out``.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="question kinds to score (default: all)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     demo.add_argument("--out", type=Path, default=Path("vlprune_demo"),
-                      help="folder for demo.png and demo.json (default ./vlprune_demo)")
+                      help="folder for demo.png, demo.json and gallery.png "
+                           "(default ./vlprune_demo)")
     demo.set_defaults(func=main)
 
 
@@ -143,4 +145,7 @@ def main(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
     png = plot(rows, args.out / "demo.png")
-    print(f"saved {args.out / 'demo.json'}, {png}")
+    from vlprune.eval.show import gallery
+
+    [kept] = gallery(args.out / "gallery.png", methods=args.methods)
+    print(f"saved {args.out / 'demo.json'}, {png}, {kept}")

@@ -45,16 +45,16 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    ProcessorMixin,
-    Qwen2_5_VLProcessor,
-    Qwen2VLProcessor,
-)
+from transformers import AutoConfig, ProcessorMixin
 
 import vlprune
 from vlprune.api import PruneStats
+from vlprune.eval.processors import (  # noqa: F401  (re-exported)
+    IMAGES_ONLY_PROCESSORS,
+    Qwen2_5_VLProcessorImagesOnly,
+    Qwen2VLProcessorImagesOnly,
+    load_processor,
+)
 
 MODEL_CLASSES: dict[str, str] = {
     "llava": "LlavaForConditionalGeneration",
@@ -86,56 +86,6 @@ def manifest() -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-class _ImagesOnly:
-    """Processor mixin without the video processor.
-
-    Qwen2-VL/2.5-VL processors load a torchvision video processor, which fails where torchvision
-    is not installed; image tasks never use it. Dropping ``video_processor`` from the processor's
-    attributes lets ``from_pretrained`` and ``save_pretrained`` work without it
-    (``vlprune.testing``'s no-video processors only skip the constructor's class check).
-    """
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]  # type: ignore[misc]
-
-    def check_argument_for_proper_class(self, argument_name: str, argument: object) -> object:
-        if argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)  # type: ignore[misc]
-
-
-class Qwen2VLProcessorImagesOnly(_ImagesOnly, Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images (loads and saves without torchvision)."""
-
-
-class Qwen2_5_VLProcessorImagesOnly(_ImagesOnly, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` for images (loads and saves without torchvision)."""
-
-
-IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    "qwen2_vl": Qwen2VLProcessorImagesOnly,
-    "qwen2_5_vl": Qwen2_5_VLProcessorImagesOnly,
-}
-
-
-def load_processor(pretrained: str, family: str, **kwargs: Any) -> ProcessorMixin:
-    """``AutoProcessor.from_pretrained``; for Qwen without torchvision, an images-only processor.
-
-    The tokenizer pads on the left (batched generation).
-    """
-    try:
-        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
-    except ImportError as err:
-        if family not in IMAGES_ONLY_PROCESSORS:
-            raise
-        reason = str(err).strip().splitlines()[0]
-        logger.info(f"vlprune: loading the processor without its video part ({reason})")
-        processor = IMAGES_ONLY_PROCESSORS[family].from_pretrained(pretrained, **kwargs)
-    processor.tokenizer.padding_side = "left"
-    return processor
 
 
 def model_family(pretrained: str, **kwargs: Any) -> str:

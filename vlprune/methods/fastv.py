@@ -3,7 +3,8 @@
 "An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764; official code
 https://github.com/pkunlp-icler/FastV. At decoder layer K the visual tokens are ranked by the
 attention the last prompt token gave them at layer K-1 (mean over heads); the top ones stay for
-layers ≥ K, the others leave the sequence and the KV cache of those layers.
+layers ≥ K, the others leave the sequence and the KV cache of those layers. Reference:
+``docs/methods/fastv.md``.
 """
 
 from __future__ import annotations

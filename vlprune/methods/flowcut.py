@@ -2,9 +2,9 @@
 
 "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models", arXiv
 2505.19536; official code https://github.com/TungChintao/FlowCut (HEAD ``a2ecd247``, last code
-change ``fc5d7a1``). Spec: ``specs/flowcut_transprune_todre.md`` §1 (§4 for cross-method notes).
+change ``fc5d7a1``). Reference: ``docs/methods/flowcut.md``.
 
-Vision encoder (spec §1.3, §1.4 "Qwen2-VL vision stage"): after each layer ℓ, while a sequence
+Vision encoder (``docs/methods/flowcut.md#algorithm``): after each layer ℓ, while a sequence
 (a CLIP crop / a Qwen frame) holds more units than its target T:
 
 1. relevance: CLIP: the CLS row's attention ``a_j = mean_h A_h[CLS, j]``; Qwen (no CLS): the
@@ -27,7 +27,7 @@ Vision encoder (spec §1.3, §1.4 "Qwen2-VL vision stage"): after each layer ℓ
 Targets per image of budget B: LLaVA-1.5 keeps B in the encoder, the language model sees exactly
 B. LLaVA-NeXT keeps ``B // 2`` patches per crop (thumbnail and every crop; official
 ``int(target_num / 2)``), Qwen keeps 2·B merged tokens (official ``8 · target_num`` patches);
-then, language model (spec §1.4), after decoder layer ``llm_layer`` (1):
+then, language model, after decoder layer ``llm_layer`` (1):
 
 7. for the last prompt token t (the last real row, after any right padding):
    ``rel_j = mean_h softmax_{j∈V}(q_t · k_j / √d)`` and
@@ -46,15 +46,17 @@ schedule and adaptive count; the forced last cut; the max count over a batch of 
 semantic term on Qwen; the LLM step's visual-only softmaxes; LLaVA-NeXT newline tokens dropped
 (multi-crop images), thumbnail then high-res tokens in raster order.
 
-Fixed / extended (official code is batch-1, spec §1.5, §1.7): kept tokens keep their original
-positions (1-D and M-RoPE); the official LLaVA-NeXT renumbers positions contiguously and
-FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: not cheap in this
-hook design). Qwen: the global query attends within each image (the official flattens all images
-together) and whole 2×2 merge groups are dropped (the official drops single patches, so its
-merger concatenates four unrelated survivors); the count formula runs in merge groups.
-Qwen2.5-VL (no official code) is handled in window order with remapped window boundaries. Any
-batch size, left padding, sdpa and eager. An image nothing was pruned from keeps every token
-(newlines included), so a budget above every image's size equals the unpatched model.
+Fixed / extended (official code is batch-1;
+``docs/methods/flowcut.md#differences-from-the-official-code``): kept tokens keep their original
+positions (1-D and M-RoPE); the official LLaVA code renumbers positions contiguously, after the
+vision-side splice and after the LLM step (``vlprune.patch(..., positions="renumber")``), and
+FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: an approximation).
+Qwen: the global query attends within each image (the official flattens all images together) and
+whole 2×2 merge groups are dropped (the official drops single patches, so its merger
+concatenates four unrelated survivors); the count formula runs in merge groups. Qwen2.5-VL (no
+official code) is handled in window order with remapped window boundaries. Any batch size, left
+padding, sdpa and eager. An image nothing was pruned from keeps every token (newlines included),
+so a budget above every image's size equals the unpatched model.
 """
 
 from __future__ import annotations
@@ -151,9 +153,10 @@ class FlowCut(Method):
     """Progressive, entropy-paced pruning inside the vision encoder; a one-shot LLM step on
     LLaVA-NeXT and Qwen (see the module docstring). Scope: per image.
 
-    Options (official defaults, spec §1.6): ``llm_layer`` = 1, the decoder layer whose attention
-    scores the LLM step and whose output is cut; ``history`` = 0.5, weight of the running score
-    (paper Table 10); ``stride`` = 2, layers between encoder prune steps (paper Table 11).
+    Options (``docs/methods/flowcut.md#options-and-official-defaults``): ``llm_layer`` = 1, the
+    decoder layer whose attention scores the LLM step and whose output is cut; ``history`` = 0.5,
+    weight of the running score (paper Table 10); ``stride`` = 2, layers between encoder prune steps
+    (paper Table 11).
     """
 
     stage = "vision+decoder"
@@ -176,7 +179,7 @@ class FlowCut(Method):
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
-        """LLaVA-1.5's encoder already reaches the budget: no LLM step there (spec §1.2)."""
+        """LLaVA-1.5's encoder already reaches the budget: no LLM step there."""
         super().check_model(adapter)
         self._llm_step = adapter.family != "llava"
         n_layers = len(adapter.decoder_layers)

@@ -3,7 +3,7 @@
 "Global Compression Commander: Plug-and-Play Inference Acceleration for High-Resolution Large
 Vision-Language Models" (AAAI 2026), arXiv 2501.05179; official code
 https://github.com/xuyang-liu16/GlobalCom2 (HEAD 96b2d00 read; code unchanged since 2025-03-08).
-Spec: ``specs/hiprune_hired_globalcom2.md`` §3.
+Reference: ``docs/methods/globalcom2.md``.
 
 Signal: ``z_p``, the last ViT layer's CLS-query row over the patch keys of partition p
 (thumbnail p = 0, crops k ≥ 1), head mean of the *pre-softmax* logits (official
@@ -108,10 +108,11 @@ def holistic_scores(
 class GlobalCom2(Method):
     """Thumbnail logits set per-crop retention ratios and guide per-token crop scores.
 
-    Options (spec §3.3): ``temperature`` τ of the crop softmax (10); ``global_weight`` w of the
-    guidance map in the crop score (0.5 = official equal mix); ``layer`` scored ViT layer (-1,
-    the last); ``newline`` LLaVA-NeXT newline tokens: ``"all"`` (official: every row keeps its
-    newline), ``"row"`` (kept iff the row keeps a token) or ``"drop"``, inside the budget.
+    Options (``docs/methods/globalcom2.md#options-and-official-defaults``): ``temperature`` τ of the
+    crop softmax (10); ``global_weight`` w of the guidance map in the crop score (0.5 = official
+    equal mix); ``layer`` scored ViT layer (-1, the last); ``newline`` LLaVA-NeXT newline tokens:
+    ``"all"`` (official: every row keeps its newline), ``"row"`` (kept iff the row keeps a token) or
+    ``"drop"``, inside the budget.
     """
 
     stage = "vision"

@@ -2,9 +2,10 @@
 
 "HiPrune: Hierarchical Attention for Efficient Token Pruning in Vision-Language Models",
 arXiv 2508.00553 (v3, ACL 2026 Findings); official code https://github.com/Danielement321/HiPrune
-(HEAD 6e83a12 read). Spec: ``specs/hiprune_hired_globalcom2.md`` §1.
+(HEAD 6e83a12 read). Reference: ``docs/methods/hiprune.md``.
 
-Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N' (spec §1.2):
+Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N'
+(``docs/methods/hiprune.md#algorithm``):
 
 1. score every token by the attention it *receives* at a layer: ``s_j = Σ_i mean_h A[h, i, j]``
    over all queries (CLIP's CLS query included, its key never kept); Qwen: per pre-merge patch,
@@ -30,12 +31,13 @@ Official-code behaviour and what vlprune does:
 
 - reproduced: attention-received scoring, banker's rounding of N_a, dedup before sizing the
   registers, raster output order, equal NeXT split, Qwen layers and 4-patch mean;
-- fixed (plain bugs): the NeXT split divides by the images of the whole *batch* (per image
-  here, remainder kept instead of floored away); the Qwen path can keep fewer than the budget
-  (a −1 penalty on column *sums* does not exclude S, ``topk`` then returns duplicates): registers
-  are drawn from a mask excluding S, so the count is always N'; buffers wrap across row ends and
-  clamp onto the first / last token: true 4-neighbours here, ``wrap_neighbours=True`` restores
-  the official index arithmetic (``i±1, i±W`` clamped to ``[0, N-1]``);
+- fixed (plain bugs): the budget is divided by the images of the whole *batch*, LLaVA-1.5 included
+  (per image here; the NeXT split keeps the remainder instead of flooring it away); the Qwen path
+  can keep fewer than the budget (a −1 penalty on column *sums* does not exclude S, ``topk`` then
+  returns duplicates): registers are drawn from a mask excluding S, so the count is always N';
+  buffers wrap across row ends and clamp onto the first / last token: true 4-neighbours here,
+  ``wrap_neighbours=True`` restores the official index arithmetic (``i±1, i±W`` clamped to
+  ``[0, N-1]``);
 - cannot be reproduced: the official NeXT path forces the ``spatial`` merge (no unpadding, no
   newline tokens); vlprune prunes the model's own ``spatial_unpad`` layout, so patches removed by
   unpadding are never candidates (anchors, buffers and registers are drawn from kept cells only).
@@ -70,7 +72,8 @@ from vlprune.methods._vision_common import (
 from vlprune.methods.base import Method, VisionBatch
 from vlprune.registry import register_method
 
-# (object layer, its reference depth, deep layer), spec §1.3: CLIP ViT-L/14 and the Qwen ViTs.
+# (object layer, its reference depth, deep layer): CLIP ViT-L/14 and the Qwen ViTs
+# (docs/methods/hiprune.md#options-and-official-defaults).
 _OFFICIAL_LAYERS = {True: (8, 24, -2), False: (15, 32, -1)}
 
 
@@ -142,12 +145,12 @@ class _Partition:
 class HiPrune(Method):
     """Anchors (object layer) + their 4-neighbour buffers + registers (deep layer).
 
-    Options (spec §1.3): ``alpha`` share of the budget spent on anchors + buffers (official
-    0.1); ``object_layer`` / ``deep_layer`` 0-based vision layers, None = official (see the
-    module docstring); ``wrap_neighbours`` official buffer arithmetic (default False: true
-    neighbours); ``newline`` LLaVA-NeXT newline tokens: ``"drop"`` (official: none are kept unless
-    the budget exceeds all other tokens), ``"row"`` (kept iff the row keeps a token) or ``"all"``,
-    always counted inside the budget.
+    Options (``docs/methods/hiprune.md#options-and-official-defaults``): ``alpha`` share of the
+    budget spent on anchors + buffers (official 0.1); ``object_layer`` / ``deep_layer`` 0-based
+    vision layers, None = official (see the module docstring); ``wrap_neighbours`` official buffer
+    arithmetic (default False: true neighbours); ``newline`` LLaVA-NeXT newline tokens: ``"drop"``
+    (official: none are kept unless the budget exceeds all other tokens), ``"row"`` (kept iff the
+    row keeps a token) or ``"all"``, always counted inside the budget.
     """
 
     stage = "vision"

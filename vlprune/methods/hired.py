@@ -2,7 +2,7 @@
 
 "HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution
 Vision-Language Models", arXiv 2408.10945 (v3); official code https://github.com/hasanar1f/HiRED
-(HEAD 502d6dd read). Spec: ``specs/hiprune_hired_globalcom2.md`` §2.
+(HEAD 502d6dd read). Reference: ``docs/methods/hired.md``.
 
 Scores are CLS-query attention probabilities summed over heads, ``c_p[j] = Σ_h A_p[h, 0, j]``
 over the patch keys of partition p (thumbnail p = 0, crops p ≥ 1). Per image, content budget c:
@@ -99,11 +99,11 @@ def hired_split(c: int, caps: list[int], content: list[float], alpha: float) -> 
 class HiRED(Method):
     """Early-layer CLS attention splits the budget over crops; final-layer CLS attention picks.
 
-    Options (spec §2.3): ``alpha`` thumbnail share (0.5); ``init_layer`` / ``final_layer``
-    (0 / -2); ``region`` (``"grid"`` or official ``"band"``); ``crop_score`` (official
-    ``"count"`` or paper ``"sum"``); ``newline`` LLaVA-NeXT newline tokens: ``"drop"`` (official:
-    none unless the budget exceeds all other tokens), ``"row"`` (kept iff the row keeps a token)
-    or ``"all"``, counted inside the budget.
+    Options (``docs/methods/hired.md#options-and-official-defaults``): ``alpha`` thumbnail share
+    (0.5); ``init_layer`` / ``final_layer`` (0 / -2); ``region`` (``"grid"`` or official
+    ``"band"``); ``crop_score`` (official ``"count"`` or paper ``"sum"``); ``newline`` LLaVA-NeXT
+    newline tokens: ``"drop"`` (official: none unless the budget exceeds all other tokens),
+    ``"row"`` (kept iff the row keeps a token) or ``"all"``, counted inside the budget.
     """
 
     stage = "vision"

@@ -1,7 +1,8 @@
 """``mmtok``: MMTok, multimodal coverage maximisation (Dong et al., ICLR 2026).
 
 "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs", arXiv 2508.18264;
-official code https://github.com/Ironieser/MMTok (release ``5b186b6``); spec ``specs/mmtok.md``.
+official code https://github.com/Ironieser/MMTok (release ``5b186b6``); reference
+``docs/methods/mmtok.md``.
 After the projector, each image keeps the k tokens chosen greedily to maximise
 
     F(S) = 1/m Σ_text max_{j∈S} P[t, j] + α/n Σ_vision max_{j∈S} Q[v, j]        (paper Eq. 2)
@@ -19,7 +20,7 @@ group, in raster order (Qwen2.5-VL's window order undone by the adapter's patch�
 Text targets come from the prompt: every prompt token that is not an image placeholder, not
 padding and not in ``stopwords`` (which needs ``input_ids``; a prompt given as ``inputs_embeds``
 works without them). The official code instead captures the user
-question from a patched chat template and filters it with a stop-word list (spec §6); pass
+question from a patched chat template and filters it with a stop-word list; pass
 ``stopwords=mmtok_stopwords(tokenizer)`` to drop the same words (plus punctuation, special
 tokens, the two lmms-eval answer-format suffixes and common chat-template boilerplate). Without
 ``stopwords`` every text token of the prompt is a target. When filtering leaves a prompt with no
@@ -59,13 +60,13 @@ STOP_WORDS: tuple[str, ...] = (
     "why", "how", "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer",
     "to", "for", "with", "by", "from", "at", "into", "onto", "upon",
 )
-"""The official "non-visual" words, matched in any case (spec §6)."""
+"""The official "non-visual" words, matched in any case (``docs/methods/mmtok.md``)."""
 
 PROMPT_SUFFIXES: tuple[str, ...] = (
     "Answer the question using a single word or phrase.",
     "Answer with the option's letter from the given choices directly.",
 )
-"""lmms-eval answer-format suffixes the official code deletes before filtering (spec §6)."""
+"""lmms-eval answer-format suffixes the official code deletes before filtering."""
 
 CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
     "USER:", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.",
@@ -74,7 +75,7 @@ CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
 """Chat-template text of LLaVA (vicuna, mistral) and Qwen prompts: never part of the question."""
 
 TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_vl": 0.01}
-"""Official τ_t per family (spec §4): 0.02 for LLaVA, 0.01 for Qwen."""
+"""Official τ_t per family: 0.02 for LLaVA, 0.01 for Qwen."""
 
 
 def mmtok_stopwords(
@@ -145,7 +146,8 @@ def coverage_matrix(
     vv_temperature: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units (spec §4).
+    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units
+    (``docs/methods/mmtok.md#algorithm``).
 
     ``text`` (G, M, D) targets, ``text_mask`` (G, M) bool (m = its count, padding rows are 0);
     ``vision`` (G, N, D) post-projector and ``vision_pre`` (G, N, D') pre-projector features;
@@ -169,7 +171,7 @@ def greedy_coverage(
 
     Step i adds the valid, unpicked column with the largest marginal gain
     ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
-    (spec §5). Needs ``k`` ≤ the valid columns of every unit.
+    (``docs/methods/mmtok.md#algorithm``). Needs ``k`` ≤ the valid columns of every unit.
     """
     units, rows, n = cover.shape
     blocked = torch.zeros(units, n, dtype=torch.bool, device=cover.device)
@@ -206,11 +208,11 @@ class _Unit(NamedTuple):
 class MMTok(Method):
     """Greedy text→vision + α·vision→vision coverage after the projector (see module docstring).
 
-    Options (official defaults, spec §4 / §9): ``alpha`` = 0.5; ``tv_temperature`` τ_t
-    (None = 0.02 on LLaVA / LLaVA-NeXT, 0.01 on Qwen); ``vv_temperature`` τ_v = 0.2;
-    ``stopwords``: token-id sequences that are not text targets (``mmtok_stopwords(tokenizer)``;
-    None = none); ``keep_newlines``: keep LLaVA-NeXT's newline tokens on top of the per-crop
-    budget (official: dropped).
+    Options (``docs/methods/mmtok.md#options-and-official-defaults``): ``alpha`` = 0.5;
+    ``tv_temperature`` τ_t (None = 0.02 on LLaVA / LLaVA-NeXT, 0.01 on Qwen);
+    ``vv_temperature`` τ_v = 0.2; ``stopwords``: token-id sequences that are not text targets
+    (``mmtok_stopwords(tokenizer)``; None = none); ``keep_newlines``: keep LLaVA-NeXT's newline
+    tokens on top of the per-crop budget (official: dropped).
     """
 
     stage = "vision"

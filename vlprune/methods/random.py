@@ -1,6 +1,6 @@
 """``random``: keep a seeded random subset of each image's tokens.
 
-The floor every method must beat.
+The floor every method must beat. Reference: ``docs/methods/random.md``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance", arXiv 2505.18757
 v2 (Nov 2025; v1, May 2025: "... via Diversity and Task Awareness ..."). **No official code
-exists** (spec §0, §3.0): this follows the v2 text (Algorithm 1, Eq. 8), with v1's greedy
-k-center as ``variant="kcenter"``. Spec: ``specs/flowcut_transprune_todre.md`` §3.
+exists**: this follows the v2 text (Algorithm 1, Eq. 8), with v1's greedy k-center as
+``variant="kcenter"``. Reference: ``docs/methods/todre.md``.
 
 Stage 1, diversity (vision side, after the projector; per image, budget k = kept tokens):
 
@@ -31,7 +31,7 @@ Defaults and inferred choices (the paper is silent where marked):
 - T = the rows after the sample's last visual row (instruction and answer prefix).
   ``α_{v→t}`` (visual queries on text keys, Eq. 8's second test) is identically 0 under the
   causal mask when T follows the image, so the test reduces to ``α_{t→v} < τ`` (flagged in
-  spec §3.3; not computed).
+  ``docs/methods/todre.md#choices-where-the-paper-is-silent``; not computed).
 - Pivot attention layer: CLIP's feature layer −2 (the output LLaVA feeds to the LLM). Encoders
   without [CLS] (Qwen2-VL / Qwen2.5-VL) use the analogue of FlowCut's Qwen path: the attention
   of the mean ("global") query of the last block, averaged over each merged token's 4 patches
@@ -116,12 +116,12 @@ class ToDRE(Method):
     when text barely attends to it.
 
     Scope: per image (stage 1: ``budget`` = tokens kept per image); stage 2 decides per sample.
-    Options (spec §3.4): ``stage1`` / ``stage2`` switch the stages; ``variant`` "maxsum" (v2,
-    default) or "kcenter" (v1); ``pivot`` "attention" (default, see the module docstring),
-    "center" (centre of the main grid) or "random" (seeded by ``seed``); ``pivot_layer``
-    0-based vision layer of the pivot attention (None: −2 with [CLS], the last block without);
-    ``tau`` threshold on ``α_{t→v}`` (0.10); ``drop_layer`` first decoder layer without visual
-    tokens (None: ``7L // 8``); ``newline`` LLaVA-NeXT newline tokens: "candidate" (ordinary
+    Options (``docs/methods/todre.md#options-and-defaults``): ``stage1`` / ``stage2`` switch the
+    stages; ``variant`` "maxsum" (v2, default) or "kcenter" (v1); ``pivot`` "attention" (default,
+    see the module docstring), "center" (centre of the main grid) or "random" (seeded by ``seed``);
+    ``pivot_layer`` 0-based vision layer of the pivot attention (None: −2 with [CLS], the last block
+    without); ``tau`` threshold on ``α_{t→v}`` (0.10); ``drop_layer`` first decoder layer without
+    visual tokens (None: ``7L // 8``); ``newline`` LLaVA-NeXT newline tokens: "candidate" (ordinary
     candidates, default) or a policy of ``_vision_common.fill_budget`` ("drop", "row", "all").
     """
 

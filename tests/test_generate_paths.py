@@ -30,7 +30,7 @@ from tests.helpers import (
     oracle_inputs,
     right_padded,
 )
-from vlprune.compat import CACHE_KWARG, call_cache, output_cache
+from vlprune.compat import CACHE_KWARG, PRECOMPUTED_FEATURES, call_cache, output_cache
 from vlprune.testing import (
     DEFAULT_IMAGE_SIZE,
     FAMILIES,
@@ -151,6 +151,22 @@ def test_uncached_generate_equals_cached(method: str, family: str) -> None:
     assert torch.equal(cached, uncached)
 
 
+def test_a_new_uncached_generate_selects_afresh() -> None:
+    """Uncached steps replay their own ``generate`` call's selection only: a second call on the
+    first one's sequences with the same ``pixel_values`` object selects for its own prompt, as
+    a call with a copy of the pixels does."""
+    model, inputs = cached_model("llava"), cached_inputs("llava")
+    once = {"max_new_tokens": 1, "do_sample": False, "use_cache": False, "output_logits": True,
+            "return_dict_in_generate": True}
+    with vlprune.patch(model, "fastv", ratio=RATIO), torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        longer = {**inputs, "input_ids": first, "attention_mask": torch.ones_like(first)}
+        got = model.generate(**longer, **once).logits[0]
+        copied = {**longer, "pixel_values": inputs["pixel_values"].clone()}
+        want = model.generate(**copied, **once).logits[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 # -------------------------------------------------------------------------- inputs_embeds
 
 
@@ -204,6 +220,8 @@ def _image_inputs(family: str, inputs) -> dict:
     return {k: inputs[k] for k in IMAGE_KEYS.get(family, ("pixel_values", "image_grid_thw"))}
 
 
+@pytest.mark.skipif(not PRECOMPUTED_FEATURES,
+                    reason="this transformers release takes no precomputed image features")
 @pytest.mark.parametrize(("method", "family"), PAIRS)
 def test_precomputed_image_features_prune_or_raise(method: str, family: str) -> None:
     """Image features passed precomputed (``mm_encoder_outputs``, encoded before patching):

@@ -5,7 +5,8 @@
 - ``vision``: the vision-side cut before the language model (``images``: where the images of a
   prefill are; ``gather``: the shared gather);
 - ``encoder`` / ``encoder_state``: the cut between vision-encoder layers;
-- ``decoder``: the cut at decoder layers (``masks``: the 4-D mask arithmetic);
+- ``decoder``: the cut at decoder layers (``masks``: the masks of cut rows, in the convention
+  of each attention implementation);
 - ``loss``: the causal-LM loss over kept rows;
 - ``signals``: probes that recompute only the attention rows a method asks for;
 - ``state``: per-thread and per-cache state, deep copies and pickling of a patch.

@@ -20,12 +20,16 @@ appended since (``VisionCut`` tells which prefill it replays).
 Rows of a batch may keep different numbers of rows: the chooser then returns ``(index, slots)``,
 the kept rows left-padded to a common width and a (B, Lnext) bool that is False on the padding
 slots. Padding slots are masked out as keys in that layer and every later one, in prefill and in
-every decode step (a padding slot attends only to itself, so no softmax row is empty). Where
-the layer's mask is None (sdpa's ``is_causal`` fast path) one is materialised in the
-convention of the attention implementation's own mask builder (transformers
-``masking_utils``): bool (True = attend) for ``sdpa_mask``, additive float (0 or the dtype's
-minimum) for ``eager_mask``; other implementations (flash, flex) raise ``NotImplementedError``
-on that path. The mask arithmetic is in ``hooks/masks.py``.
+every decode step.
+
+Masks: a 4-D mask the layer got (sdpa, eager) is gathered on rows and key columns, padding
+slots hidden (a padding slot attends only to itself, so no softmax row is empty). Any other mask
+(flash attention's 2-D padding mask, flex attention's ``BlockMask``), or a None mask while
+padding slots exist (sdpa's ``is_causal`` fast path), is rebuilt for the rows the layer sees by
+:func:`~vlprune.hooks.masks.layer_mask` in the convention of the attention implementation, from
+which of those rows are real: in prefill the cut rows, in decode the layer's cache slots
+``cat(kept_index, arange(L, kv_len))`` read from the 2-D mask the language model got. So no
+layer gets a mask of the uncut length.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from vlprune.adapters.base import Adapter
 from vlprune.compat import layer_cache, output_cache
 from vlprune.hooks.gather import gather_positions, gather_rows
-from vlprune.hooks.masks import causal_slot_mask, gather_mask_4d, mask_slots
+from vlprune.hooks.masks import (
+    cache_keys,
+    gather_mask_4d,
+    layer_mask,
+    mask_builder,
+    mask_slots,
+)
 from vlprune.hooks.positions import renumber
 from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
@@ -132,6 +141,10 @@ class DecoderCut(PatchPart):
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
     _rope = ThreadLocal()
+    _lm_mask = ThreadLocal()
+    """The 2-D attention mask the language model got in the running forward (None: none)."""
+    _built = ThreadLocal()
+    """(sources, mask): the last mask built in the running forward, for the next layers."""
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
                  vision: VisionCut, positions: str = "original") -> None:
@@ -167,7 +180,9 @@ class DecoderCut(PatchPart):
     @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.current = None
-        self._rope = None
+        self._rope = self._built = None
+        mask = kwargs.get("attention_mask")
+        self._lm_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = layer_cache(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         if not self._prefill:
@@ -181,10 +196,11 @@ class DecoderCut(PatchPart):
         if record is None or record.is_image.shape != (batch, length):
             self.last = None
             return
+        if batch > 1:
+            mask_builder(self.adapter.language_model.config)  # padding / slots need one
         index = torch.arange(length, device=embeds.device).expand(batch, length)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            valid = mask.bool()
+        if self._lm_mask is not None:
+            valid = self._lm_mask.bool()
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         n_layers = len(self.adapter.decoder_layers)
@@ -201,6 +217,7 @@ class DecoderCut(PatchPart):
     @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """After a prefill, the cache it filled keeps its state for the decode steps."""
+        self._rope = self._built = None
         cache = output_cache(output)
         if self._prefill and self.current is not None and cache is not None:
             self.records.set(cache, self.current)
@@ -279,19 +296,6 @@ class DecoderCut(PatchPart):
         state.positions, state.shift = renumber(original, state.valid)
         state.rope = self.adapter.rotary_embedding(hidden, state.positions)
 
-    def _mask_kind(self) -> str:
-        """The 4-D mask convention of the language model's attention: "bool" or "float"."""
-        name = self.adapter.language_model.config._attn_implementation
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(name)
-        if builder is sdpa_mask:
-            return "bool"
-        if builder is eager_mask:
-            return "float"
-        raise NotImplementedError(
-            "rows keeping different counts need a 4-D attention mask; attention "
-            f"implementation {name!r} is not supported on that path (use 'sdpa' or 'eager')"
-        )
-
     def _gather_prefill(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
                         state: DecoderState) -> tuple[tuple, dict]:
         index = state.index
@@ -317,19 +321,25 @@ class DecoderCut(PatchPart):
             if state.slots is not None:
                 mask = mask_slots(mask, state.slots, state.slots)
             kwargs["attention_mask"] = mask
-        elif state.slots is not None:
-            kwargs["attention_mask"] = self._new_mask(mask, state.slots, index.shape[1], hidden)
+        elif mask is not None or state.slots is not None:
+            kwargs["attention_mask"] = self._rebuilt_mask(
+                (state.valid,), state.valid, index.shape[1], hidden)
         return args, kwargs
 
-    def _new_mask(self, mask: Any, keys: torch.Tensor, n_queries: int,
-                  hidden: torch.Tensor) -> torch.Tensor:
-        """Materialise the mask of a layer whose own mask is None (padding slots present)."""
-        if mask is not None:
-            raise NotImplementedError(
-                "rows keeping different counts need a 4-D attention mask, got "
-                f"{type(mask).__name__}"
-            )
-        return causal_slot_mask(keys, n_queries, self._mask_kind(), hidden.dtype)
+    def _rebuilt_mask(self, sources: tuple,
+                      keys: torch.Tensor | Callable[[], torch.Tensor], n_queries: int,
+                      hidden: torch.Tensor) -> Any:
+        """The layer's mask for ``keys`` (B, K) real or not (or a function computing them), in
+        its implementation's convention; the layers after it reuse it while they build from the
+        same ``sources`` (tensors compared by identity, numbers by value) in one forward."""
+        sources = (*sources, n_queries)
+        built = self._built
+        if built is not None and _same(built[0], sources):
+            return built[1]
+        config = self.adapter.language_model.config
+        mask = layer_mask(config, keys() if callable(keys) else keys, n_queries, hidden.dtype)
+        self._built = (sources, mask)
+        return mask
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self.current
@@ -357,7 +367,7 @@ class DecoderCut(PatchPart):
                                  self.adapter.rotary_embedding(hidden, moved))
         return memo[2], memo[3]
 
-    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> Any:
         """Layer ``i``'s mask in a decode step (None: the layer's own mask is right)."""
         mask = kwargs.get("attention_mask")
         state = self.current
@@ -370,12 +380,14 @@ class DecoderCut(PatchPart):
             mask = gather_mask_4d(mask, None, torch.cat([index, new], 1))
             if slots is not None:
                 mask = mask_slots(mask, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
-        elif slots is not None:
+        elif mask is not None or slots is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             n_queries = hidden.shape[1]
             kv_len = layer_cache(kwargs).get_seq_length(i) + n_queries
-            keys = torch.cat([slots, slots.new_ones(slots.shape[0], kv_len - slots.shape[1])], 1)
-            mask = self._new_mask(mask, keys, n_queries, hidden)
+            mask = self._rebuilt_mask(
+                (index, slots, self._lm_mask, kv_len),
+                partial(cache_keys, self._lm_mask, state.input_len, index, slots, kv_len),
+                n_queries, hidden)
         else:
             return None
         return mask
@@ -387,3 +399,10 @@ def _position_ids(kwargs: dict) -> torch.Tensor:
     if position_ids is None or position_ids.dim() != 2:
         raise RuntimeError("positions='renumber' needs the decoder layers' 1-D position_ids")
     return position_ids
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal source tuples: the same tensor objects (or None) and equal numbers."""
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, int) and isinstance(y, int) and x == y) for x, y in zip(a, b)
+    )

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.hooks.gather import gather_rows
+from vlprune.hooks.masks import query_rows
 from vlprune.hooks.signals.module_probes import HandleGroup, Probe
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.state import ThreadLocal, eager_hook
@@ -89,12 +90,7 @@ class TextAttentionProbe(Probe):
 
     def _mask_rows(self, queries: torch.Tensor, length: int) -> torch.Tensor:
         mask = self.inputs["attention_mask"] if self.inputs else None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = mask.expand(queries.shape[0], *mask.shape[1:])
-            index = queries[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
-            return mask.gather(2, index)
-        keys = torch.arange(length, device=queries.device)
-        return (keys[None, None, None, :] <= queries[:, None, :, None])
+        return query_rows(mask, queries, length)
 
 
 class NextLayerAttentionProbe(TextAttentionProbe):

@@ -1,9 +1,9 @@
 """A CPU stand-in for ``flex_attention``: flex's conventions, computed with sdpa.
 
 transformers' own flex path compiles ``flex_attention`` and ``create_block_mask`` with
-``torch.compile`` (slow on CPU, and its CPU kernels fail to build for decode steps in torch
-2.13). This registers ``flex_like`` in both registries, following ``flex_attention_forward`` and
-``flex_attention_mask``:
+``torch.compile``: slow on CPU, and with torch 2.13 the CPU kernel inductor generates for decode
+steps failed to compile on this project's machines. This registers ``flex_like`` in both
+registries, following ``flex_attention_forward`` and ``flex_attention_mask``:
 
 - decoder masks are ``BlockMask`` objects, built as ``flex_attention_mask`` builds them (causal
   mask function, the 2-D padding mask and-ed in, query / key offsets), without compiling;

@@ -97,7 +97,7 @@ def mask_builder(config: Any) -> Any:
     builder = ALL_MASK_ATTENTION_FUNCTIONS.get(name)
     if builder is None:
         raise NotImplementedError(
-            f"vlprune's decoder cut builds the attention masks of the rows it keeps with the "
+            "vlprune's decoder cut builds the attention masks of the rows it keeps with the "
             f"mask builder of the attention implementation, and {name!r} has none registered "
             "(transformers AttentionMaskInterface.register): register one, or run batches of "
             "one prompt"
@@ -134,8 +134,8 @@ def query_rows(mask: Any, queries: torch.Tensor, n_keys: int) -> torch.Tensor:
     """The rows ``queries`` (B, Q) of a prefill layer's ``attention_mask`` over its ``n_keys``
     keys, as a (B, 1|H, Q, n_keys) bool (True = attend) or additive float mask.
 
-    ``mask``: a 4-D mask (sdpa, eager), flash attention's 2-D padding mask (B, K) or None
-    (causal, padding keys hidden), or flex attention's ``BlockMask`` (its ``mask_mod``
+    ``mask``: a 4-D mask (sdpa, eager), flash attention's 2-D padding mask (B, K) (causal,
+    padding keys hidden), None (causal), or flex attention's ``BlockMask`` (its ``mask_mod``
     evaluated); ``TypeError`` for anything else.
     """
     batch = queries.shape[0]

@@ -15,7 +15,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 import vlprune
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, kept_lm_extras, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
 K = 2
@@ -88,8 +88,10 @@ def _gather_pos(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[torch.Tensor, ...]:
     """Run the language model's layers by hand, mirroring ``LlamaModel.forward`` /
-    ``Qwen2VLTextModel.forward``: full sequence for layers < ``layer``, then only the kept rows
-    (fresh causal mask over them, RoPE of their original positions) for the rest."""
+    ``Qwen2VLTextModel.forward`` / ``Qwen3VLTextModel.forward``: full sequence for layers <
+    ``layer``, then only the kept rows (fresh causal mask over them, RoPE of their original
+    positions) for the rest; DeepStack features are added after layer i < their count at the
+    visual positions alive there."""
     lm = model.model.language_model
     kw = _capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
@@ -103,28 +105,35 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
         pos = torch.arange(length).expand(batch, length)
     if mrope:
         assert pos.shape == (3, batch, length)
-        assert set(lm.config.layer_types) == {"full_attention"}
+        layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+        assert set(layer_types) == {"full_attention"}
     is_image = inputs["input_ids"] == model.config.image_token_id
     keep = _keep_rows(is_image, ordinals)
     rows = torch.arange(batch)[:, None]
 
-    def run(hidden, mask2d, positions, layers):
+    def run(hidden, mask2d, positions, layers, extras):
         causal = create_causal_mask(
             config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
             position_ids=None if mrope else positions,
         )
         cos_sin = lm.rotary_emb(hidden, positions)
-        for decoder_layer in layers:
-            hidden = decoder_layer(
+        deepstack = extras.get("deepstack_visual_embeds", [])
+        for i in layers:
+            hidden = lm.layers[i](
                 hidden, attention_mask=causal, position_embeddings=cos_sin,
                 position_ids=None if mrope else positions, cache=None, use_cache=False,
             )
+            if i < len(deepstack):
+                hidden = hidden.clone()
+                hidden[extras["visual_pos_masks"]] += deepstack[i]
         return hidden
 
+    everything = torch.arange(length).expand(batch, length)
+    n_layers = len(lm.layers)
     with torch.no_grad():
-        hidden = run(embeds, mask, pos, lm.layers[:layer])
+        hidden = run(embeds, mask, pos, range(layer), kept_lm_extras(kw, everything))
         hidden = run(hidden[rows, keep], mask.gather(1, keep), _gather_pos(pos, keep),
-                     lm.layers[layer:])
+                     range(layer, n_layers), kept_lm_extras(kw, keep))
         logits = model.lm_head(lm.norm(hidden))
     return logits, mask.gather(1, keep).bool()
 

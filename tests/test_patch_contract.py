@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 import vlprune
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, kept_lm_extras, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
 # Local image-token indices kept by the ``fixed`` oracle: valid for every family's default
@@ -125,8 +125,8 @@ def _gather_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _oracle_inputs(model, inputs, local: list[int]):
-    """Kept embeddings, original positions and 2-D mask, gathered by hand from the unpatched
-    model's language-model inputs."""
+    """Kept embeddings, original positions, 2-D mask and extra inputs (DeepStack), gathered by
+    hand from the unpatched model's language-model inputs."""
     kw = _capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
     batch, length = embeds.shape[:2]
@@ -138,18 +138,19 @@ def _oracle_inputs(model, inputs, local: list[int]):
         mask = torch.ones(batch, length, dtype=torch.long)
     index = _keep_index(inputs["input_ids"], model.config.image_token_id, local)
     rows = torch.arange(batch)[:, None]
-    return embeds[rows, index], _gather_positions(pos, index), mask.gather(1, index)
+    extras = kept_lm_extras(kw, index)
+    return embeds[rows, index], _gather_positions(pos, index), mask.gather(1, index), extras
 
 
-def _oracle_logits(model, embeds, pos, mask) -> torch.Tensor:
+def _oracle_logits(model, embeds, pos, mask, extras) -> torch.Tensor:
     with torch.no_grad():
         hidden = model.model.language_model(
-            inputs_embeds=embeds, position_ids=pos, attention_mask=mask
+            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **extras
         ).last_hidden_state
         return model.lm_head(hidden)
 
 
-def _oracle_generate(model, embeds, pos, mask, steps: int = MAX_NEW) -> torch.Tensor:
+def _oracle_generate(model, embeds, pos, mask, extras, steps: int = MAX_NEW) -> torch.Tensor:
     """Greedy loop on the language model with a DynamicCache: prefill the kept rows at their
     original positions; new token t sits at ``last prompt position + 1 + t`` (all M-RoPE rows),
     as ``generate``'s ``_update_model_kwargs_for_generation`` advances positions."""
@@ -160,7 +161,7 @@ def _oracle_generate(model, embeds, pos, mask, steps: int = MAX_NEW) -> torch.Te
     with torch.no_grad():
         hidden = lm(
             inputs_embeds=embeds, position_ids=pos, attention_mask=mask, cache=cache,
-            use_cache=True,
+            use_cache=True, **extras,
         ).last_hidden_state
         for t in range(steps):
             nxt = model.lm_head(hidden[:, -1]).argmax(-1)
@@ -207,8 +208,8 @@ def test_keep_all_vision_equals_unpatched(family: str, attn: str) -> None:
 def test_fixed_forward_equals_hand_built_oracle(family: str, attn: str, batch: int) -> None:
     """``fixed`` logits == unpatched LM fed only text + chosen image rows at original positions."""
     model, inputs = _model(family, attn), _inputs(family, batch=batch)
-    embeds, pos, mask = _oracle_inputs(model, inputs, INDICES)
-    ref = _oracle_logits(model, embeds, pos, mask)
+    embeds, pos, mask, extras = _oracle_inputs(model, inputs, INDICES)
+    ref = _oracle_logits(model, embeds, pos, mask, extras)
     with vlprune.patch(model, "fixed", budget=BIG, indices=INDICES) as handle:
         logits = _forward(model, inputs).logits
         stats = handle.stats
@@ -223,8 +224,8 @@ def test_fixed_forward_equals_hand_built_oracle(family: str, attn: str, batch: i
 def test_fixed_generate_equals_hand_written_greedy_loop(family: str, attn: str) -> None:
     """Patched greedy generate == a cached greedy loop on the kept rows (original positions)."""
     model, inputs = _model(family, attn), _inputs(family, batch=1)
-    embeds, pos, mask = _oracle_inputs(model, inputs, INDICES)
-    ref = _oracle_generate(model, embeds, pos, mask)
+    embeds, pos, mask, extras = _oracle_inputs(model, inputs, INDICES)
+    ref = _oracle_generate(model, embeds, pos, mask, extras)
     with vlprune.patch(model, "fixed", budget=BIG, indices=INDICES):
         tokens = _generate(model, inputs)
     eos = model.generation_config.eos_token_id

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import BatchFeature, PreTrainedModel
 
+from vlprune.adapters import ADAPTERS, get_adapter
 from vlprune.testing import (
     DEFAULT_IMAGE_SIZE,
     FAMILIES,
@@ -20,12 +21,16 @@ from vlprune.testing import (
 )
 
 # Visual tokens per image for the default image size, and the image-feature input keys.
-EXPECTED_VISUAL_TOKENS = {"llava": 36, "llava_next": 140, "qwen2_vl": 24, "qwen2_5_vl": 24}
+EXPECTED_VISUAL_TOKENS = {"llava": 36, "llava_next": 140, "qwen2_vl": 24, "qwen2_5_vl": 24,
+                          "qwen3_vl": 24, "qwen3_vl_moe": 24, "llava_onevision": 140}
 IMAGE_KEYS = {
     "llava": ("pixel_values",),
     "llava_next": ("pixel_values", "image_sizes"),
     "qwen2_vl": ("pixel_values", "image_grid_thw"),
     "qwen2_5_vl": ("pixel_values", "image_grid_thw"),
+    "qwen3_vl": ("pixel_values", "image_grid_thw"),
+    "qwen3_vl_moe": ("pixel_values", "image_grid_thw"),
+    "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
 }
 
 
@@ -144,5 +149,11 @@ def test_same_seed_same_weights(family: str) -> None:
 def test_processor_class_has_no_video(family: str) -> None:
     processor = tiny_processor(family)
     assert processor.tokenizer.padding_side == "left"
-    if family.startswith("qwen"):
-        assert getattr(processor, "video_processor", None) is None
+    assert getattr(processor, "video_processor", None) is None
+
+
+def test_every_adapter_family_has_a_tiny_model() -> None:
+    """A new adapter family joins every family-parametrised test through FAMILIES."""
+    assert sorted(FAMILIES) == sorted(adapter.family for adapter in ADAPTERS)
+    for family in FAMILIES:
+        assert get_adapter(tiny_model(family)).family == family

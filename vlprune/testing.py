@@ -1,16 +1,23 @@
 """Tiny random-weight vision-language models for tests, built fully offline.
 
-Four families are covered: ``"llava"`` (LLaVA-1.5), ``"llava_next"`` (LLaVA-NeXT / AnyRes),
-``"qwen2_vl"`` and ``"qwen2_5_vl"``. Every model shares one in-memory word-level tokenizer
-(specials plus the words ``w0`` .. ``w999``), a text model with hidden size 64, 4 layers, 4 query /
-2 key-value heads (GQA), and a small vision tower. Nothing is downloaded from the Hugging Face hub.
+One tiny config per adapter family (:data:`FAMILIES`): ``"llava"`` (LLaVA-1.5),
+``"llava_next"`` (LLaVA-NeXT / AnyRes), ``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``
+(DeepStack), ``"qwen3_vl_moe"`` (DeepStack + sparse-MoE decoder) and ``"llava_onevision"``
+(SigLIP, AnyRes-max). Every model shares one in-memory word-level tokenizer (specials plus the
+words ``w0`` .. ``w999``), a text model with hidden size 64, 4 layers, 4 query / 2 key-value heads
+(GQA), and a small vision tower. Nothing is downloaded from the Hugging Face hub.
 
 Default inputs per image (``tiny_inputs``):
 
 - ``llava``: 84x84 image -> 36 visual tokens (6x6 CLIP patches, CLS dropped).
 - ``llava_next``: 150x100 (W x H) image -> best pinpoint 168x168, 4 crops + base image:
   36 base tokens + 8x12 unpadded grid tokens + 8 newline tokens = 140 visual tokens.
+- ``llava_onevision``: the same geometry at SigLIP patch 8 (48 px crops, no CLS): 150x100 ->
+  140 visual tokens; its ``anyres_max_9`` downsampling needs more than 9 crops' worth of patches
+  (``tiny_config(..., vision_aspect_ratio="anyres_max_1")`` triggers it on these images).
 - ``qwen2_vl`` / ``qwen2_5_vl``: 168x112 (W x H) image -> patch grid 1x8x12 -> 24 merged tokens.
+- ``qwen3_vl`` / ``qwen3_vl_moe``: 192x128 (W x H) image, patch 16 -> grid 1x8x12 -> 24 merged
+  tokens; DeepStack from vision blocks 0, 1, 2 (of 4) into decoder layers 0, 1, 2 (of 4).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
@@ -39,19 +49,30 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "FAMILIES",
+    "LLAVA_FAMILIES",
     "SPECIAL_TOKENS",
     "tiny_config",
     "tiny_image",
@@ -62,7 +83,17 @@ __all__ = [
     "tiny_tokenizer",
 ]
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "llava_onevision",
+)
+LLAVA_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
+"""Families prompted with ``<image>`` (the others are Qwen: ``<|vision_start|>...``)."""
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>",
@@ -99,6 +130,16 @@ _CLIP = {
     "patch_size": 14,
 }
 _NEXT_PINPOINTS = [[84, 168], [168, 84], [168, 168]]
+_SIGLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 48,
+    "patch_size": 8,
+    "vision_use_head": False,
+}
+_ONEVISION_PINPOINTS = [[48, 96], [96, 48], [96, 96]]
 _QWEN_MIN_PIXELS = 56 * 56
 _QWEN_MAX_PIXELS = 28 * 28 * 256  # at most 256 merged tokens per image
 
@@ -107,6 +148,9 @@ DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
     "llava_next": (150, 100),
     "qwen2_vl": (168, 112),
     "qwen2_5_vl": (168, 112),
+    "qwen3_vl": (192, 128),
+    "qwen3_vl_moe": (192, 128),
+    "llava_onevision": (150, 100),
 }
 """Default image size (width, height) per family used by :func:`tiny_inputs`."""
 
@@ -117,6 +161,9 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
 
 
@@ -155,11 +202,13 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def tiny_config(family: str, **text_overrides: object) -> PretrainedConfig:
-    """Composite config of a tiny ``family`` model; ``text_overrides`` update the text config.
+    """Composite config of a tiny ``family`` model; ``text_overrides`` update the text config
+    (LLaVA-OneVision: ``vision_aspect_ratio`` sets the top-level option of that name).
 
     The projector / merger output follows the (possibly overridden) text ``hidden_size``.
     """
     _check_family(family)
+    aspect_ratio = text_overrides.pop("vision_aspect_ratio", "anyres_max_9")
     text = {
         **_TEXT,
         "pad_token_id": _token_id("<pad>"),
@@ -181,6 +230,18 @@ def tiny_config(family: str, **text_overrides: object) -> PretrainedConfig:
         if family == "llava":
             return LlavaConfig(**common)
         return LlavaNextConfig(**common, image_grid_pinpoints=_NEXT_PINPOINTS)
+    if family == "llava_onevision":
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**_SIGLIP).to_dict(),
+            text_config=Qwen2Config(**text).to_dict(),
+            image_token_index=_token_id("<image>"),
+            video_token_index=_token_id("<|video_pad|>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=_ONEVISION_PINPOINTS,
+            vision_aspect_ratio=aspect_ratio,
+            **special_ids,
+        )
 
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     text.setdefault(
@@ -202,16 +263,36 @@ def tiny_config(family: str, **text_overrides: object) -> PretrainedConfig:
             "num_heads": 4,
         }
         return Qwen2VLConfig(text_config=text, vision_config=vision, **vision_ids, **special_ids)
+    if family == "qwen2_5_vl":
+        vision = {
+            "depth": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": text["hidden_size"],
+            "num_heads": 4,
+            "window_size": 112,
+            "fullatt_block_indexes": [1, 3],
+        }
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, **vision_ids, **special_ids
+        )
     vision = {
         "depth": 4,
         "hidden_size": 32,
         "intermediate_size": 64,
         "out_hidden_size": text["hidden_size"],
         "num_heads": 4,
-        "window_size": 112,
-        "fullatt_block_indexes": [1, 3],
+        "patch_size": 16,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0, 1, 2],
     }
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **vision_ids, **special_ids)
+    text.setdefault("head_dim", head_dim)
+    if family == "qwen3_vl":
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **vision_ids, **special_ids)
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    return Qwen3VLMoeConfig(
+        text_config={**moe, **text}, vision_config=vision, **vision_ids, **special_ids
+    )
 
 
 def tiny_model(
@@ -248,6 +329,28 @@ class Qwen2_5_VLProcessorNoVideo(_SkipNoneVideo, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` with images only (no video processor, no torchvision)."""
 
 
+class Qwen3VLProcessorNoVideo(_SkipNoneVideo, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` with images only (no video processor, no torchvision)."""
+
+
+class LlavaOnevisionProcessorNoVideo(_SkipNoneVideo, LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` with images only (no video processor, no torchvision)."""
+
+
+def _onevision_processor(tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
+    side = _SIGLIP["image_size"]
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": side, "width": side}, image_grid_pinpoints=_ONEVISION_PINPOINTS
+    )
+    return LlavaOnevisionProcessorNoVideo(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(side // _SIGLIP["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        video_token="<|video_pad|>",
+    )
+
+
 def tiny_processor(family: str) -> ProcessorMixin:
     """Torchvision-free processor whose placeholder counts match :func:`tiny_model`."""
     _check_family(family)
@@ -272,13 +375,19 @@ def tiny_processor(family: str) -> ProcessorMixin:
             **image_kwargs, image_grid_pinpoints=_NEXT_PINPOINTS
         )
         return LlavaNextProcessor(image_processor=image_processor, **llava_kwargs)
+    if family == "llava_onevision":
+        return _onevision_processor(tokenizer)
+    patch = 16 if family.startswith("qwen3") else 14
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
-        patch_size=14,
+        patch_size=patch,
         temporal_patch_size=2,
         merge_size=2,
     )
-    cls = Qwen2VLProcessorNoVideo if family == "qwen2_vl" else Qwen2_5_VLProcessorNoVideo
+    cls = {
+        "qwen2_vl": Qwen2VLProcessorNoVideo,
+        "qwen2_5_vl": Qwen2_5_VLProcessorNoVideo,
+    }.get(family, Qwen3VLProcessorNoVideo)
     return cls(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -294,7 +403,7 @@ def tiny_prompt(family: str, n_words: int, seed: int = 0) -> str:
     _check_family(family)
     rng = random.Random(seed)
     words = " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(n_words))
-    if family in ("llava", "llava_next"):
+    if family in LLAVA_FAMILIES:
         return f"<s> <image> {words}"
     return f"<|im_start|> <|vision_start|><|image_pad|><|vision_end|> {words}"
 
@@ -312,8 +421,10 @@ def tiny_inputs(
     ``n_words`` defaults to 5, 9, 3, 7, 5, ... words per sample and ``image_sizes`` (width, height)
     to ``DEFAULT_IMAGE_SIZE[family]``. Keys: ``input_ids`` and ``attention_mask`` ``[B, L]``,
     ``pixel_values`` (LLaVA ``[B, 3, 84, 84]``; NeXT ``[B, crops, 3, 84, 84]`` plus
-    ``image_sizes`` ``[B, 2]`` as (H, W); Qwen flattened patches ``[sum(t*h*w), 1176]`` plus
-    ``image_grid_thw`` ``[B, 3]`` and ``mm_token_type_ids`` ``[B, L]``).
+    ``image_sizes`` ``[B, 2]`` as (H, W); OneVision ``[B, crops, 3, 48, 48]`` plus
+    ``image_sizes`` and ``batch_num_images`` ``[B]``; Qwen flattened patches
+    ``[sum(t*h*w), 1176]`` (Qwen3: 1536) plus ``image_grid_thw`` ``[B, 3]`` and
+    ``mm_token_type_ids`` ``[B, L]``).
     """
     _check_family(family)
     if n_words is None:
@@ -325,3 +436,25 @@ def tiny_inputs(
     prompts = [tiny_prompt(family, n, seed=seed + i) for i, n in enumerate(n_words)]
     images = [tiny_image(seed + i, size) for i, size in enumerate(image_sizes)]
     return tiny_processor(family)(text=prompts, images=images, padding=True, return_tensors="pt")
+
+
+def kept_lm_extras(lm_kwargs: dict, index: torch.Tensor) -> dict:
+    """Oracle helper: the language model's DeepStack inputs (Qwen3-VL ``visual_pos_masks`` and
+    ``deepstack_visual_embeds``, as captured from an unpatched forward) for the kept sequence
+    positions ``index`` (B, Lp); ``{}`` for models without them.
+
+    Built independently of ``vlprune.hooks``: every feature tensor is scattered onto the full
+    (B, L) sequence, then the kept positions are read back in order.
+    """
+    mask = lm_kwargs.get("visual_pos_masks")
+    embeds = lm_kwargs.get("deepstack_visual_embeds")
+    if mask is None or embeds is None:
+        return {}
+    rows = torch.arange(index.shape[0])[:, None]
+    kept = mask[rows, index]
+    out = []
+    for feature in embeds:
+        full = feature.new_zeros(*mask.shape, feature.shape[-1])
+        full[mask] = feature
+        out.append(full[rows, index][kept])
+    return {"visual_pos_masks": kept, "deepstack_visual_embeds": out}

@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from vlprune.adapters.base import Adapter
+from vlprune.hooks.deepstack import DeepstackRows
 from vlprune.hooks.gather import gather_positions, gather_rows
 
 
@@ -156,9 +157,9 @@ class DecoderCut:
         self.state: DecoderState | None = None
         self.prefill = False
 
-    def install(self) -> list[RemovableHandle]:
-        """Register one pre-hook on the language model and one per layer ≥ the first cut; no
-        hooks at all when there is no cut layer."""
+    def install(self) -> list[RemovableHandle | DeepstackRows]:
+        """Register one pre-hook on the language model and one per layer ≥ the first cut (and,
+        with DeepStack, the gather of its inputs); no hooks at all when there is no cut layer."""
         if not self.layers:
             return []
         handles = [self.adapter.language_model.register_forward_pre_hook(
@@ -167,6 +168,9 @@ class DecoderCut:
             layer = self.adapter.decoder_layers[i]
             hook = partial(self._layer, i)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.adapter.deepstack_mergers:
+            lm = self.adapter.language_model
+            handles.append(DeepstackRows(lm, lambda: self.state if self.prefill else None))
         return handles
 
     @property

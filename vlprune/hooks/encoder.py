@@ -177,6 +177,8 @@ class EncoderCut:
                 layers[i].register_forward_pre_hook(partial(self._before, i), with_kwargs=True)
             )
         handles.append(self.adapter.projector.register_forward_hook(self._restore))
+        for merger in self.adapter.deepstack_mergers:
+            handles.append(merger.register_forward_hook(self._restore_deepstack))
         return handles
 
     # ------------------------------------------------------------------ reading the state
@@ -374,6 +376,17 @@ class EncoderCut:
         if not self.running:
             return None
         self.running = False
+        return self._full_size(output)
+
+    def _restore_deepstack(self, module: Any, args: tuple,
+                           output: torch.Tensor) -> torch.Tensor | None:
+        """A DeepStack merger (Qwen3-VL) runs mid-encoder: restore its output like the main
+        merger's, without ending the image forward."""
+        return self._full_size(output) if self.running else None
+
+    def _full_size(self, output: torch.Tensor) -> torch.Tensor | None:
+        """A projector / merger output over the kept units, scattered back to every unit
+        (zeros where cut); None when nothing was cut."""
         state = self.state
         if state is None or not state.cut:
             return None

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.hooks.gather import gather_rows
+from vlprune.hooks.text_qk import text_keys, text_queries
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,9 +120,8 @@ class TextAttentionProbe:
         hidden = self.inputs["hidden"]
         batch, length = hidden.shape[:2]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in self.inputs["position_embeddings"])
-        q = attn.q_proj(gather_rows(hidden, queries))
-        q = q.view(batch, queries.shape[1], -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q = text_queries(attn, gather_rows(hidden, queries))
+        k = text_keys(attn, hidden)
         q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
         k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         scores = (q @ k.transpose(2, 3)) * attn.scaling
@@ -528,11 +528,10 @@ class TextQKV:
         inputs = self._inputs()
         attn = self.probe.attention
         hidden = inputs["hidden"]
-        batch, length = hidden.shape[:2]
+        batch = hidden.shape[0]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in inputs["position_embeddings"])
-        q = attn.q_proj(gather_rows(hidden, queries))
-        q = q.view(batch, queries.shape[1], -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q = text_queries(attn, gather_rows(hidden, queries))
+        k = text_keys(attn, hidden)
         q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
         k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return ((q @ k.transpose(2, 3)) * attn.scaling).float()

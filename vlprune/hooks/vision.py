@@ -27,9 +27,10 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.hooks.deepstack import gather_deepstack_inputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
 
-LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
+LAYOUT_INPUTS = ("image_sizes", "image_grid_thw", "batch_num_images", "vision_aspect_ratio")
 
 
 @dataclass
@@ -228,6 +229,7 @@ class VisionCut:
         kwargs["inputs_embeds"] = gather_rows(embeds, index)
         kwargs["attention_mask"] = gather_mask(mask, index, valid)
         kwargs["position_ids"] = gather_positions(position_ids, index)
+        kwargs = gather_deepstack_inputs(kwargs, index, valid)
         self.active = True
         self.orig_len = length
         self.prefill_mask = kwargs["attention_mask"]

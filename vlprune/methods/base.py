@@ -184,9 +184,10 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None
 
     def check_model(self, adapter: Adapter) -> None:
-        """Raise ``ValueError`` at patch time if this method cannot run on ``adapter``'s model."""
+        """Raise at patch time if this method cannot run on ``adapter``'s model: ``TypeError``
+        for a family it does not support, ``ValueError`` for options the model cannot honour."""
         if self.families is not None and adapter.family not in self.families:
-            raise ValueError(
+            raise TypeError(
                 f"method {self.name!r} supports {', '.join(self.families)}; "
                 f"got a {adapter.family} model"
             )

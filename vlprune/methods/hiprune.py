@@ -17,9 +17,12 @@ Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N' (spec §
 
 Layers (0-based): object = layer 8 of the 24-layer CLIP ViT-L (``HIPRUNE_OBJECT_LAYER=9``,
 1-based) / block 15 of the 32-block Qwen ViTs, scaled to the probed depth as
-``floor(l · depth / ref_depth)``; deep = -2 for CLIP (the LLaVA feature layer, index 22) / -1 for
-Qwen (last block). Explicit ``object_layer`` / ``deep_layer`` are used as given. Qwen2-VL has no
-official setting: it uses the Qwen2.5-VL one (every Qwen2-VL block is full attention).
+``floor(l · depth / ref_depth)``; deep = the feature layer (CLIP: -2, the LLaVA feature layer,
+index 22; Qwen: the last block). Explicit ``object_layer`` / ``deep_layer`` are used as given.
+Qwen2-VL and Qwen3-VL have no official setting: they use the Qwen2.5-VL one (their blocks are
+all full attention). LLaVA-OneVision's SigLIP (no official setting either) uses the CLIP rule:
+its crops are batched sequences like CLIP's, received attention needs no CLS token, and its
+feature layer is the last one.
 
 Scope: per image; ``budget`` = tokens kept per image, exactly (``handle.stats.kept_per_image``).
 LLaVA-NeXT: thumbnail and crops are pruned independently, the image budget split equally over
@@ -70,8 +73,8 @@ from vlprune.methods._vision_common import (
 from vlprune.methods.base import Method, VisionBatch
 from vlprune.registry import register_method
 
-# (object layer, its reference depth, deep layer), spec §1.3: CLIP ViT-L/14 and the Qwen ViTs.
-_OFFICIAL_LAYERS = {True: (8, 24, -2), False: (15, 32, -1)}
+# (object layer, its reference depth): batched (CLIP-style) encoders and packed Qwen ViTs.
+_OBJECT_LAYER = {False: (8, 24), True: (15, 32)}
 
 
 def neighbours(anchors: torch.Tensor, shape: tuple[int, int, int], wrap: bool) -> torch.Tensor:
@@ -180,9 +183,9 @@ class HiPrune(Method):
     def layers(self, adapter: Adapter) -> tuple[int, int]:
         """(object, deep) 0-based layers on ``adapter``'s vision encoder."""
         depth = len(adapter.vision_layers)
-        obj, ref_depth, deep = _OFFICIAL_LAYERS[adapter.has_cls]
+        obj, ref_depth = _OBJECT_LAYER[adapter.packed_vision]
         obj = scale_layer(obj, ref_depth, depth) if self.object_layer is None else self.object_layer
-        deep = deep if self.deep_layer is None else self.deep_layer
+        deep = adapter.vision_output_layer if self.deep_layer is None else self.deep_layer
         return resolve_layer(obj, depth, "object_layer"), resolve_layer(deep, depth, "deep_layer")
 
     def check_model(self, adapter: Adapter) -> None:
@@ -197,7 +200,7 @@ class HiPrune(Method):
             "object": VisionAttentionScores(adapter.vision_probe(obj)),
             "deep": VisionAttentionScores(adapter.vision_probe(deep)),
         }
-        if not adapter.has_cls:
+        if adapter.packed_vision:
             probes["patches"] = adapter.patch_token_probe()
         return probes
 
@@ -237,9 +240,11 @@ class HiPrune(Method):
             batch.layouts, split_per_image(obj, batch.layouts), split_per_image(deep, batch.layouts)
         ):
             shape = (1, *layout.grid)
+            cells = layout.grid[0] * layout.grid[1]  # a CLS key (CLIP) comes first: dropped
             tokens = partition_tokens(layout, obj_i[0].device)
             out.append([
-                _Partition(t, o[1:], d[1:], shape) for t, o, d in zip(tokens, obj_i, deep_i)
+                _Partition(t, o[-cells:], d[-cells:], shape)
+                for t, o, d in zip(tokens, obj_i, deep_i)
             ])
         return out
 

@@ -32,10 +32,12 @@ Defaults and inferred choices (the paper is silent where marked):
   ``α_{v→t}`` (visual queries on text keys, Eq. 8's second test) is identically 0 under the
   causal mask when T follows the image, so the test reduces to ``α_{t→v} < τ`` (flagged in
   spec §3.3; not computed).
-- Pivot attention layer: CLIP's feature layer −2 (the output LLaVA feeds to the LLM). Encoders
-  without [CLS] (Qwen2-VL / Qwen2.5-VL) use the analogue of FlowCut's Qwen path: the attention
-  of the mean ("global") query of the last block, averaged over each merged token's 4 patches
-  (the paper only says a random pivot "is acceptable" there: ``pivot="random"``).
+- Pivot attention layer: the feature layer (CLIP: −2, the output LLaVA feeds to the LLM; Qwen
+  and SigLIP: the last). Encoders without [CLS] (Qwen2-VL / 2.5-VL / 3-VL, LLaVA-OneVision's
+  SigLIP) use the analogue of FlowCut's Qwen path: the attention of the mean ("global") query
+  of that layer, averaged over each merged token's 4 patches (Qwen) or read on the thumbnail
+  sequence (OneVision) (the paper only says a random pivot "is acceptable" there:
+  ``pivot="random"``).
 - LLaVA-NeXT newline tokens are ordinary candidates (``newline``); the budget is a count per
   image (``ratio=0.25`` / ``0.1`` reproduce the paper's "up to 720 / 288 of 2880").
 - Kept tokens keep their original positions (unspecified in the paper).
@@ -182,7 +184,7 @@ class ToDRE(Method):
         depth = len(adapter.vision_layers)
         layer = self.pivot_layer
         if layer is None:
-            layer = -2 if adapter.has_cls else -1
+            layer = adapter.vision_output_layer
         return resolve_layer(layer, depth, "pivot_layer")
 
     def check_model(self, adapter: Adapter) -> None:
@@ -199,6 +201,7 @@ class ToDRE(Method):
                 probes["cls"] = vision
             else:
                 probes["global"] = GlobalQueryAttention(vision)
+            if adapter.packed_vision:
                 probes["patches"] = adapter.patch_token_probe()
         if self.stage2:
             check = self._drop_layer(len(adapter.decoder_layers)) - 1
@@ -260,15 +263,16 @@ class ToDRE(Method):
                 cells = layout.grid[0] * layout.grid[1]
                 out.append(layout.prefix + int(torch.randint(cells, (1,), generator=generator)))
             return out
-        if "cls" in batch.probes:
-            seqs = split_per_image(
-                [rows[:, 0, 1:].mean(0) for rows in batch.probes["cls"].rows(_CLS)], layouts
-            )
-            scores = [image[0] for image in seqs]
-        else:
+        if "patches" in batch.probes:
             patches = torch.cat(batch.probes["global"].rows())
             token_of_patch = batch.probes["patches"].token_of_patch()
             scores = merged_token_scores(patches, token_of_patch, layouts)
+        else:
+            if "cls" in batch.probes:
+                rows = [r[:, 0, 1:].mean(0) for r in batch.probes["cls"].rows(_CLS)]
+            else:
+                rows = batch.probes["global"].rows()
+            scores = [image[0] for image in split_per_image(rows, layouts)]
         return [layout.prefix + int(select_topk(s.float(), 1)[0])
                 for layout, s in zip(layouts, scores)]
 

@@ -16,6 +16,7 @@ from vlprune.eval.profiler.flops import (
     count_flops,
     exact_flops,
     paper_macs,
+    projector_flops,
     qwen_window_sizes,
     text_layer_flops,
 )
@@ -121,6 +122,44 @@ def test_image_geometry_of_full_presets() -> None:
     assert (geom["llava-next-7b"].tokens, geom["llava-next-7b"].crops) == (2928, 5)
     assert geom["qwen2-vl-7b"].grid_thw == (1, 48, 48)
     assert geom["qwen2.5-vl-7b"].tokens == 576
+    assert geom["qwen3-vl-8b"].grid_thw == geom["qwen3-vl-30b-a3b"].grid_thw == (1, 42, 42)
+    assert geom["qwen3-vl-8b"].tokens == 441  # patch 16: 21×21 merged tokens
+    assert (geom["llava-onevision-7b"].tokens, geom["llava-onevision-7b"].crops) == (3699, 5)
+
+
+def test_onevision_anyres_max_downsamples_large_canvases() -> None:
+    """LLaVA-OneVision 2304×2304: 6×6 crops of 27×27 patches, a 162×162 canvas holding 36 crops'
+    worth, downsampled by sqrt(36/9) = 2 to 81×81: 729 + 81·82 = 7371 tokens (37 crops)."""
+    config = PRESETS["llava-onevision-7b"].config()
+    geom = image_geometry(config, "llava_onevision", (2304, 2304))
+    assert (geom.tokens, geom.crops, geom.crop_patches) == (729 + 81 * 82, 37, 729)
+
+
+def test_moe_counts_the_router_and_active_experts_only() -> None:
+    """Qwen3-VL-30B-A3B: 8 of 128 experts of width 768 per token, so the MLP of one token is
+    2·2048·(8·768·3 + 128) FLOPs (router included), not the 128 experts' 2·2048·128·768·3."""
+    text = arch_from_config(PRESETS["qwen3-vl-30b-a3b"].config(), "qwen3_vl_moe").text
+    assert (text.intermediate, text.router, text.q_dim, text.kv_dim) == (6144, 128, 4096, 512)
+    attention_free = text_layer_flops(text, 1, 1) - 4 * text.q_dim  # one query-key pair
+    projections = 2 * 2048 * (2 * 4096 + 2 * 512)
+    assert attention_free == projections + 2 * 2048 * (8 * 768 * 3 + 128)
+
+
+def test_deepstack_mergers_are_counted() -> None:
+    """Qwen3-VL-8B: the main merger and three DeepStack mergers of the same shape each see all
+    1764 patches of a 672² image; with an encoder cut, each DeepStack merger sees the rows
+    leaving its layer (here 400 from layer 10 on)."""
+    config = PRESETS["qwen3-vl-8b"].config()
+    arch = arch_from_config(config, "qwen3_vl")
+    geom = image_geometry(config, "qwen3_vl", (672, 672))
+    assert arch.vision.deepstack == (8, 16, 24)
+    one = projector_flops(arch.vision, 1764)
+    run = RunTokens([441 + 64] * 36, [geom])
+    assert exact_flops(arch, run).projector == pytest.approx(4 * one)
+    cut = [1764] * 10 + [400] * 17
+    run = RunTokens([441 + 64] * 36, [geom], [cut])
+    expected = projector_flops(arch.vision, 400) * 3 + projector_flops(arch.vision, 1764)
+    assert exact_flops(arch, run).projector == pytest.approx(expected)
 
 
 def _tiny(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], RunTokens]:

@@ -51,7 +51,11 @@ FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: no
 hook design). Qwen: the global query attends within each image (the official flattens all images
 together) and whole 2×2 merge groups are dropped (the official drops single patches, so its
 merger concatenates four unrelated survivors); the count formula runs in merge groups.
-Qwen2.5-VL (no official code) is handled in window order with remapped window boundaries. Any
+Qwen2.5-VL (no official code) is handled in window order with remapped window boundaries.
+Encoders without CLS (Qwen, LLaVA-OneVision's SigLIP) take the Qwen rules: global query, no
+semantic term, cut through the last layer. Qwen3-VL: a unit cut in the ViT also leaves every
+later DeepStack feature (zeros, never reaching the LLM). LLaVA-OneVision canvases downsampled by
+``anyres_max`` raise ``NotImplementedError`` (a token mixes several cut-or-kept patches). Any
 batch size, left padding, sdpa and eager. An image nothing was pruned from keeps every token
 (newlines included), so a budget above every image's size equals the unpatched model.
 """
@@ -219,6 +223,12 @@ class FlowCut(Method):
 
     def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
         """Steps 1–6 after encoder layer ``batch.layer``."""
+        if any(layout.highres_source is not None for layout in batch.layouts):
+            raise NotImplementedError(
+                "flowcut cannot prune inside the vision encoder when LLaVA-OneVision downsamples "
+                "the AnyRes canvas (`vision_aspect_ratio` anyres_max): each token mixes several "
+                "crop patches; use a smaller image or another method"
+            )
         horizon = batch.output_layer + (0 if batch.prefix else 1)
         remaining = horizon - batch.layer - 1
         targets = self.encoder_targets(batch, budget)

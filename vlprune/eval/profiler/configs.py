@@ -33,8 +33,8 @@ __all__ = [
     "llava_onevision_7b",
     "qwen2_5_vl_7b",
     "qwen2_vl_7b",
-    "qwen3_vl_30b_a3b",
     "qwen3_vl_8b",
+    "qwen3_vl_30b_a3b",
 ]
 
 # Special-token ids of the mini presets: those of ``vlprune.testing.tiny_tokenizer``.

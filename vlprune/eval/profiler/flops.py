@@ -20,11 +20,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count

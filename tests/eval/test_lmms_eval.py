@@ -1,6 +1,6 @@
 """lmms-eval integration: ``--model vlprune`` end to end on tiny random-weight checkpoints, offline.
 
-The module writes four tiny checkpoints (model + processor, one per family), a JSON-lines dataset
+The module writes one tiny checkpoint per family (model + processor), a JSON-lines dataset
 with PNG images and the task YAMLs of ``tests/eval/lmms_task`` into a temp dir, then:
 
 - runs the real ``lmms-eval`` CLI in subprocesses on LLaVA-1.5 for ``method=none``, ``random``
@@ -8,7 +8,7 @@ with PNG images and the task YAMLs of ``tests/eval/lmms_task`` into a temp dir, 
   document, multiple choice = loglikelihood requests), one of them through ``vlprune eval``,
   plus a two-process data-parallel run (``torchrun``, gloo on CPU);
 - runs ``simple_evaluate`` in-process with a :class:`VLPrune` instance for the other families
-  (the Qwen checkpoints load their processors without torchvision).
+  (the Qwen and LLaVA-OneVision checkpoints load their processors without torchvision).
 """
 
 from __future__ import annotations
@@ -107,13 +107,31 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in FAMILIES:
         target = root / family
         tiny_model(family).save_pretrained(target)
-        processor = tiny_processor(family)
-        if family in IMAGES_ONLY_PROCESSORS:
-            processor.image_processor.save_pretrained(target)
-            processor.tokenizer.save_pretrained(target)
-        else:
-            processor.save_pretrained(target)
+        _save_processor(tiny_processor(family), family, target)
     return root
+
+
+def _save_processor(processor: Any, family: str, target: Path) -> None:
+    """As a hub checkpoint stores it: LLaVA processors whole; Qwen as parts (image processor,
+    tokenizer); LLaVA-OneVision with its processor config (placeholder counts) and a video
+    processor config (which, without torchvision, makes ``AutoProcessor`` fail)."""
+    if family == "llava_onevision":
+        kwargs = {k: getattr(processor, k) for k in (
+            "num_image_tokens", "vision_feature_select_strategy", "video_token",
+            "vision_aspect_ratio")}
+        IMAGES_ONLY_PROCESSORS[family](image_processor=processor.image_processor,
+                                       tokenizer=processor.tokenizer, **kwargs
+                                       ).save_pretrained(target)
+        config = json.loads((target / "processor_config.json").read_text())
+        config["processor_class"] = "LlavaOnevisionProcessor"
+        (target / "processor_config.json").write_text(json.dumps(config))
+        video = {"video_processor_type": "LlavaOnevisionVideoProcessor"}
+        (target / "video_preprocessor_config.json").write_text(json.dumps(video))
+    elif family in IMAGES_ONLY_PROCESSORS:
+        processor.image_processor.save_pretrained(target)
+        processor.tokenizer.save_pretrained(target)
+    else:
+        processor.save_pretrained(target)
 
 
 def _lmms_eval() -> list[str]:
@@ -304,8 +322,9 @@ def _evaluate(lm: VLPrune, task_manager: TaskManager) -> dict[str, Any]:
 def test_family_generations(
     workspace: Path, task_manager: TaskManager, family: str, method: str
 ) -> None:
-    """LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: the family comes from the checkpoint, kept tokens
-    match the budget, and batch 2 generates what batch 1 does."""
+    """Every family but LLaVA-1.5 (the CLI runs above): the family comes from the checkpoint,
+    kept tokens match the budget, and batch 2 generates what batch 1 does. LLaVA-OneVision
+    encodes the images of the two-image task as thumbnails (``batch_num_images``)."""
     outputs, records = [], []
     for batch in (1, 2):
         lm = VLPrune(pretrained=str(workspace / family), batch_size=batch,
@@ -318,6 +337,9 @@ def test_family_generations(
     assert records[0] == records[1]
     for row in records[0]:
         assert row["kept_tokens"] == expected_kept(method, row["images"], row["visual_tokens"])
+    if family == "llava_onevision":
+        multi = [r for r in records[0] if r["task"] == "vlprune_tiny_multi"]
+        assert multi and all(r["visual_tokens"] == 2 * 37 for r in multi)
 
 
 def test_chat_template_prompt(workspace: Path, task_manager: TaskManager) -> None:

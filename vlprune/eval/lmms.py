@@ -9,8 +9,9 @@ lmms-eval 0.7 loads the group in ``lmms_eval/models/__init__.py``), so after ins
 
 Model arguments (``--model_args k=v,...``):
 
-- ``pretrained``: local directory or hub id of a LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL
-  checkpoint; the family comes from its ``config.json`` (``model_type``).
+- ``pretrained``: local directory or hub id of a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
+  Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE checkpoint; the family comes from its ``config.json``
+  (``model_type``).
 - ``method``: a registered vlprune method, or ``none`` for the unpruned baseline. Both run the same
   code below (prompting, batching, generation); ``none`` just installs no hooks.
 - ``budget`` / ``ratio``: as in :func:`vlprune.patch` (ignored with ``method=none``).
@@ -48,9 +49,11 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    LlavaOnevisionProcessor,
     ProcessorMixin,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
+    Qwen3VLProcessor,
 )
 
 import vlprune
@@ -61,6 +64,9 @@ MODEL_CLASSES: dict[str, str] = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
 """``config.model_type`` → model class, for the families vlprune supports."""
 
@@ -73,8 +79,15 @@ _PLAIN_IMAGE = {
     "llava_next": "{}",
     "qwen2_vl": _QWEN_IMAGE,
     "qwen2_5_vl": _QWEN_IMAGE,
+    "qwen3_vl": _QWEN_IMAGE,
+    "qwen3_vl_moe": _QWEN_IMAGE,
+    "llava_onevision": "{}",
 }
 """Plain-prompt image placeholder per family; ``{}`` is the processor's ``image_token``."""
+
+NESTED_IMAGES = ("llava_onevision",)
+"""Families whose processor takes each prompt's images as one list (LLaVA-OneVision encodes an
+image of a multi-image prompt as a thumbnail only, ``batch_num_images``)."""
 
 
 def manifest() -> Any:
@@ -91,9 +104,10 @@ def manifest() -> Any:
 class _ImagesOnly:
     """Processor mixin without the video processor.
 
-    Qwen2-VL/2.5-VL processors load a torchvision video processor, which fails where torchvision
-    is not installed; image tasks never use it. Dropping ``video_processor`` from the processor's
-    attributes lets ``from_pretrained`` and ``save_pretrained`` work without it
+    Qwen2-VL/2.5-VL/3-VL and LLaVA-OneVision processors load a torchvision video processor,
+    which fails where torchvision is not installed; image tasks never use it. Dropping
+    ``video_processor`` from the processor's attributes lets ``from_pretrained`` and
+    ``save_pretrained`` work without it
     (``vlprune.testing``'s no-video processors only skip the constructor's class check).
     """
 
@@ -115,9 +129,20 @@ class Qwen2_5_VLProcessorImagesOnly(_ImagesOnly, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` for images (loads and saves without torchvision)."""
 
 
+class Qwen3VLProcessorImagesOnly(_ImagesOnly, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` for images (loads and saves without torchvision)."""
+
+
+class LlavaOnevisionProcessorImagesOnly(_ImagesOnly, LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` for images (loads and saves without torchvision)."""
+
+
 IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
     "qwen2_vl": Qwen2VLProcessorImagesOnly,
     "qwen2_5_vl": Qwen2_5_VLProcessorImagesOnly,
+    "qwen3_vl": Qwen3VLProcessorImagesOnly,
+    "qwen3_vl_moe": Qwen3VLProcessorImagesOnly,
+    "llava_onevision": LlavaOnevisionProcessorImagesOnly,
 }
 
 
@@ -398,6 +423,8 @@ class VLPrune(lmms):
 
     def _encode(self, prompts: list[str], images: list[list[Image.Image]]) -> Any:
         flat = [img for row in images for img in row]
+        if flat and self.family in NESTED_IMAGES:
+            flat = [row for row in images if row]
         inputs = self.processor(text=prompts, images=flat or None, padding=True,
                                 return_tensors="pt")
         return inputs.to(self._device, self._model.dtype)

@@ -12,9 +12,10 @@ import functools
 
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 import vlprune
+from vlprune.adapters import get_adapter
 from vlprune.testing import FAMILIES, kept_lm_extras, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
@@ -88,10 +89,11 @@ def _gather_pos(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[torch.Tensor, ...]:
     """Run the language model's layers by hand, mirroring ``LlamaModel.forward`` /
-    ``Qwen2VLTextModel.forward`` / ``Qwen3VLTextModel.forward``: full sequence for layers <
-    ``layer``, then only the kept rows (fresh causal mask over them, RoPE of their original
-    positions) for the rest; DeepStack features are added after layer i < their count at the
-    visual positions alive there."""
+    ``Qwen2VLTextModel.forward`` / ``Qwen3VLTextModel.forward`` / ``Qwen3_5TextModel.forward``:
+    full sequence for layers < ``layer``, then only the kept rows (fresh causal mask over them,
+    RoPE of their original positions; linear-attention layers: the 2-D padding mask of those
+    rows, their recurrence over them alone) for the rest; DeepStack features are added after
+    layer i < their count at the visual positions alive there."""
     lm = model.model.language_model
     kw = _capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
@@ -106,21 +108,26 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
     if mrope:
         assert pos.shape == (3, batch, length)
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
-        assert set(layer_types) == {"full_attention"}
+        assert set(layer_types) <= {"full_attention", "linear_attention"}
     is_image = inputs["input_ids"] == model.config.image_token_id
     keep = _keep_rows(is_image, ordinals)
     rows = torch.arange(batch)[:, None]
+
+    types = getattr(lm.config, "layer_types", None) or []
 
     def run(hidden, mask2d, positions, layers, extras):
         causal = create_causal_mask(
             config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
             position_ids=None if mrope else positions,
         )
+        recurrent = create_recurrent_attention_mask(lm.config, hidden, mask2d)
         cos_sin = lm.rotary_emb(hidden, positions)
         deepstack = extras.get("deepstack_visual_embeds", [])
         for i in layers:
+            linear = i < len(types) and types[i] == "linear_attention"
             hidden = lm.layers[i](
-                hidden, attention_mask=causal, position_embeddings=cos_sin,
+                hidden, attention_mask=recurrent if linear else causal,
+                position_embeddings=cos_sin,
                 position_ids=None if mrope else positions, cache=None, use_cache=False,
             )
             if i < len(deepstack):
@@ -189,6 +196,23 @@ def test_fixed_layer_generate_cache_equals_no_cache(family: str, attn: str, batc
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
+def test_cut_at_a_linear_attention_layer_equals_hand_run_layers(attn: str) -> None:
+    """Qwen3.5, cut at layer 3 (Gated DeltaNet): its recurrence runs over the kept rows only,
+    as the hand-run reference feeds it; a padded batch of 2 and cached == uncached decoding."""
+    model, inputs = _model("qwen3_5", attn), _inputs("qwen3_5", batch=2)
+    assert 3 in get_adapter(model).recurrent_layers
+    ref, valid = _reference_logits(model, inputs, ORDINALS, 3)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=3) as handle:
+        logits = _forward(model, inputs).logits
+        assert handle.stats.layer_tokens[0][2:] == [inputs["input_ids"].shape[1],
+                                                    logits.shape[1]]
+        cached = _generate(model, inputs)
+        uncached = _generate(model, inputs, use_cache=False)
+    torch.testing.assert_close(logits[valid], ref[valid], atol=1e-5, rtol=0)
+    assert torch.equal(cached, uncached)
+
+
 # ------------------------------------------------------------------- layer tokens, cache
 
 
@@ -207,8 +231,11 @@ def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
     assert stats.kept_tokens == [5, 5]
     assert stats.layer_tokens == [[length, length, short, short]] * 2
     assert out.logits.shape[1] == short
-    cache_lengths = [layer.keys.shape[2] for layer in out.cache.layers]
-    assert cache_lengths == [length, length, short, short]
+    recurrent = get_adapter(model).recurrent_layers  # Qwen3.5: no KV cache there
+    cache_lengths = [layer.keys.shape[2] for i, layer in enumerate(out.cache.layers)
+                     if i not in recurrent]
+    assert cache_lengths == [n for i, n in enumerate([length, length, short, short])
+                             if i not in recurrent]
     assert out.cache.get_seq_length() == length  # layer 0: generate's bookkeeping
 
 

@@ -22,7 +22,8 @@ from vlprune.testing import (
 
 # Visual tokens per image for the default image size, and the image-feature input keys.
 EXPECTED_VISUAL_TOKENS = {"llava": 36, "llava_next": 140, "qwen2_vl": 24, "qwen2_5_vl": 24,
-                          "qwen3_vl": 24, "qwen3_vl_moe": 24, "llava_onevision": 140}
+                          "qwen3_vl": 24, "qwen3_vl_moe": 24, "llava_onevision": 140,
+                          "qwen3_5": 24}
 IMAGE_KEYS = {
     "llava": ("pixel_values",),
     "llava_next": ("pixel_values", "image_sizes"),
@@ -31,6 +32,7 @@ IMAGE_KEYS = {
     "qwen3_vl": ("pixel_values", "image_grid_thw"),
     "qwen3_vl_moe": ("pixel_values", "image_grid_thw"),
     "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
+    "qwen3_5": ("pixel_values", "image_grid_thw"),
 }
 
 
@@ -80,7 +82,8 @@ def test_config_ids_match_tokenizer(family: str) -> None:
         assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
         assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
         head_dim = text.hidden_size // text.num_attention_heads
-        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        rotary = head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0)
+        assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
 
 
 def test_prompt_and_image_are_deterministic(family: str) -> None:

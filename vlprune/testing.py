@@ -2,10 +2,13 @@
 
 One tiny config per adapter family (:data:`FAMILIES`): ``"llava"`` (LLaVA-1.5),
 ``"llava_next"`` (LLaVA-NeXT / AnyRes), ``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``
-(DeepStack), ``"qwen3_vl_moe"`` (DeepStack + sparse-MoE decoder) and ``"llava_onevision"``
-(SigLIP, AnyRes-max). Every model shares one in-memory word-level tokenizer (specials plus the
-words ``w0`` .. ``w999``), a text model with hidden size 64, 4 layers, 4 query / 2 key-value heads
-(GQA), and a small vision tower. Nothing is downloaded from the Hugging Face hub.
+(DeepStack), ``"qwen3_vl_moe"`` (DeepStack + sparse-MoE decoder), ``"llava_onevision"``
+(SigLIP, AnyRes-max) and ``"qwen3_5"`` (hybrid decoder: linear-attention layers 0 and 3,
+full-attention layers 1 and 2 with gated queries and half-rotary RoPE, so FastV's K = 2 and
+ToDRE's check layer read attention while cuts reach a linear-attention layer). Every model
+shares one in-memory word-level tokenizer (specials plus the words ``w0`` .. ``w999``), a text
+model with hidden size 64, 4 layers, 4 query / 2 key-value heads (GQA), and a small vision
+tower. Nothing is downloaded from the Hugging Face hub.
 
 Default inputs per image (``tiny_inputs``):
 
@@ -16,8 +19,9 @@ Default inputs per image (``tiny_inputs``):
   140 visual tokens; its ``anyres_max_9`` downsampling needs more than 9 crops' worth of patches
   (``tiny_config(..., vision_aspect_ratio="anyres_max_1")`` triggers it on these images).
 - ``qwen2_vl`` / ``qwen2_5_vl``: 168x112 (W x H) image -> patch grid 1x8x12 -> 24 merged tokens.
-- ``qwen3_vl`` / ``qwen3_vl_moe``: 192x128 (W x H) image, patch 16 -> grid 1x8x12 -> 24 merged
-  tokens; DeepStack from vision blocks 0, 1, 2 (of 4) into decoder layers 0, 1, 2 (of 4).
+- ``qwen3_vl`` / ``qwen3_vl_moe`` / ``qwen3_5``: 192x128 (W x H) image, patch 16 -> grid 1x8x12
+  -> 24 merged tokens; Qwen3-VL: DeepStack from vision blocks 0, 1, 2 (of 4) into decoder
+  layers 0, 1, 2 (of 4).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -74,6 +80,8 @@ __all__ = [
     "FAMILIES",
     "LLAVA_FAMILIES",
     "SPECIAL_TOKENS",
+    "attention_output_index",
+    "kept_lm_extras",
     "tiny_config",
     "tiny_image",
     "tiny_inputs",
@@ -91,6 +99,7 @@ FAMILIES: tuple[str, ...] = (
     "qwen3_vl",
     "qwen3_vl_moe",
     "llava_onevision",
+    "qwen3_5",
 )
 LLAVA_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
 """Families prompted with ``<image>`` (the others are Qwen: ``<|vision_start|>...``)."""
@@ -140,21 +149,8 @@ _SIGLIP = {
     "vision_use_head": False,
 }
 _ONEVISION_PINPOINTS = [[48, 96], [96, 48], [96, 96]]
-_QWEN_MIN_PIXELS = 56 * 56
-_QWEN_MAX_PIXELS = 28 * 28 * 256  # at most 256 merged tokens per image
 
-DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
-    "llava": (84, 84),
-    "llava_next": (150, 100),
-    "qwen2_vl": (168, 112),
-    "qwen2_5_vl": (168, 112),
-    "qwen3_vl": (192, 128),
-    "qwen3_vl_moe": (192, 128),
-    "llava_onevision": (150, 100),
-}
-"""Default image size (width, height) per family used by :func:`tiny_inputs`."""
 
-_DEFAULT_N_WORDS = (5, 9, 3, 7)
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
@@ -164,6 +160,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen3_vl": Qwen3VLForConditionalGeneration,
     "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen3_5": Qwen3_5ForConditionalGeneration,
 }
 
 
@@ -244,10 +241,11 @@ def tiny_config(family: str, **text_overrides: object) -> PretrainedConfig:
         )
 
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    text.setdefault(
-        "rope_parameters",
-        {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
-    )
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
+    if family == "qwen3_5":  # half-rotary (the released models rotate a quarter of each head)
+        rope.update(mrope_interleaved=True, partial_rotary_factor=0.5,
+                    mrope_section=_mrope_section(head_dim // 2))
+    text.setdefault("rope_parameters", rope)
     vision_ids = {
         "image_token_id": _token_id("<|image_pad|>"),
         "video_token_id": _token_id("<|video_pad|>"),
@@ -287,12 +285,33 @@ def tiny_config(family: str, **text_overrides: object) -> PretrainedConfig:
         "deepstack_visual_indexes": [0, 1, 2],
     }
     text.setdefault("head_dim", head_dim)
+    if family == "qwen3_5":
+        return _qwen3_5_config(text, vision, {**vision_ids, **special_ids})
     if family == "qwen3_vl":
         return Qwen3VLConfig(text_config=text, vision_config=vision, **vision_ids, **special_ids)
     moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
     return Qwen3VLMoeConfig(
         text_config={**moe, **text}, vision_config=vision, **vision_ids, **special_ids
     )
+
+
+_QWEN3_5_LINEAR = {
+    "layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"],
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+
+
+def _qwen3_5_config(text: dict, vision: dict, ids: dict) -> PretrainedConfig:
+    """Qwen3.5: Qwen3-VL's vision tower without DeepStack; a hybrid decoder whose layer types
+    repeat ``linear, full, full, linear`` over the (possibly overridden) depth."""
+    types = _QWEN3_5_LINEAR["layer_types"]
+    linear = {**_QWEN3_5_LINEAR,
+              "layer_types": [types[i % 4] for i in range(text["num_hidden_layers"])]}
+    vision = {k: v for k, v in vision.items() if k != "deepstack_visual_indexes"}
+    return Qwen3_5Config(text_config={**linear, **text}, vision_config=vision, **ids)
 
 
 def tiny_model(
@@ -310,6 +329,24 @@ def tiny_model(
             config, attn_implementation=attn_implementation, dtype=torch.float32
         )
     return model.eval()
+
+
+_QWEN_MIN_PIXELS = 56 * 56
+_QWEN_MAX_PIXELS = 28 * 28 * 256  # at most 256 merged tokens per image
+
+DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
+    "llava": (84, 84),
+    "llava_next": (150, 100),
+    "qwen2_vl": (168, 112),
+    "qwen2_5_vl": (168, 112),
+    "qwen3_vl": (192, 128),
+    "qwen3_vl_moe": (192, 128),
+    "llava_onevision": (150, 100),
+    "qwen3_5": (192, 128),
+}
+"""Default image size (width, height) per family used by :func:`tiny_inputs`."""
+
+_DEFAULT_N_WORDS = (5, 9, 3, 7)
 
 
 class _SkipNoneVideo:
@@ -458,3 +495,13 @@ def kept_lm_extras(lm_kwargs: dict, index: torch.Tensor) -> dict:
         full[mask] = feature
         out.append(full[rows, index][kept])
     return {"visual_pos_masks": kept, "deepstack_visual_embeds": out}
+
+
+def attention_output_index(model: PreTrainedModel, layer: int) -> int:
+    """Index of decoder layer ``layer`` in ``output.attentions`` (``output_attentions=True``):
+    hybrid decoders (Qwen3.5) return the attentions of their full-attention layers only."""
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    if not types:
+        return layer
+    attention = [i for i, kind in enumerate(types) if kind != "linear_attention"]
+    return attention.index(layer)

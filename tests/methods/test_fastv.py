@@ -13,7 +13,7 @@ from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, keep_rows
 from vlprune.methods.fastv import FastV
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, attention_output_index, tiny_inputs, tiny_model
 
 
 class PlantedProbe:
@@ -149,7 +149,8 @@ def test_real_model_selection_follows_eager_attention(family: str) -> None:
     inputs = tiny_inputs(family, batch=1)
     is_image = inputs["input_ids"][0] == model.config.image_token_id
     with torch.no_grad():
-        attn = model(**inputs, output_attentions=True).attentions[1]
+        attn = model(**inputs, output_attentions=True).attentions[
+            attention_output_index(model, 1)]
     scores = attn[0, :, -1].mean(0)[is_image]
     top = scores.topk(6).values
     assert float(top[4] - top[5]) > 1e-7, "near-tie (fp noise is ~1e-9): pick another seed"

@@ -33,7 +33,7 @@ from vlprune.testing import (
 )
 
 BUDGET = {"llava": 10, "llava_next": 16, "qwen2_vl": 6, "qwen2_5_vl": 6, "qwen3_vl": 6,
-          "qwen3_vl_moe": 6, "llava_onevision": 16}
+          "qwen3_vl_moe": 6, "llava_onevision": 16, "qwen3_5": 6}
 # The tiny LLaVA-NeXT image: thumbnail 6×6, 2×2 crops of 6×6, unpadded canvas 8×12 at row
 # offset 2 (crop rows 0-1 of the top crops and 4-5 of the bottom crops are letterbox), a
 # newline after each of the 8 canvas rows: 36 + 8·13 = 140 tokens.

@@ -10,6 +10,7 @@ from vlprune.adapters.llava_next import LlavaNextAdapter
 from vlprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from vlprune.adapters.qwen2_vl import Qwen2VLAdapter
+from vlprune.adapters.qwen3_5 import Qwen3_5Adapter
 from vlprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vlprune.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
@@ -21,6 +22,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen3VLAdapter,
     Qwen3VLMoeAdapter,
     LlavaOnevisionAdapter,
+    Qwen3_5Adapter,
 )
 
 

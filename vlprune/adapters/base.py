@@ -119,6 +119,22 @@ class Adapter:
         """An attention probe on decoder layer ``layer``'s self-attention (not yet installed)."""
         return TextAttentionProbe(self.decoder_layers[layer].self_attn)
 
+    @property
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers without self-attention (linear attention / recurrent token mixers,
+        Qwen3.5's Gated DeltaNet): no attention map, a recurrent state instead of a KV cache."""
+        return frozenset()
+
+    def check_attention_layers(self, layers: list[int]) -> None:
+        """``ValueError`` if a method needs the attention of a recurrent decoder layer."""
+        bad = sorted(set(layers) & self.recurrent_layers)
+        if bad:
+            full = [i for i in range(len(self.decoder_layers)) if i not in self.recurrent_layers]
+            raise ValueError(
+                f"decoder layer(s) {bad} of this {self.family} model are linear-attention layers "
+                f"without attention maps; the method needs full-attention layers: {full}"
+            )
+
     def projector_probe(self) -> ModuleInputProbe:
         """Captures the projector / merger input: vision features before projection."""
         return ModuleInputProbe(self.projector)

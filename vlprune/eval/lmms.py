@@ -10,8 +10,8 @@ lmms-eval 0.7 loads the group in ``lmms_eval/models/__init__.py``), so after ins
 Model arguments (``--model_args k=v,...``):
 
 - ``pretrained``: local directory or hub id of a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-  Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE checkpoint; the family comes from its ``config.json``
-  (``model_type``).
+  Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE or Qwen3.5 checkpoint; the family comes from its
+  ``config.json`` (``model_type``).
 - ``method``: a registered vlprune method, or ``none`` for the unpruned baseline. Both run the same
   code below (prompting, batching, generation); ``none`` just installs no hooks.
 - ``budget`` / ``ratio``: as in :func:`vlprune.patch` (ignored with ``method=none``).
@@ -67,6 +67,7 @@ MODEL_CLASSES: dict[str, str] = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
 """``config.model_type`` → model class, for the families vlprune supports."""
 
@@ -82,6 +83,7 @@ _PLAIN_IMAGE = {
     "qwen3_vl": _QWEN_IMAGE,
     "qwen3_vl_moe": _QWEN_IMAGE,
     "llava_onevision": "{}",
+    "qwen3_5": _QWEN_IMAGE,
 }
 """Plain-prompt image placeholder per family; ``{}`` is the processor's ``image_token``."""
 
@@ -104,7 +106,7 @@ def manifest() -> Any:
 class _ImagesOnly:
     """Processor mixin without the video processor.
 
-    Qwen2-VL/2.5-VL/3-VL and LLaVA-OneVision processors load a torchvision video processor,
+    Qwen2-VL/2.5-VL/3-VL/3.5 and LLaVA-OneVision processors load a torchvision video processor,
     which fails where torchvision is not installed; image tasks never use it. Dropping
     ``video_processor`` from the processor's attributes lets ``from_pretrained`` and
     ``save_pretrained`` work without it
@@ -143,6 +145,7 @@ IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
     "qwen3_vl": Qwen3VLProcessorImagesOnly,
     "qwen3_vl_moe": Qwen3VLProcessorImagesOnly,
     "llava_onevision": LlavaOnevisionProcessorImagesOnly,
+    "qwen3_5": Qwen3VLProcessorImagesOnly,
 }
 
 
@@ -580,12 +583,16 @@ def _log_to_lmms_eval(summary: dict[str, Any], seconds: float, new_tokens: int) 
 
 def _llm_flops_fn(model: torch.nn.Module, family: str) -> Callable[[SampleStats], float] | None:
     """Exact analytic prefill FLOPs of the decoder layers for one sample's ``layer_tokens``
-    (``vlprune.eval.profiler``), or ``None`` where the profiler is not available."""
+    (``vlprune.eval.profiler``), or ``None`` where the profiler is not available or does not
+    model the architecture (hybrid decoders)."""
     try:
         from vlprune.eval.profiler.flops import RunTokens, arch_from_config, exact_flops
     except ImportError:
         return None
-    arch = arch_from_config(model.config, family)
+    try:
+        arch = arch_from_config(model.config, family)
+    except NotImplementedError:
+        return None
     return lambda st: exact_flops(arch, RunTokens(list(st.layer_tokens), images=[])).llm
 
 

@@ -33,6 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.deepstack import DeepstackRows
 from vlprune.hooks.gather import gather_positions, gather_rows
+from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
 
 
 @dataclass
@@ -150,8 +151,10 @@ class DecoderCut:
             raise ValueError(
                 f"cut layers {bad} outside 1..{n_layers - 1} (the model has {n_layers})"
             )
+        check_recurrent_cut(adapter, layers)
         self.adapter = adapter
         self.layers = sorted(set(layers))
+        self.recurrent = adapter.recurrent_layers
         self.chooser = chooser
         self.image_mask = image_mask
         self.state: DecoderState | None = None
@@ -220,7 +223,7 @@ class DecoderCut:
             counts = state.slots.sum(1).tolist()
         for row, count in zip(state.layer_tokens, counts):
             row[i] = count
-        return self._gather_prefill(args, kwargs, hidden, state)
+        return self._gather_prefill(args, kwargs, hidden, state, i in self.recurrent)
 
     @staticmethod
     def _cut(state: DecoderState, chosen: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -253,7 +256,7 @@ class DecoderCut:
         )
 
     def _gather_prefill(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
-                        state: DecoderState) -> tuple[tuple, dict]:
+                        state: DecoderState, recurrent: bool = False) -> tuple[tuple, dict]:
         index = state.index
         kwargs = dict(kwargs)
         if args:
@@ -269,7 +272,9 @@ class DecoderCut:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if recurrent:
+            kwargs["attention_mask"] = recurrent_mask(mask, index, state.slots)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = gather_mask_4d(mask, index, index)
             if state.slots is not None:
                 mask = mask_slots(mask, state.slots, state.slots)
@@ -291,7 +296,7 @@ class DecoderCut:
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         mask = kwargs.get("attention_mask")
         state = self.state
-        if state is None:
+        if state is None or i in self.recurrent:
             return None
         slots = state.layer_slots.get(i)
         index = state.layer_index[i]

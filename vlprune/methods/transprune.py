@@ -191,6 +191,7 @@ class TransPrune(Method):
     def probes(self, adapter: Adapter) -> dict[str, Any]:
         """Transitions of the accumulation layers; each cut layer's attention on its input."""
         cuts = sorted(plan_layers(self.layers, len(adapter.decoder_layers)))
+        adapter.check_attention_layers([*range(cuts[0] - 1, cuts[-1]), *cuts])
         layers = adapter.decoder_layers
         probes: dict[str, Any] = {
             f"ttv{layer}": TokenTransitionProbe(layers[layer])

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> None:
     )
     try:
         result = run_profile(settings)
-    except ValueError as err:
+    except (ValueError, NotImplementedError) as err:
         raise SystemExit(f"vlprune profile: {err}") from None
     info = result.info
     print(f"{info['model']} (runs on {info['runs_on']}) · {info['device_name']} "

@@ -121,7 +121,13 @@ def _text_arch(text: PretrainedConfig) -> TextArch:
 
 
 def arch_from_config(config: PretrainedConfig, family: str) -> Arch:
-    """Sizes of a config of a supported family (LLaVA, NeXT, OneVision, Qwen2/2.5/3-VL)."""
+    """Sizes of a config of a supported family (LLaVA, NeXT, OneVision, Qwen2/2.5/3-VL);
+    ``NotImplementedError`` for hybrid decoders (Qwen3.5's linear-attention layers are not
+    modelled)."""
+    if "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ()):
+        raise NotImplementedError(
+            f"the FLOPs profiler does not model the linear-attention layers of {family} models"
+        )
     text = _text_arch(config.text_config)
     v = config.vision_config
     if family in ("llava", "llava_next", "llava_onevision"):

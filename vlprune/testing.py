@@ -149,8 +149,22 @@ _SIGLIP = {
     "vision_use_head": False,
 }
 _ONEVISION_PINPOINTS = [[48, 96], [96, 48], [96, 96]]
+_QWEN_MIN_PIXELS = 56 * 56
+_QWEN_MAX_PIXELS = 28 * 28 * 256  # at most 256 merged tokens per image
 
+DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
+    "llava": (84, 84),
+    "llava_next": (150, 100),
+    "qwen2_vl": (168, 112),
+    "qwen2_5_vl": (168, 112),
+    "qwen3_vl": (192, 128),
+    "qwen3_vl_moe": (192, 128),
+    "llava_onevision": (150, 100),
+    "qwen3_5": (192, 128),
+}
+"""Default image size (width, height) per family used by :func:`tiny_inputs`."""
 
+_DEFAULT_N_WORDS = (5, 9, 3, 7)
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
@@ -329,24 +343,6 @@ def tiny_model(
             config, attn_implementation=attn_implementation, dtype=torch.float32
         )
     return model.eval()
-
-
-_QWEN_MIN_PIXELS = 56 * 56
-_QWEN_MAX_PIXELS = 28 * 28 * 256  # at most 256 merged tokens per image
-
-DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
-    "llava": (84, 84),
-    "llava_next": (150, 100),
-    "qwen2_vl": (168, 112),
-    "qwen2_5_vl": (168, 112),
-    "qwen3_vl": (192, 128),
-    "qwen3_vl_moe": (192, 128),
-    "llava_onevision": (150, 100),
-    "qwen3_5": (192, 128),
-}
-"""Default image size (width, height) per family used by :func:`tiny_inputs`."""
-
-_DEFAULT_N_WORDS = (5, 9, 3, 7)
 
 
 class _SkipNoneVideo:

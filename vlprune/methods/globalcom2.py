@@ -37,8 +37,9 @@ Official-code behaviour and what vlprune does:
   official placement is not offered: it reorders tokens); floored budgets lose the remainder:
   allocation is exact here; batch > 1 reuses image 0's thumbnail scores: per image here;
 - not reproduced: the thumbnail is emitted in score order officially; vlprune keeps raster order.
-- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no thumbnail / crops: ``patch``
-  raises).
+- Qwen2-VL / 2.5-VL / 3-VL / 3.5 (no CLS token, no thumbnail / crops) and LLaVA-OneVision
+  (SigLIP, no CLS token; the paper's CLS-free OneVision variant has no released code) are not
+  supported: ``patch`` raises ``TypeError``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ Official-code behaviour and what vlprune does:
   the official one; floored crop budgets lose the remainder and unpadding after selection drops
   kept tokens (count < budget): here allocation is exact and only unpadded cells are candidates;
   LLaVA-1.5 applies image 0's mask to the whole batch: per image here.
-- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no crops: ``patch`` raises).
+- Qwen2-VL / 2.5-VL / 3-VL / 3.5 (no CLS token, no crops) and LLaVA-OneVision (SigLIP, no CLS
+  token) are not supported: ``patch`` raises ``TypeError``.
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ post-projector tokens and ``Q = softmax_j(v̂'·v̂'_jᵀ / τ_v)`` compares the
 among themselves (all L2-normalised, fp32). F is monotone submodular, so greedy is a
 (1 - 1/e)-approximation; the greedy here runs batched over all images (crops) of equal size.
 
-Scope: per image (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL); per crop on LLaVA-NeXT, as the official code
-(``budget`` = tokens per crop, the paper's "Upper 5k"). Pre-projector features: CLIP's selected
-layer (the projector input) for LLaVA; for Qwen the merger input averaged over each 2×2 merge
-group, in raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
+Scope: per image (LLaVA-1.5, Qwen2-VL / 2.5-VL / 3-VL / 3.5); per crop on LLaVA-NeXT and
+LLaVA-OneVision, as the official code on NeXT (``budget`` = tokens per crop, the paper's "Upper
+5k"). Pre-projector features: the selected vision layer (the projector input) for LLaVA (CLIP)
+and OneVision (SigLIP; on a canvas downsampled by ``anyres_max`` each token is represented by
+the crop patch at its centre); for Qwen the merger input averaged over each 2×2 merge group, in
+raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
 
 Text targets come from the model's own ``input_ids``: every prompt token that is not an image
 placeholder, not padding and not in ``stopwords``. The official code instead captures the user

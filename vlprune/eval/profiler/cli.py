@@ -85,8 +85,8 @@ def main(args: argparse.Namespace) -> None:
           f"{settings.new_tokens} new tokens")
     print(format_table(result))
     print("TMACs paper: FastV formula (multiply-accumulates, LLM prefill); TFLOPs exact: "
-          "prefill FLOPs (2 per MAC; GQA, gated MLP, causal attention, vision + projector + "
-          "LM head).")
+          "prefill FLOPs (2 per MAC; GQA, gated MLP or MoE router + active experts, causal "
+          "attention, vision + projector (+ DeepStack mergers) + LM head).")
     if info["timing"]:
         print("ms: median ±half-IQR; select ms: the method's own selection inside the prefill; "
               "peak MB: prefill, weights included; speed-up: baseline prefill / prefill.")

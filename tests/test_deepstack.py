@@ -9,22 +9,20 @@ mask / feature agreement every DeepStack call sees for every method, and unpatch
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import pytest
 import torch
 
 import vlprune
+from tests.helpers import BIG, cached_inputs, cached_model, capture_lm_kwargs
 from vlprune import registry
 from vlprune.budget import Budget
 from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.methods.flowcut import FlowCut
-from vlprune.testing import tiny_inputs, tiny_model
 
 UNITS = [0, 3, 7, 14, 20, 23]
-BIG = 10**6
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe")
 
 
@@ -55,11 +53,6 @@ def keep_units_method(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry._METHODS, "keep_units", KeepUnits)
 
 
-@functools.cache
-def _model(family: str = "qwen3_vl"):
-    return tiny_model(family)
-
-
 def test_gather_keeps_the_features_of_kept_visual_positions() -> None:
     """Mask rows [v . v v] and [. v . .] hold features 0..2 and 3 in row-major order; keeping
     positions (0, 3) and (1, 2) (a padding slot on row 1) keeps features 0 and 2, and 3."""
@@ -72,21 +65,6 @@ def test_gather_keeps_the_features_of_kept_visual_positions() -> None:
     assert kept[:, 0].tolist() == [0.0, 2.0, 3.0]
 
 
-def _lm_kwargs(model, inputs) -> dict:
-    seen: dict = {}
-
-    def hook(module, args, kwargs):
-        seen.update(kwargs)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen
-
-
 def _hand_run(model, inputs, units: list[int], layer: int):
     """The Qwen3-VL vision blocks run by hand, keeping the merge groups ``units`` after block
     ``layer``: (main merger output, one DeepStack merger output per DeepStack layer), over the
@@ -97,7 +75,7 @@ def _hand_run(model, inputs, units: list[int], layer: int):
     handle = visual.blocks[0].register_forward_pre_hook(
         lambda module, args, kwargs: start.update(hidden=args[0], **kwargs), with_kwargs=True)
     try:
-        _lm_kwargs(model, inputs)
+        capture_lm_kwargs(model, inputs)
     finally:
         handle.remove()
     hidden, (cos, sin) = start["hidden"], start["position_embeddings"]
@@ -122,10 +100,10 @@ def test_encoder_cut_equals_hand_run_tower_with_deepstack(layer: int) -> None:
     """A FlowCut-style cut inside the ViT after block ``layer``: the language model receives
     the kept units' main features and, for every DeepStack layer, the features of the kept
     units (computed on the rows alive at that layer), aligned with ``visual_pos_masks``."""
-    model, inputs = _model(), tiny_inputs("qwen3_vl", batch=1)
+    model, inputs = cached_model("qwen3_vl"), cached_inputs("qwen3_vl")
     main, deepstack = _hand_run(model, inputs, UNITS, layer)
     with vlprune.patch(model, "keep_units", budget=BIG, units=UNITS, layer=layer):
-        kw = _lm_kwargs(model, inputs)
+        kw = capture_lm_kwargs(model, inputs)
     mask = kw["visual_pos_masks"]
     assert int(mask.sum()) == len(UNITS)
     torch.testing.assert_close(kw["inputs_embeds"][mask], main, atol=1e-5, rtol=0)
@@ -154,8 +132,8 @@ def test_every_method_keeps_deepstack_aligned(family: str, method: str, monkeypa
     """In a padded batch of 2, every DeepStack addition sees a mask of the hidden states'
     shape whose visual rows match its feature rows, and the additions after the last cut
     cover exactly the visual tokens that reach the language model."""
-    model = _model(family)
-    inputs = tiny_inputs(family, batch=2)
+    model = cached_model(family)
+    inputs = cached_inputs(family, batch=2)
     calls, spy = _deepstack_calls(model)
     monkeypatch.setattr(type(model.model.language_model), "_deepstack_process", spy)
     with vlprune.patch(model, method, budget=5) as handle, torch.no_grad():
@@ -172,9 +150,10 @@ def test_every_method_keeps_deepstack_aligned(family: str, method: str, monkeypa
 
 def test_unpatch_restores_the_deepstack_method() -> None:
     """A decoder cut shadows ``_deepstack_process`` on the instance only; unpatch removes it."""
-    model = _model()
+    model = cached_model("qwen3_vl")
     lm = model.model.language_model
     with vlprune.patch(model, "fastv", budget=4):
         assert "_deepstack_process" in vars(lm)
-        assert "_deepstack_process" not in vars(_model("qwen3_vl_moe").model.language_model)
+        assert "_deepstack_process" not in vars(cached_model("qwen3_vl_moe").model.language_model)
     assert "_deepstack_process" not in vars(lm)
+

@@ -7,28 +7,22 @@ Reference: the eager attention weights transformers returns with ``output_attent
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlprune
+from tests.helpers import attention_output_index, cached_model, vlprune_hook_count
 from vlprune.adapters import get_adapter
 from vlprune.hooks.signals import TextAttentionProbe
-from vlprune.testing import FAMILIES, attention_output_index, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 LAYERS = (0, 1, 3)
 
 
 def _layers(family: str) -> tuple[int, ...]:
     """Probed layers: LAYERS, or every full-attention layer of a hybrid decoder (Qwen3.5)."""
-    recurrent = get_adapter(_model(family, "eager")).recurrent_layers
+    recurrent = get_adapter(cached_model(family, "eager", seed=1)).recurrent_layers
     return tuple(i for i in range(4) if i not in recurrent) if recurrent else LAYERS
-
-
-@functools.cache
-def _model(family: str, attn: str):
-    return tiny_model(family, attn_implementation=attn, seed=1)
 
 
 def _queries(length: int, batch: int) -> torch.Tensor:
@@ -52,7 +46,7 @@ def _probe_rows(model, inputs, queries: torch.Tensor,
 
 
 def _eager_rows(family: str, inputs, queries: torch.Tensor) -> dict[int, torch.Tensor]:
-    model = _model(family, "eager")
+    model = cached_model(family, "eager", seed=1)
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     layers = _layers(family)
@@ -69,7 +63,7 @@ def test_probe_rows_equal_eager_attentions(family: str, batch: int) -> None:
     """Probe on an eager model: rows(queries) == out.attentions[j][:, :, queries] (1e-5)."""
     inputs = tiny_inputs(family, batch=batch)
     queries = _queries(inputs["input_ids"].shape[1], batch)
-    got = _probe_rows(_model(family, "eager"), inputs, queries, _layers(family))
+    got = _probe_rows(cached_model(family, "eager", seed=1), inputs, queries, _layers(family))
     want = _eager_rows(family, inputs, queries)
     for j in _layers(family):
         heads, length = 4, inputs["input_ids"].shape[1]
@@ -84,7 +78,7 @@ def test_probe_on_sdpa_model_equals_eager_attentions(family: str, batch: int) ->
     """Probe on an sdpa model (mask None or boolean) == eager weights of a same-seed twin."""
     inputs = tiny_inputs(family, batch=batch)
     queries = _queries(inputs["input_ids"].shape[1], batch)
-    got = _probe_rows(_model(family, "sdpa"), inputs, queries, _layers(family))
+    got = _probe_rows(cached_model(family, "sdpa", seed=1), inputs, queries, _layers(family))
     want = _eager_rows(family, inputs, queries)
     for j in _layers(family):
         torch.testing.assert_close(got[j], want[j], atol=1e-5, rtol=0)
@@ -98,14 +92,14 @@ def test_padding_columns_get_no_attention(family: str) -> None:
     assert bool(pad.any())
     length = inputs["input_ids"].shape[1]
     queries = torch.full((2, 1), length - 1)
-    rows = _probe_rows(_model(family, "eager"), inputs, queries, (1,))[1]
+    rows = _probe_rows(cached_model(family, "eager", seed=1), inputs, queries, (1,))[1]
     assert bool((rows[pad[:, None, None, :].expand_as(rows)] == 0).all())
     torch.testing.assert_close(rows.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
 
 
 def test_probe_made_by_adapter_sits_on_that_layer() -> None:
     """``adapter.text_probe(j)`` probes decoder layer j's self-attention; unrun → RuntimeError."""
-    model = _model("qwen2_vl", "eager")
+    model = cached_model("qwen2_vl", "eager", seed=1)
     probe = get_adapter(model).text_probe(2)
     assert probe.attention is model.model.language_model.layers[2].self_attn
     with pytest.raises(RuntimeError):
@@ -116,7 +110,7 @@ def test_probe_on_a_linear_attention_layer_is_refused() -> None:
     """Qwen3.5's Gated DeltaNet layers compute no attention map: a probe there is refused,
     naming the full-attention layers; so is a decoder cut at or before the first
     full-attention layer (FastV with layer 1), at patch time, leaving no hook behind."""
-    model = _model("qwen3_5", "sdpa")
+    model = cached_model("qwen3_5", "sdpa", seed=1)
     with pytest.raises(ValueError, match=r"\[0\].*linear-attention.*\[1, 2\]"):
         get_adapter(model).text_probe(0)
     with pytest.raises(ValueError, match="after layer 1"):  # TransPrune cuts at 1 and 2
@@ -126,4 +120,4 @@ def test_probe_on_a_linear_attention_layer_is_refused() -> None:
     for method, options in (("fastv", {}), ("fixed_layer", {"indices": [0]})):
         with pytest.raises(ValueError, match="after layer 1"):
             vlprune.patch(model, method, budget=4, layer=1, **options)
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert vlprune_hook_count(model) == 0 and vlprune.get_handle(model) is None

@@ -137,7 +137,7 @@ class Adapter:
 
     def projector_probe(self) -> ModuleInputProbe:
         """Captures the projector / merger input: vision features before projection."""
-        return ModuleInputProbe(self.projector)
+        return ModuleInputProbe(self.projector, vision=True)
 
     @property
     def deepstack_mergers(self) -> list[nn.Module]:

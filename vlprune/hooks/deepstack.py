@@ -9,8 +9,9 @@ adds tensor ``i`` to the hidden states at the masked positions. So:
 - the vision-side cut gathers the mask with the kept sequence positions and keeps the rows of the
   kept visual positions (:func:`gather_deepstack_inputs`);
 - a decoder cut before the last DeepStack layer shortens the hidden states that
-  ``_deepstack_process`` receives: :class:`DeepstackRows` shadows that method on the text model
-  instance (removed on unpatch) and gathers its mask and features to the rows alive there;
+  ``_deepstack_process`` receives: the decoder cut shadows that method on the text model
+  instance (a :class:`~vlprune.hooks.calls.Shadow`, removed on unpatch, copied with the model)
+  and gathers its mask and features to the rows alive there (:func:`gather_deepstack`);
 - the encoder cut restores the DeepStack mergers' outputs to full size like the main merger's
   (``vlprune.hooks.encoder``): a unit cut inside the ViT has zero features from later DeepStack
   layers and, since the vision-side cut drops it, never reaches the language model.
@@ -18,18 +19,9 @@ adds tensor ``i`` to the hidden states at the masked positions. So:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import nn
-
-
-class AliveRows(Protocol):
-    """The rows alive in a decoder prefill (``vlprune.hooks.decoder.DecoderState``)."""
-
-    index: torch.Tensor
-    slots: torch.Tensor | None
 
 
 def gather_deepstack(
@@ -58,38 +50,3 @@ def gather_deepstack_inputs(
         return kwargs
     mask, embeds = gather_deepstack(mask.to(index.device), list(embeds), index, valid)
     return {**kwargs, "visual_pos_masks": mask, "deepstack_visual_embeds": embeds}
-
-
-class DeepstackRows:
-    """Shadow ``text_model._deepstack_process`` with a wrapper that first gathers the mask and
-    DeepStack features to the rows ``rows()`` reports alive (None: pass through unchanged).
-
-    The wrapper is an instance attribute; :meth:`remove` deletes it, restoring the class method.
-    """
-
-    def __init__(self, text_model: nn.Module, rows: Callable[[], AliveRows | None]) -> None:
-        self.text_model = text_model
-        original = text_model._deepstack_process
-
-        def deepstack_process(
-            hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
-            visual_embeds: torch.Tensor,
-        ) -> torch.Tensor:
-            state = rows()
-            if state is not None:
-                alive = state.slots
-                if alive is None:
-                    alive = torch.ones_like(state.index, dtype=torch.bool)
-                mask = visual_pos_masks.to(state.index.device)
-                visual_pos_masks, (visual_embeds,) = gather_deepstack(
-                    mask, [visual_embeds], state.index, alive
-                )
-            return original(hidden_states, visual_pos_masks, visual_embeds)
-
-        self.wrapper = deepstack_process
-        text_model.__dict__["_deepstack_process"] = deepstack_process
-
-    def remove(self) -> None:
-        """Restore the class method (idempotent)."""
-        if self.text_model.__dict__.get("_deepstack_process") is self.wrapper:
-            del self.text_model.__dict__["_deepstack_process"]

@@ -9,18 +9,23 @@ mask / feature agreement every DeepStack call sees for every method, and unpatch
 
 from __future__ import annotations
 
+import copy
+import pickle
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import vlprune
-from tests.helpers import BIG, cached_inputs, cached_model, capture_lm_kwargs
+from tests.helpers import BIG, cached_inputs, cached_model, capture_lm_kwargs, forward, generate
 from vlprune import registry
 from vlprune.budget import Budget
 from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.methods.flowcut import FlowCut
+from vlprune.testing import tiny_model
 
 UNITS = [0, 3, 7, 14, 20, 23]
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe")
@@ -157,3 +162,47 @@ def test_unpatch_restores_the_deepstack_method() -> None:
         assert "_deepstack_process" not in vars(cached_model("qwen3_vl_moe").model.language_model)
     assert "_deepstack_process" not in vars(lm)
 
+
+def test_deep_copy_has_its_own_deepstack_shadow() -> None:
+    """``copy.deepcopy`` of a Qwen3-VL model under a decoder cut before its last DeepStack
+    layer (FastV, K = 2): the copy's ``_deepstack_process`` shadow is its own (bound to the
+    copy's text model), prunes like the original, outlives the original's unpatch and goes
+    with its own; pickling the patched copy names the patch."""
+    model, inputs = tiny_model("qwen3_vl"), cached_inputs("qwen3_vl", batch=2)
+    unpatched = forward(model, inputs).logits
+    handle = vlprune.patch(model, "fastv", budget=4)
+    pruned = forward(model, inputs).logits
+    twin = copy.deepcopy(model)
+    lm, twin_lm = model.model.language_model, twin.model.language_model
+    shadow = vars(twin_lm)["_deepstack_process"]
+    assert shadow is not vars(lm)["_deepstack_process"]
+    assert shadow.obj is twin_lm and shadow.original.__self__ is twin_lm
+    torch.testing.assert_close(forward(twin, inputs).logits, pruned, atol=1e-6, rtol=0)
+    handle.unpatch()
+    assert "_deepstack_process" not in vars(lm) and "_deepstack_process" in vars(twin_lm)
+    torch.testing.assert_close(forward(twin, inputs).logits, pruned, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match=r"vlprune\.unpatch\(model\)"):
+        pickle.dumps(twin)
+    vlprune.unpatch(twin)
+    assert "_deepstack_process" not in vars(twin_lm)
+    assert torch.equal(forward(twin, inputs).logits, unpatched)
+
+
+def test_two_threads_under_a_deepstack_decoder_cut_equal_serial_runs() -> None:
+    """The shadow reads the running prefill's rows per thread: two threads × 10 ``generate``
+    calls under FastV (K = 2, before the last DeepStack layer) give the serial results."""
+    model = cached_model("qwen3_vl")
+    prompts = [cached_inputs("qwen3_vl", batch=1, n_words=(5,), seed=0),
+               cached_inputs("qwen3_vl", batch=2, n_words=(7, 3), seed=1)]
+    start = threading.Barrier(2)
+
+    def work(prompt) -> list[torch.Tensor]:
+        start.wait()
+        return [generate(model, prompt, max_new_tokens=3) for _ in range(10)]
+
+    with vlprune.patch(model, "fastv", budget=4):
+        serial = [generate(model, p, max_new_tokens=3) for p in prompts]
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(work, prompts))
+    for want, got in zip(serial, results):
+        assert all(torch.equal(out, want) for out in got)

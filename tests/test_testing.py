@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import BatchFeature, PreTrainedModel
 
+from tests.helpers import cached_model
 from vlprune.adapters import ADAPTERS, get_adapter
 from vlprune.testing import (
     DEFAULT_IMAGE_SIZE,
@@ -43,7 +44,7 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def models(family: str) -> dict[str, PreTrainedModel]:
-    return {impl: tiny_model(family, attn_implementation=impl) for impl in ("sdpa", "eager")}
+    return {impl: cached_model(family, impl) for impl in ("sdpa", "eager")}
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,14 @@ def test_every_adapter_family_has_a_tiny_model() -> None:
     assert sorted(FAMILIES) == sorted(adapter.family for adapter in ADAPTERS)
     for family in FAMILIES:
         assert get_adapter(tiny_model(family)).family == family
+
+
+def test_package_keeps_its_import_path() -> None:
+    """``vlprune.testing`` is a package (configs, processors, inputs) that re-exports every
+    public name from the module defining it."""
+    import vlprune.testing as testing
+    from vlprune.testing import configs, inputs, processors
+
+    for name in testing.__all__:
+        assert any(getattr(module, name, None) is getattr(testing, name)
+                   for module in (configs, processors, inputs)), name

@@ -80,7 +80,6 @@ TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_
                   "llava_onevision": 0.02}
 """Official τ_t per family (LLaVA 0.02, Qwen 0.01); Qwen3-VL / Qwen3.5 take Qwen's and
 LLaVA-OneVision LLaVA's (no official setting for them)."""
-"""Official τ_t per family (spec §4): 0.02 for LLaVA, 0.01 for Qwen."""
 
 
 def mmtok_stopwords(

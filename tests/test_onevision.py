@@ -109,9 +109,16 @@ def test_methods_on_downsampled_and_multi_image_prompts(method: str) -> None:
     for aspect_ratio, inputs, images in cases:
         model = _model(aspect_ratio)
         if method == "flowcut" and aspect_ratio == "anyres_max_1":
-            with vlprune.patch(model, method, budget=5), pytest.raises(
-                    NotImplementedError, match="downsamples"):
-                model(**inputs)
+            ran: list[int] = []
+            layer = get_adapter(model).vision_layers[0].register_forward_hook(
+                lambda *_: ran.append(1))
+            try:
+                with vlprune.patch(model, method, budget=5), pytest.raises(
+                        NotImplementedError, match="downsamples"):
+                    model(**inputs)
+            finally:
+                layer.remove()
+            assert ran == []  # refused before the first vision layer ran
             continue
         with torch.no_grad():
             reference = model(**inputs).logits

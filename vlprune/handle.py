@@ -105,7 +105,8 @@ class PatchHandle(PatchPart):
         self._encoder: EncoderCut | None = None
         encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
         if encoder_layers:
-            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
+            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder,
+                                       method.check_encoder_layouts)
             self._calls.encoder = self._encoder
         self._needs_encode = self._encoder is not None or any(
             getattr(probe, "vision", False) for probe in self._probes.values()

@@ -47,7 +47,7 @@ Everything is per thread; the state travels with the encode record to its prefil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -70,13 +70,15 @@ class EncoderCut(PatchPart):
     """Installs the encoder hooks; ``chooser`` answers after each layer in ``layers``.
 
     ``layers``: 0-based encoder layers whose *output* may be cut, each at most
-    ``adapter.vision_output_layer``.
+    ``adapter.vision_output_layer``; ``check`` (optional) sees the images' layouts before
+    encoder layer 0 runs and raises for images the chooser cannot prune.
     """
 
     _armed = ThreadLocal()
     _running = ThreadLocal()
 
-    def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: EncoderChooser) -> None:
+    def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: EncoderChooser,
+                 check: Callable[[list[ImageLayout]], None] | None = None) -> None:
         self.output_layer = adapter.vision_output_layer
         bad = [layer for layer in layers if not 0 <= layer <= self.output_layer]
         if bad:
@@ -88,6 +90,7 @@ class EncoderCut(PatchPart):
         self.layers = sorted(set(layers))
         self.n_layers = len(adapter.vision_layers)
         self.chooser = chooser
+        self.check = check
 
     def install(self) -> list[RemovableHandle]:
         """Register the hooks; the caller keeps the handles."""
@@ -159,6 +162,8 @@ class EncoderCut(PatchPart):
     def _new_state(self, hidden: torch.Tensor, inputs: dict[str, Any]) -> EncoderState:
         packed = hidden.dim() == 2
         layouts = self.adapter.encoder_layouts(inputs, hidden.shape[0])
+        if self.check is not None:
+            self.check(layouts)
         if packed:
             image, unit_ids, group = self._packed_units(hidden, layouts, inputs)
             prefix, rows = 0, hidden.shape[0]

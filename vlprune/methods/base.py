@@ -240,6 +240,10 @@ class Method:
         drop rows; a non-empty list installs the encoder cut (``vlprune.hooks.encoder``)."""
         return []
 
+    def check_encoder_layouts(self, layouts: list[ImageLayout]) -> None:
+        """Raise before any vision-encoder layer runs if the encoder stage cannot prune images
+        of these layouts (default: it can)."""
+
     def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
         """Per sequence, sorted local positions (into ``batch.units[s]``) of the units that stay,
         or None to keep everything after this layer."""

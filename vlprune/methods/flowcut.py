@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from vlprune.adapters.base import Adapter
+from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.signals import TextQKV, VisionQKV, masked_softmax
 from vlprune.kernels import select_topk
@@ -223,14 +223,17 @@ class FlowCut(Method):
             targets.append(min(max(target, 1), size))
         return targets if batch.packed else [max(targets)] * len(targets)
 
-    def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
-        """Steps 1–6 after encoder layer ``batch.layer``."""
-        if any(layout.highres_source is not None for layout in batch.layouts):
+    def check_encoder_layouts(self, layouts: list[ImageLayout]) -> None:
+        """``NotImplementedError`` for a LLaVA-OneVision canvas downsampled by ``anyres_max``."""
+        if any(layout.highres_source is not None for layout in layouts):
             raise NotImplementedError(
                 "flowcut cannot prune inside the vision encoder when LLaVA-OneVision downsamples "
                 "the AnyRes canvas (`vision_aspect_ratio` anyres_max): each token mixes several "
                 "crop patches; use a smaller image or another method"
             )
+
+    def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
+        """Steps 1–6 after encoder layer ``batch.layer``."""
         horizon = batch.output_layer + (0 if batch.prefix else 1)
         remaining = horizon - batch.layer - 1
         targets = self.encoder_targets(batch, budget)

@@ -111,7 +111,7 @@ def test_methods_on_downsampled_and_multi_image_prompts(method: str) -> None:
         if method == "flowcut" and aspect_ratio == "anyres_max_1":
             ran: list[int] = []
             layer = get_adapter(model).vision_layers[0].register_forward_hook(
-                lambda *_: ran.append(1))
+                lambda *_, ran=ran: ran.append(1))
             try:
                 with vlprune.patch(model, method, budget=5), pytest.raises(
                         NotImplementedError, match="downsamples"):

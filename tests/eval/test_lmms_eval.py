@@ -31,14 +31,9 @@ from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 
 from vlprune.eval import lmms_cli
-from vlprune.eval.lmms import (
-    IMAGES_ONLY_PROCESSORS,
-    VLPrune,
-    build_prompt,
-    model_family,
-    prompt_segments,
-    truncate_at,
-)
+from vlprune.eval.lmms import VLPrune
+from vlprune.eval.lmms_load import IMAGES_ONLY_PROCESSORS, model_family
+from vlprune.eval.lmms_prompts import build_prompt, prompt_segments, truncate_at
 from vlprune.testing import FAMILIES, tiny_image, tiny_model, tiny_processor
 
 TASK_FILES = Path(__file__).parent / "lmms_task"
@@ -370,12 +365,13 @@ def test_truncate_at() -> None:
 
 
 def test_wrapper_arguments() -> None:
-    """``vlprune eval`` adds ``--model vlprune`` and a stats path under ``--output_path``."""
+    """``vlprune eval`` adds ``--model vlprune``, a stats path under ``--output_path`` and,
+    unless given, the include path of the shipped toy tasks."""
     argv = lmms_cli.lmms_eval_argv(["--model_args", "pretrained=x", "--output_path", "o"])
     assert argv == ["--model", "vlprune", "--model_args",
                     f"pretrained=x,stats_path={os.path.join('o', 'vlprune_stats')}",
-                    "--output_path", "o"]
-    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o"]
+                    "--output_path", "o", "--include_path", str(lmms_cli.TOY_TASKS)]
+    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o", "--include_path=t"]
     assert lmms_cli.lmms_eval_argv(argv) == ["--model", "vlprune", *argv]
     with pytest.raises(SystemExit, match="preselected"):
         lmms_cli.lmms_eval_argv(["--model", "llava_hf"])

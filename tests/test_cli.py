@@ -171,6 +171,20 @@ def test_help_is_plain_text(command: list[str], capsys: pytest.CaptureFixture[st
         assert markup not in text, (command, markup)
 
 
+def test_eval_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """``vlprune eval --help``: vlprune's part is plain text, then lmms-eval's options."""
+    pytest.importorskip("lmms_eval")
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--help"])
+    assert info.value.code in (0, None)
+    text = capsys.readouterr().out
+    ours = text[:text.index("lmms-eval's own options follow.")]
+    assert ours.startswith("usage: vlprune eval") and "vlprune_toy" in ours
+    for markup in (":func:", ":mod:", ":class:", "``"):
+        assert markup not in ours
+    assert "--model_args" in text[len(ours):]
+
+
 def test_profile_runs_the_shipped_toy_checkpoint(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """``vlprune profile --model <toy checkpoint>`` (a 70-word vocabulary) prompts with ids of

@@ -27,10 +27,27 @@ from typing import Any
 
 from vlprune.cli_args import CommandError
 
-__all__ = ["TOY_TASKS", "check_argv", "lmms_eval_argv", "main"]
+__all__ = ["HELP", "TOY_TASKS", "check_argv", "lmms_eval_argv", "main"]
 
 TOY_TASKS = Path(__file__).parent / "toy" / "lmms_tasks"
 """The folder of the shipped toy tasks' YAML files."""
+
+HELP = """\
+usage: vlprune eval [lmms-eval options]
+
+lmms-eval with --model vlprune preselected; every other argument goes to lmms-eval.
+--model_args (or each run of a --config file) is checked before lmms-eval starts: a bad
+method, budget, option or checkpoint exits 2 with one line. The exit code is 1 when an
+evaluation fails inside lmms-eval or returns no results. With --output_path DIR, per-sample
+pruning stats go to DIR/vlprune_stats. Without --include_path, the toy tasks that ship with
+vlprune (vlprune_toy, vlprune_toy_mc) are available.
+
+example (the shipped toy LLaVA, offline, from the repository root):
+  vlprune eval --model_args pretrained=vlprune/eval/toy/checkpoint,method=hiprune,budget=64 \\
+      --tasks vlprune_toy,vlprune_toy_mc --batch_size 4 --output_path logs/
+
+lmms-eval's own options follow.
+"""
 
 
 def _option(argv: list[str], name: str) -> tuple[int, str] | None:
@@ -131,8 +148,7 @@ def main(argv: list[str]) -> int:
             "(CPU-only machines: `bash scripts/setup_dev.sh`, see the README)"
         ) from None
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nlmms-eval's own options follow.\n")
+        print(HELP)
         sys.argv = ["lmms-eval", "eval", "--help"]
         from lmms_eval.cli.dispatch import main as lmms_eval_main
 

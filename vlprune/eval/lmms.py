@@ -16,8 +16,9 @@ Model arguments (``--model_args k=v,...``):
 - ``budget`` / ``ratio``: as in :func:`vlprune.patch` (ignored with ``method=none``).
 - ``stats_path``: directory for per-sample pruning stats (``samples_rank<r>.jsonl``) and their
   summary (``summary.json``); ``vlprune eval`` fills it from ``--output_path``.
-- ``dtype`` (``auto``), ``attn_implementation`` (``sdpa``), ``device``, ``revision``,
-  ``chat_template`` (a Jinja string or file replacing the checkpoint's template).
+- ``dtype`` (``auto``: the checkpoint's dtype on CUDA, float32 on CPU, where half precision
+  is slow and its sums depend on the batch), ``attn_implementation`` (``sdpa``), ``device``,
+  ``revision``, ``chat_template`` (a Jinja string or file replacing the checkpoint's template).
 - any other key is a method option, e.g. ``layer=3`` for ``fastv``.
 
 Every argument is checked before anything loads (:func:`~vlprune.eval.lmms_load.check_model_args`).
@@ -154,7 +155,10 @@ class VLPrune(lmms):
         import transformers
 
         cls = getattr(transformers, MODEL_CLASSES[self.family])
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype))
+        if dtype != "auto":
+            torch_dtype: Any = getattr(torch, str(dtype))
+        else:  # half precision on CPU is slow and batch-dependent
+            torch_dtype = "auto" if self._device.type == "cuda" else torch.float32
         model = cls.from_pretrained(pretrained, dtype=torch_dtype, attn_implementation=attn, **hub)
         return model.to(self._device).eval()
 

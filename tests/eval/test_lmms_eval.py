@@ -390,3 +390,32 @@ def test_errors(workspace: Path, tmp_path: Path) -> None:
         VLPrune(pretrained=str(workspace / "llava"), batch_size="auto")
     with pytest.raises(ValueError, match="unknown `method`"):
         VLPrune(pretrained=str(workspace / "llava"), method="nope", budget=BUDGET)
+
+
+def test_model_args_are_read_as_each_option_means() -> None:
+    """lmms-eval parses ``-2`` as ``-2.0``, ``None`` as a string and ``[1,2]`` as text;
+    ``check_model_args`` reads them as the method's declared options mean them, and refuses
+    bad loading arguments before anything loads."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from vlprune.eval.lmms_load import check_model_args
+    from vlprune.eval.toy.model import CHECKPOINT_DIR
+
+    def check(text: str) -> dict[str, Any]:
+        return check_model_args(**simple_parse_args_string(f"pretrained={CHECKPOINT_DIR},{text}"))
+
+    options = check("method=hiprune,budget=64,object_layer=None,deep_layer=-1,alpha=0.25")
+    assert options == {"object_layer": None, "deep_layer": -1, "alpha": 0.25}
+    assert type(options["deep_layer"]) is int
+    assert check("method=transprune,ratio=0.25,layers=[1,2],ratios=[0.5,0.25]") == {
+        "layers": [1, 2], "ratios": [0.5, 0.25]}
+    assert check("method=none") == {}
+    for text, match in [("method=hiprune,budget=64,deep_layer=-1.5", "deep_layer"),
+                        ("method=fixed,budget=4,indices=[0]", "unknown `method`"),
+                        ("method=none,batch_size=auto", "batch_size"),
+                        ("method=none,dtype=float8", "dtype"),
+                        ("method=none,attn_implementation=flex", "attn_implementation")]:
+        with pytest.raises(ValueError, match=match):
+            check(text)
+    with pytest.raises(ValueError, match="neither a local checkpoint"):
+        check_model_args(pretrained="./no/such/folder")

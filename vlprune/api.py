@@ -42,14 +42,16 @@ def patch(
 
     Exactly one of ``budget`` (visual tokens kept per unit of the method's scope: per image for
     most methods; a budget larger than an image keeps all of it) or ``ratio`` (kept fraction in
-    (0, 1]). ``positions``: ``"original"`` (kept tokens keep their RoPE positions) or
-    ``"renumber"`` (the kept tokens renumbered contiguously after every cut, later tokens
-    following them: what most official implementations on LLaVA do; 1-D RoPE models only).
-    ``options`` are the method's own keyword options (see ``available_methods()``).
-    Everything is validated before any hook is installed or any compute runs: bad values raise
-    ``ValueError``, an unsupported model ``TypeError``, an already patched model
-    :class:`AlreadyPatchedError`, a compiled model ``RuntimeError`` (compiled code would ignore
-    the hooks: patch first, then compile).
+    (0, 1]); Python or NumPy scalars. ``positions``: ``"original"`` (kept tokens keep their
+    RoPE positions) or ``"renumber"`` (the kept tokens renumbered contiguously after every cut,
+    later tokens following them: what most official implementations on LLaVA do; 1-D RoPE
+    models only). ``options`` are the method's own keyword options, each with its default,
+    allowed values and meaning in ``available_methods()``, ``vlprune methods`` and the method
+    class's ``help()``. Everything is validated before any hook is installed or any compute
+    runs: bad values (NaN and ±inf included) raise ``ValueError`` naming the parameter, an
+    unsupported model ``TypeError``, an already patched model :class:`AlreadyPatchedError`, a
+    compiled model ``RuntimeError`` (compiled code would ignore the hooks: patch first, then
+    compile).
 
     The hooks keep the handle alive: dropping it does not unpatch the model
     (:func:`get_handle` gives it back, :func:`unpatch` removes it).
@@ -116,7 +118,8 @@ def _check_not_compiled(model: nn.Module) -> None:
 
 
 def available_methods() -> list[dict[str, Any]]:
-    """Registered methods with their stage, budget scope, supported families and citations."""
+    """Registered methods with their stage, budget scope, supported families, citations and
+    keyword options (per option: default, type, allowed values and meaning), JSON-ready."""
     rows = []
     for name in list_methods():
         cls = get_method(name)
@@ -127,5 +130,6 @@ def available_methods() -> list[dict[str, Any]]:
             "families": list(cls.families) if cls.families else "all",
             "paper": cls.paper,
             "repo": cls.repo,
+            "options": {opt: option.describe() for opt, option in cls.options.items()},
         })
     return rows

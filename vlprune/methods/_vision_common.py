@@ -39,19 +39,6 @@ def scale_layer(layer: int, ref_depth: int, depth: int) -> int:
     return layer * depth // ref_depth
 
 
-def check_layer_option(value: int | None, option: str) -> None:
-    """``ValueError`` unless ``value`` is None or an int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"`{option}` must be an int layer index or None, got {value!r}")
-
-
-def check_choice(value: str, choices: Sequence[str], option: str) -> None:
-    """``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(map(repr, choices))
-        raise ValueError(f"`{option}` must be one of {allowed}, got {value!r}")
-
-
 def sequences_per_image(layout: ImageLayout) -> int:
     """Vision sequences (CLIP forwards) of one image: 1, or thumbnail + crops for LLaVA-NeXT."""
     if layout.crop_grid is None:

@@ -80,6 +80,7 @@ from vlprune.methods.base import (
     keep_rows_padded,
     last_rows,
 )
+from vlprune.options import FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 QWEN_ENTROPY_EPS = 1e-7
@@ -163,19 +164,17 @@ class FlowCut(Method):
     scope = "image"
     paper = "FlowCut, NeurIPS 2025 (arXiv 2505.19536)"
     repo = "https://github.com/TungChintao/FlowCut"
+    options = declare(
+        llm_layer=IntOption(1, "decoder layer whose attention scores the LLM step and whose "
+                            "output is cut (checked on every model; unused on LLaVA-1.5, "
+                            "whose encoder cut reaches the budget)", minimum=0),
+        history=FloatOption(0.5, "weight of the running score carried between encoder "
+                            "layers", low=0, high=1, high_open=True),
+        stride=IntOption(2, "encoder layers between two prune steps", minimum=1),
+    )
 
-    def __init__(self, *, llm_layer: int = 1, history: float = 0.5, stride: int = 2) -> None:
-        if isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or llm_layer < 0:
-            raise ValueError(f"`llm_layer` must be an int ≥ 0, got {llm_layer!r}")
-        if isinstance(history, bool) or not isinstance(history, (int, float)) or not (
-            0.0 <= history < 1.0
-        ):
-            raise ValueError(f"`history` must be a float in [0, 1), got {history!r}")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"`stride` must be an int ≥ 1, got {stride!r}")
-        self.llm_layer = llm_layer
-        self.history = float(history)
-        self.stride = stride
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
@@ -183,7 +182,7 @@ class FlowCut(Method):
         super().check_model(adapter)
         self._llm_step = adapter.family != "llava"
         n_layers = len(adapter.decoder_layers)
-        if self._llm_step and self.llm_layer + 1 >= n_layers:
+        if self.llm_layer + 1 >= n_layers:
             raise ValueError(
                 f"`llm_layer`={self.llm_layer} leaves no later layer to cut in a "
                 f"{n_layers}-layer language model"

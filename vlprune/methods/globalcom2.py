@@ -55,8 +55,6 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     partition_tokens,
@@ -65,6 +63,7 @@ from vlprune.methods._vision_common import (
     thumbnail_regions,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 _CLS = torch.tensor([0])
@@ -120,31 +119,17 @@ class GlobalCom2(Method):
     families = ("llava", "llava_next")
     paper = "GlobalCom², AAAI 2026 (arXiv 2501.05179)"
     repo = "https://github.com/xuyang-liu16/GlobalCom2"
-
-    def __init__(
-        self,
-        *,
-        temperature: float = 10.0,
-        global_weight: float = 0.5,
-        layer: int = -1,
-        newline: str = "all",
-    ) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
-            temperature <= 0
-        ):
-            raise ValueError(f"`temperature` must be a float > 0, got {temperature!r}")
-        if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)) or not (
-            0 <= global_weight <= 1
-        ):
-            raise ValueError(f"`global_weight` must be a float in [0, 1], got {global_weight!r}")
-        if layer is None:
-            raise ValueError("`layer` must be an int layer index, got None")
-        check_layer_option(layer, "layer")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.temperature = float(temperature)
-        self.global_weight = float(global_weight)
-        self.layer = layer
-        self.newline = newline
+    options = declare(
+        temperature=FloatOption(10.0, "τ of the softmax turning crops' thumbnail scores into "
+                                "retention ratios", low=0, low_open=True),
+        global_weight=FloatOption(0.5, "weight of the thumbnail's guidance map in a crop "
+                                  "token's score (0.5: official equal mix)", low=0, high=1),
+        layer=IntOption(-1, "vision layer whose CLS logits score the tokens (0-based, "
+                        "negative from the end)"),
+        newline=ChoiceOption("all", "LLaVA-NeXT newline tokens, inside the budget: 'all' "
+                             "(official, every row), 'row' (rows that keep a token) or 'drop'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
         """Family check, and the layer exists."""

@@ -59,8 +59,6 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     merged_token_scores,
@@ -70,6 +68,7 @@ from vlprune.methods._vision_common import (
     split_per_image,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import BoolOption, ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 # (object layer, its reference depth, deep layer): CLIP ViT-L/14 and the Qwen ViTs
@@ -157,28 +156,19 @@ class HiPrune(Method):
     scope = "image"
     paper = "HiPrune (arXiv 2508.00553)"
     repo = "https://github.com/Danielement321/HiPrune"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.1,
-        object_layer: int | None = None,
-        deep_layer: int | None = None,
-        wrap_neighbours: bool = False,
-        newline: str = "drop",
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        check_layer_option(object_layer, "object_layer")
-        check_layer_option(deep_layer, "deep_layer")
-        if not isinstance(wrap_neighbours, bool):
-            raise ValueError(f"`wrap_neighbours` must be a bool, got {wrap_neighbours!r}")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.alpha = float(alpha)
-        self.object_layer = object_layer
-        self.deep_layer = deep_layer
-        self.wrap_neighbours = wrap_neighbours
-        self.newline = newline
+    options = declare(
+        alpha=FloatOption(0.1, "share of the budget spent on anchors and their 4-neighbour "
+                          "buffers", low=0, high=1),
+        object_layer=IntOption(None, "vision layer of the anchors (0-based, negative from the "
+                               "end); None: official, scaled to the encoder depth", none=True),
+        deep_layer=IntOption(None, "vision layer of the registers (0-based, negative from the "
+                             "end); None: -2 with CLS, the last block without", none=True),
+        wrap_neighbours=BoolOption(False, "official buffer arithmetic (i±1, i±W clamped: "
+                                   "wraps across rows); False: true 4-neighbours"),
+        newline=ChoiceOption("drop", "LLaVA-NeXT newline tokens, inside the budget: 'drop' "
+                             "(official), 'row' (rows that keep a token) or 'all'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def layers(self, adapter: Adapter) -> tuple[int, int]:
         """(object, deep) 0-based layers on ``adapter``'s vision encoder."""

@@ -51,8 +51,6 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     partition_tokens,
@@ -61,6 +59,7 @@ from vlprune.methods._vision_common import (
     thumbnail_regions,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 _CLS = torch.tensor([0])
@@ -111,32 +110,21 @@ class HiRED(Method):
     families = ("llava", "llava_next")
     paper = "HiRED, AAAI 2025 (arXiv 2408.10945)"
     repo = "https://github.com/hasanar1f/HiRED"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.5,
-        init_layer: int = 0,
-        final_layer: int = -2,
-        region: str = "grid",
-        crop_score: str = "count",
-        newline: str = "drop",
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        for value, option in ((init_layer, "init_layer"), (final_layer, "final_layer")):
-            if value is None:
-                raise ValueError(f"`{option}` must be an int layer index, got None")
-            check_layer_option(value, option)
-        check_choice(region, ("grid", "band"), "region")
-        check_choice(crop_score, ("count", "sum"), "crop_score")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.alpha = float(alpha)
-        self.init_layer = init_layer
-        self.final_layer = final_layer
-        self.region = region
-        self.crop_score = crop_score
-        self.newline = newline
+    options = declare(
+        alpha=FloatOption(0.5, "LLaVA-NeXT: thumbnail share of the budget", low=0, high=1),
+        init_layer=IntOption(0, "vision layer whose thumbnail CLS attention splits the "
+                             "budget over crops (0-based, negative from the end)"),
+        final_layer=IntOption(-2, "vision layer whose CLS attention picks the tokens of "
+                              "each partition (0-based, negative from the end)"),
+        region=ChoiceOption("grid", "thumbnail region of a crop: 'grid' (its rectangle) or "
+                            "'band' (official flat reshape)", choices=("grid", "band")),
+        crop_score=ChoiceOption("count", "crop content: 'count' of top thumbnail tokens in "
+                                "it (official code) or their 'sum' (paper)",
+                                choices=("count", "sum")),
+        newline=ChoiceOption("drop", "LLaVA-NeXT newline tokens, inside the budget: 'drop' "
+                             "(official), 'row' (rows that keep a token) or 'all'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
         """Family check, and both layers exist."""

@@ -52,6 +52,7 @@ from vlprune.hooks.gather import gather_rows
 from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import newline_tokens, partition_tokens
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import BoolOption, CustomOption, FloatOption, as_int, declare
 from vlprune.registry import register_method
 
 STOP_WORDS: tuple[str, ...] = (
@@ -204,6 +205,26 @@ class _Unit(NamedTuple):
     tokens: torch.Tensor  # (N,) index in the image's token layout, -1 = not a candidate
 
 
+def _check_stopwords(stopwords: Any) -> list[list[int]]:
+    """``stopwords`` as lists of token ids (a bare id is a one-token sequence)."""
+    error = ValueError(
+        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
+        "(see mmtok_stopwords)"
+    )
+    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
+        raise error
+    out = []
+    for entry in stopwords:
+        seq = [entry] if as_int(entry) is not None else entry
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+            raise error
+        ids = [as_int(t) for t in seq]
+        if any(t is None or t < 0 for t in ids):
+            raise error
+        out.append(ids)
+    return out
+
+
 @register_method("mmtok")
 class MMTok(Method):
     """Greedy text→vision + α·vision→vision coverage after the projector (see module docstring).
@@ -219,27 +240,20 @@ class MMTok(Method):
     scope = "image"
     paper = "MMTok, ICLR 2026 (arXiv 2508.18264)"
     repo = "https://github.com/Ironieser/MMTok"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.5,
-        tv_temperature: float | None = None,
-        vv_temperature: float = 0.2,
-        stopwords: Sequence[int | Sequence[int]] | None = None,
-        keep_newlines: bool = False,
-    ) -> None:
-        _check_number("alpha", alpha, minimum=0.0, strict=False)
-        if tv_temperature is not None:
-            _check_number("tv_temperature", tv_temperature)
-        _check_number("vv_temperature", vv_temperature)
-        if not isinstance(keep_newlines, bool):
-            raise ValueError(f"`keep_newlines` must be a bool, got {keep_newlines!r}")
-        self.alpha = float(alpha)
-        self.tv_temperature = None if tv_temperature is None else float(tv_temperature)
-        self.vv_temperature = float(vv_temperature)
-        self.stopwords = _check_stopwords(stopwords)
-        self.keep_newlines = keep_newlines
+    options = declare(
+        alpha=FloatOption(0.5, "weight α of the vision→vision coverage term", low=0),
+        tv_temperature=FloatOption(None, "τ_t of the text→vision softmax; None: 0.02 on "
+                                   "LLaVA / LLaVA-NeXT, 0.01 on Qwen", low=0, low_open=True,
+                                   none=True),
+        vv_temperature=FloatOption(0.2, "τ_v of the vision→vision softmax", low=0,
+                                   low_open=True),
+        stopwords=CustomOption(None, "token-id sequences that are not text targets "
+                               "(mmtok_stopwords(tokenizer)); None: every prompt token is one",
+                               check_value=_check_stopwords, none=True,
+                               domain="a sequence of token ids or of token-id sequences"),
+        keep_newlines=BoolOption(False, "keep LLaVA-NeXT's newline tokens on top of the "
+                                 "per-crop budget (official: dropped)"),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
         """Resolve the family's official τ_t when ``tv_temperature`` is None."""
@@ -383,29 +397,3 @@ def _pre_features(batch: VisionBatch) -> list[torch.Tensor]:
         )
     return [x[:, layout.prefix:] for x, layout in zip(value.split(crops), batch.layouts)]
 
-
-def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or (value <= minimum if strict else value < minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
-
-
-def _check_stopwords(stopwords: Any) -> list[list[int]] | None:
-    if stopwords is None:
-        return None
-    error = ValueError(
-        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
-        "(see mmtok_stopwords)"
-    )
-    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
-        raise error
-    out = []
-    for entry in stopwords:
-        seq = [entry] if isinstance(entry, int) else entry
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
-            raise error
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            raise error
-        out.append([int(t) for t in seq])
-    return out

@@ -56,8 +56,6 @@ from vlprune.hooks.signals import GlobalQueryAttention
 from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
-    check_choice,
-    check_layer_option,
     fill_budget,
     merged_token_scores,
     newline_tokens,
@@ -71,6 +69,7 @@ from vlprune.methods.base import (
     keep_rows_padded,
     trailing_text,
 )
+from vlprune.options import BoolOption, ChoiceOption, FloatOption, IntOption, declare, seed_option
 from vlprune.registry import register_method
 
 VARIANTS = ("maxsum", "kcenter")
@@ -129,43 +128,33 @@ class ToDRE(Method):
     scope = "image"
     paper = "ToDRE (arXiv 2505.18757v2)"
     repo = "no official code"
+    options = declare(
+        stage1=BoolOption(True, "diversity selection before the LLM (False: every visual "
+                          "token enters the LLM, the budget is unused)"),
+        stage2=BoolOption(True, "relevance check inside the LLM: a sample's visual tokens "
+                          "leave when its text barely attends to them"),
+        variant=ChoiceOption("maxsum", "stage-1 greedy: 'maxsum' (v2) or 'kcenter' (v1)",
+                             choices=VARIANTS),
+        pivot=ChoiceOption("attention", "stage-1 first pick: 'attention' (highest [CLS] / "
+                           "global-query attention), 'center' or 'random' (seeded by seed)",
+                           choices=PIVOTS),
+        pivot_layer=IntOption(None, "vision layer of the pivot attention (0-based, negative "
+                              "from the end); None: -2 with [CLS], the last block without",
+                              none=True),
+        seed=seed_option("seed of pivot='random'"),
+        tau=FloatOption(0.10, "stage-2 threshold on the text→vision attention share",
+                        low=0, high=1),
+        drop_layer=IntOption(None, "first decoder layer without the visual tokens a stage-2 "
+                             "drop removes; None: 7L // 8 of L layers", none=True),
+        newline=ChoiceOption("candidate", "LLaVA-NeXT newline tokens: 'candidate' (ordinary "
+                             "candidates) or a budget policy 'drop', 'row' or 'all'",
+                             choices=NEWLINES),
+    )
 
-    def __init__(
-        self,
-        *,
-        stage1: bool = True,
-        stage2: bool = True,
-        variant: str = "maxsum",
-        pivot: str = "attention",
-        pivot_layer: int | None = None,
-        seed: int = 0,
-        tau: float = 0.10,
-        drop_layer: int | None = None,
-        newline: str = "candidate",
-    ) -> None:
-        for name, value in (("stage1", stage1), ("stage2", stage2)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be a bool, got {value!r}")
-        if not (stage1 or stage2):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if not (self.stage1 or self.stage2):
             raise ValueError("`stage1` and `stage2` are both False: nothing would be pruned")
-        check_choice(variant, VARIANTS, "variant")
-        check_choice(pivot, PIVOTS, "pivot")
-        check_choice(newline, NEWLINES, "newline")
-        check_layer_option(pivot_layer, "pivot_layer")
-        check_layer_option(drop_layer, "drop_layer")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
-            raise ValueError(f"`tau` must be a float in [0, 1], got {tau!r}")
-        self.stage1 = stage1
-        self.stage2 = stage2
-        self.variant = variant
-        self.pivot = pivot
-        self.pivot_layer = pivot_layer
-        self.seed = seed
-        self.tau = float(tau)
-        self.drop_layer = drop_layer
-        self.newline = newline
 
     # ------------------------------------------------------------------ layers and probes
 

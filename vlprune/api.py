@@ -241,8 +241,13 @@ def patch(
     (0, 1]). ``options`` are the method's own keyword options (see ``available_methods()``).
     Everything is validated before any hook is installed or any compute runs: bad values raise
     ``ValueError``, an unsupported model ``TypeError``, an already patched model
-    :class:`AlreadyPatchedError`.
+    :class:`AlreadyPatchedError`. A timm ``VisionTransformer`` is patched by
+    :func:`vlprune.timm.patch_timm` (option ``cut_block``).
     """
+    from vlprune.timm import is_timm_model, patch_timm  # timm ViTs have their own hooks
+
+    if is_timm_model(model):
+        return patch_timm(model, method, budget=budget, ratio=ratio, **options)
     budget_ = Budget(tokens=budget, ratio=ratio)
     get_method(method)
     adapter = get_adapter(model)

@@ -174,11 +174,14 @@ class FlowCut(Method):
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
-        """LLaVA-1.5's encoder already reaches the budget: no LLM step there (spec §1.2)."""
+        """LLaVA-1.5's encoder already reaches the budget: no LLM step there (spec §1.2), nor on
+        a timm ViT (one sequence per image, no language model)."""
         super().check_model(adapter)
-        self._llm_step = adapter.family != "llava"
+        self._llm_step = adapter.family not in ("llava", "timm")
+        if not self._llm_step:
+            return
         n_layers = len(adapter.decoder_layers)
-        if self._llm_step and self.llm_layer + 1 >= n_layers:
+        if self.llm_layer + 1 >= n_layers:
             raise ValueError(
                 f"`llm_layer`={self.llm_layer} leaves no later layer to cut in a "
                 f"{n_layers}-layer language model"

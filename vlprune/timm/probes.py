@@ -1,0 +1,140 @@
+"""Attention probes for timm ViT blocks: recompute only what a method asks for, from ``qkv``.
+
+timm's ``Attention`` projects queries, keys and values with one fused ``qkv`` linear (rows
+``[q | k | v]``, each ``num_heads · head_dim`` wide) and runs its own fused kernel, which never
+exposes weights. The probe keeps a reference to the block's attention input and, on request,
+projects only the slices it needs (:class:`FusedQKV`): the query rows asked for and every key,
+after timm's ``q_norm`` / ``k_norm``. The model keeps its fused attention.
+
+The sequence the probes show a method is ``[CLS] + patches`` (no class token: the patches
+alone); register and distillation tokens are left out of the recomputed attention, queries and
+keys alike. The methods then index patch keys exactly as on a CLIP tower (CLS at row 0); with
+registers, attention probabilities are renormalised over the rows shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlprune.hooks.signals import ClipAttentionProbe
+
+
+class FusedQKV:
+    """q / k / v projections of a timm ``Attention`` read off its fused ``qkv`` linear.
+
+    ``q_proj`` / ``k_proj`` / ``v_proj`` map (..., D) to (..., num_heads · head_dim), q and k
+    after the module's per-head ``q_norm`` / ``k_norm``; ``head_dim``, ``num_heads`` and
+    ``scale`` are the module's. The same interface as a CLIP attention module.
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.module = attention
+        self.num_heads = int(attention.num_heads)
+        self.head_dim = int(attention.head_dim)
+        self.scale = float(attention.scale)
+
+    def _project(self, x: torch.Tensor, part: int, norm: nn.Module | None) -> torch.Tensor:
+        width = self.num_heads * self.head_dim
+        rows = slice(part * width, (part + 1) * width)
+        qkv = self.module.qkv
+        bias = None if qkv.bias is None else qkv.bias[rows]
+        out = F.linear(x, qkv.weight[rows], bias)
+        if norm is None:
+            return out
+        return norm(out.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+
+    def q_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries of rows ``x``."""
+        return self._project(x, 0, self.module.q_norm)
+
+    def k_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys of rows ``x``."""
+        return self._project(x, 1, self.module.k_norm)
+
+    def v_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """Values of rows ``x``."""
+        return self._project(x, 2, None)
+
+
+class TimmAttentionProbe(ClipAttentionProbe):
+    """Attention rows of one timm block (module doc); one sequence per image.
+
+    A pre-hook on the block's ``attn`` remembers its input (the normed hidden states) with the
+    register rows removed; :meth:`rows` projects queries for the requested rows only.
+    """
+
+    def __init__(self, attention: nn.Module, *, has_cls: bool, prefix: int) -> None:
+        super().__init__(FusedQKV(attention))
+        self.module = attention
+        self.has_cls = has_cls
+        self.prefix = prefix
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook on the block's attention module."""
+        return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["x"]
+        self.inputs = {"hidden": self.visible_rows(hidden)}
+
+    def visible_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, [1 +] n, D) rows the methods see: the class row (if any), then the patches."""
+        shown = int(self.has_cls)
+        if self.prefix == shown:
+            return hidden
+        patches = hidden[:, self.prefix:]
+        return torch.cat([hidden[:, :1], patches], dim=1) if self.has_cls else patches
+
+    @torch.no_grad()
+    def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per image, float32 probabilities (H, Q, n) of query rows ``queries`` (local indices
+        into the visible rows, e.g. ``[0]`` for the class token), or of every row when None;
+        queries are projected for the requested rows only."""
+        if self.inputs is None:
+            raise RuntimeError("the probed vision layer has not run yet in this forward")
+        if queries is None:
+            return super().rows()
+        attn = self.attention
+        hidden = self.inputs["hidden"]
+        q = attn.q_proj(hidden[:, queries.to(hidden.device)])
+        k = attn.k_proj(hidden)
+        q = q.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
+        return list(((q @ k.transpose(2, 3)) * attn.scale).float().softmax(-1))
+
+
+class PatchGridProbe:
+    """Patch → token map of a ViT, for methods written for merged tokens (Qwen's 2×2 groups):
+    every patch is its own token, in raster order, image after image.
+
+    A pre-hook on the first block remembers the batch size and patch count of the forward.
+    """
+
+    def __init__(self, block: nn.Module, *, prefix: int) -> None:
+        self.block = block
+        self.prefix = prefix
+        self.shape: tuple[int, int] | None = None
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook."""
+        return self.block.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden: Any = args[0] if args else kwargs["x"]
+        self.shape = (hidden.shape[0], hidden.shape[1] - self.prefix)
+
+    def clear(self) -> None:
+        """Forget the last forward."""
+        self.shape = None
+
+    def token_of_patch(self) -> torch.Tensor:
+        """(B · P,) LongTensor ``arange``: patch p of image b is token ``b · P + p``."""
+        if self.shape is None:
+            raise RuntimeError("the vision encoder has not run yet in this forward")
+        batch, patches = self.shape
+        return torch.arange(batch * patches)

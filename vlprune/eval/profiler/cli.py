@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=__doc__ + " Presets (random weights, nothing downloaded): "
         + ", ".join(PRESETS) + ". Full-size presets on CPU give FLOPs only (no timing).",
     )
-    parser.add_argument("--model", required=True, help="preset name, local path or hub id")
+    parser.add_argument("--model", required=True,
+                        help="preset name, local path, hub id, or timm:<name> (a timm ViT)")
     parser.add_argument("--methods", type=_list, default=None,
                         help="comma-separated method names (default: all registered)")
     parser.add_argument("--budgets", type=lambda t: [parse_budget(b) for b in _list(t)],
@@ -60,12 +61,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cut-block", type=int, default=None,
+                        help="timm models: block after which tokens are cut (default: the last)")
     parser.set_defaults(func=main)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     """Run the profile, print the table and write JSON, CSV and PNG."""
+    if args.model.startswith("timm:"):
+        from vlprune.timm.profile import main as timm_main
+
+        timm_main(args)
+        return
+    if args.cut_block is not None:
+        raise SystemExit("vlprune profile: --cut-block applies to timm:<name> models only")
     settings = ProfileSettings(
         model=args.model, methods=args.methods, budgets=args.budgets, device=args.device,
         dtype=args.dtype, attn=args.attn, new_tokens=args.new_tokens, warmup=args.warmup,

@@ -1,5 +1,5 @@
-"""Tiny timm ViTs built from kwargs (nothing downloaded). timm is imported lazily: the test
-modules skip when it is absent (the main environment; ``scripts/setup_timm.sh`` makes one)."""
+"""Fixtures of the timm tests. timm is imported lazily: the test modules skip when it is
+absent (the main environment; ``scripts/setup_timm.sh`` makes ``.venv-timm``)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-
-CONFIGS: dict[str, dict[str, Any]] = {
-    "cls-token": {},
-    "cls-reg2": {"reg_tokens": 2},
-    "dinov2-reg": {"reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5},
-    "avg-noclass": {"class_token": False, "global_pool": "avg"},
-    "siglip-map": {"class_token": False, "global_pool": "map"},
-    "clip-prenorm": {"pre_norm": True, "global_pool": "avg", "qk_norm": True},
-}
-"""Small versions of the configs timm ships: ViT, +registers, DINOv2-reg, avg pool without a
-class token, SigLIP (map pooling, no class token), CLIP (pre-norm) with qk-norm."""
-
-IMAGE, PATCH = 64, 8  # an 8x8 grid: 64 patch tokens
-
-
-def build_vit(depth: int = 4, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
-    """A random-weight timm ``VisionTransformer`` (64 px, patch 8, width 32, 4 heads), eval."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    base = {"img_size": IMAGE, "patch_size": PATCH, "embed_dim": 32, "depth": depth,
-            "num_heads": 4, "num_classes": 7}
-    return VisionTransformer(**{**base, **kwargs}).eval()
+from timm_vits import CONFIGS, IMAGE, build_vit
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_vit
+from timm_vits import build_vit
 
 from vlprune.cli import main
 from vlprune.eval.profiler.runner import ProfileSettings

@@ -32,8 +32,8 @@ def test_hierarchical_and_convolutional_models_raise_type_error():
 
 def test_attention_methods_need_fused_qkv_attention():
     """A ViT whose blocks have no timm ``Attention`` works with random / uniform only."""
-    from conftest import build_vit
     from timm.models.vision_transformer import ParallelScalingBlock
+    from timm_vits import build_vit
 
     model = build_vit(block_fn=ParallelScalingBlock)
     with pytest.raises(TypeError, match="not timm's fused-qkv Attention"):

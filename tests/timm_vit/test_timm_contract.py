@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIGS
+from timm_vits import CONFIGS
 
 import vlprune
 
@@ -174,7 +174,7 @@ def test_flowcut_cuts_progressively(make_vit, images):
 
 def test_dynamic_image_size(images):
     """A ViT with ``dynamic_img_size`` takes the grid of each input."""
-    from conftest import build_vit
+    from timm_vits import build_vit
 
     model = build_vit(dynamic_img_size=True)
     x = torch.randn(2, 3, 48, 80)

@@ -1,4 +1,4 @@
-"""The decoder-side cut at layer K (``fastv``, internal ``fixed_layer``), DESIGN.md §4 tests 1–5.
+"""The decoder-side cut at layer K (``fastv``, internal ``fixed_layer``).
 
 Layers < K see the full sequence and layers >= K only text + kept visual rows at their original
 positions. Keep-all equals the unpatched model; ``fixed_layer`` equals a reference that runs the
@@ -8,67 +8,27 @@ generation equals uncached; a padded batch equals per-sample runs; unpatch resto
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 
 import vlprune
+from tests.helpers import (
+    ATTNS,
+    BIG,
+    MAX_NEW,
+    cached_inputs,
+    cached_model,
+    capture_lm_kwargs,
+    forward,
+    gather_positions,
+    generate,
+    trim,
+)
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
-ATTNS = ("sdpa", "eager")
 K = 2
 ORDINALS = [0, 3, 5]
-MAX_NEW = 8
-BIG = 10**6
-
-
-@functools.cache
-def _model(family: str, attn: str = "sdpa", seed: int = 0):
-    """Shared tiny model; every test unpatches what it patches."""
-    return tiny_model(family, attn_implementation=attn, seed=seed)
-
-
-@functools.cache
-def _inputs(family: str, batch: int = 1, n_words: tuple[int, ...] | None = None, seed: int = 0):
-    return tiny_inputs(
-        family, batch=batch, n_words=list(n_words) if n_words else None, seed=seed
-    )
-
-
-def _forward(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model(**inputs, **kwargs)
-
-
-def _generate(model, inputs, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, **kwargs)
-    return out[:, inputs["input_ids"].shape[1]:]
-
-
-def _trim(tokens: torch.Tensor, eos: int) -> list[int]:
-    out = []
-    for tok in tokens.tolist():
-        out.append(tok)
-        if tok == eos:
-            break
-    return out
-
-
-def _capture_lm_kwargs(model, inputs) -> dict:
-    captured: dict = {}
-
-    def hook(module, args, kwargs):
-        captured.update(kwargs)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        _forward(model, inputs)
-    finally:
-        handle.remove()
-    return captured
 
 
 def _keep_rows(is_image: torch.Tensor, ordinals: list[int]) -> torch.Tensor:
@@ -80,18 +40,12 @@ def _keep_rows(is_image: torch.Tensor, ordinals: list[int]) -> torch.Tensor:
     return torch.stack([row.nonzero().squeeze(1) for row in keep])
 
 
-def _gather_pos(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if pos.dim() == 2:
-        return pos.gather(1, index)
-    return torch.stack([p.gather(1, index) for p in pos])
-
-
 def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[torch.Tensor, ...]:
     """Run the language model's layers by hand, mirroring ``LlamaModel.forward`` /
     ``Qwen2VLTextModel.forward``: full sequence for layers < ``layer``, then only the kept rows
     (fresh causal mask over them, RoPE of their original positions) for the rest."""
     lm = model.model.language_model
-    kw = _capture_lm_kwargs(model, inputs)
+    kw = capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
     batch, length = embeds.shape[:2]
     mask = kw.get("attention_mask")
@@ -123,7 +77,7 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
 
     with torch.no_grad():
         hidden = run(embeds, mask, pos, lm.layers[:layer])
-        hidden = run(hidden[rows, keep], mask.gather(1, keep), _gather_pos(pos, keep),
+        hidden = run(hidden[rows, keep], mask.gather(1, keep), gather_positions(pos, keep),
                      lm.layers[layer:])
         logits = model.lm_head(lm.norm(hidden))
     return logits, mask.gather(1, keep).bool()
@@ -136,13 +90,13 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_at_layer_k_equals_unpatched(family: str, attn: str) -> None:
     """fastv keeping every visual token at layer 2: logits and greedy tokens unchanged."""
-    model, inputs = _model(family, attn), _inputs(family, batch=2)
-    ref_logits = _forward(model, inputs).logits
-    ref_tokens = _generate(model, inputs)
+    model, inputs = cached_model(family, attn), cached_inputs(family, batch=2)
+    ref_logits = forward(model, inputs).logits
+    ref_tokens = generate(model, inputs)
     with vlprune.patch(model, "fastv", budget=BIG, layer=K) as handle:
-        logits = _forward(model, inputs).logits
+        logits = forward(model, inputs).logits
         stats = handle.stats
-        tokens = _generate(model, inputs)
+        tokens = generate(model, inputs)
     length = inputs["input_ids"].shape[1]
     assert stats.kept_tokens == stats.visual_tokens
     assert stats.layer_tokens == [[length] * 4] * 2
@@ -158,10 +112,10 @@ def test_keep_all_at_layer_k_equals_unpatched(family: str, attn: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fixed_layer_equals_hand_run_layers(family: str, attn: str, batch: int) -> None:
     """fixed_layer logits == layers < K on the full sequence, layers >= K on the kept rows."""
-    model, inputs = _model(family, attn), _inputs(family, batch=batch)
+    model, inputs = cached_model(family, attn), cached_inputs(family, batch=batch)
     ref, valid = _reference_logits(model, inputs, ORDINALS, K)
     with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K) as handle:
-        logits = _forward(model, inputs).logits
+        logits = forward(model, inputs).logits
         stats = handle.stats
     assert logits.shape == ref.shape
     assert stats.kept_tokens == [len(ORDINALS)] * batch
@@ -173,10 +127,10 @@ def test_fixed_layer_equals_hand_run_layers(family: str, attn: str, batch: int) 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fixed_layer_generate_cache_equals_no_cache(family: str, attn: str, batch: int) -> None:
     """Decode through per-layer caches of two lengths == re-running the (oracle) prefill."""
-    model, inputs = _model(family, attn), _inputs(family, batch=batch)
+    model, inputs = cached_model(family, attn), cached_inputs(family, batch=batch)
     with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
-        cached = _generate(model, inputs)
-        uncached = _generate(model, inputs, use_cache=False)
+        cached = generate(model, inputs)
+        uncached = generate(model, inputs, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
@@ -187,12 +141,12 @@ def test_fixed_layer_generate_cache_equals_no_cache(family: str, attn: str, batc
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
     """Full length before layer K, short from K on: in stats and in each layer's KV cache."""
-    model, inputs = _model(family, attn), _inputs(family, batch=2)
+    model, inputs = cached_model(family, attn), cached_inputs(family, batch=2)
     length = inputs["input_ids"].shape[1]
     n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     short = length - n_visual + 5
     with vlprune.patch(model, "fastv", budget=5, layer=K) as handle:
-        out = _forward(model, inputs, use_cache=True)
+        out = forward(model, inputs, use_cache=True)
         stats = handle.stats
     assert stats.visual_tokens == [n_visual] * 2
     assert stats.kept_tokens == [5, 5]
@@ -205,12 +159,12 @@ def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
 
 def test_cut_at_layer_one_and_three() -> None:
     """K is honoured wherever it is: K=1 and K=3 give the expected per-layer lengths."""
-    model, inputs = _model("qwen2_vl"), _inputs("qwen2_vl")
+    model, inputs = cached_model("qwen2_vl"), cached_inputs("qwen2_vl")
     length = inputs["input_ids"].shape[1]
     short = length - 24 + 4
     for layer, expected in ((1, [length, short, short, short]), (3, [length] * 3 + [short])):
         with vlprune.patch(model, "fastv", budget=4, layer=layer) as handle:
-            out = _forward(model, inputs, use_cache=True)
+            out = forward(model, inputs, use_cache=True)
             assert handle.stats.layer_tokens == [expected]
         assert [lay.keys.shape[2] for lay in out.cache.layers] == expected
 
@@ -223,46 +177,46 @@ def test_cut_at_layer_one_and_three() -> None:
 def test_padded_batch_equals_single_runs(family: str, attn: str) -> None:
     """fastv (budget 5): a left-padded batch of 3 == each prompt alone (logits, tokens)."""
     n_words = (5, 9, 3)
-    model = _model(family, attn)
-    batch = _inputs(family, batch=3, n_words=n_words)
+    model = cached_model(family, attn)
+    batch = cached_inputs(family, batch=3, n_words=n_words)
     eos = model.generation_config.eos_token_id
     with vlprune.patch(model, "fastv", budget=5, layer=K) as handle:
-        logits = _forward(model, batch).logits[:, -1]
+        logits = forward(model, batch).logits[:, -1]
         assert handle.stats.kept_tokens == [5, 5, 5]
-        tokens = _generate(model, batch)
+        tokens = generate(model, batch)
         for i, n in enumerate(n_words):
-            single = _inputs(family, batch=1, n_words=(n,), seed=i)
-            single_logits = _forward(model, single).logits[0, -1]
+            single = cached_inputs(family, batch=1, n_words=(n,), seed=i)
+            single_logits = forward(model, single).logits[0, -1]
             torch.testing.assert_close(logits[i], single_logits, atol=1e-4, rtol=0)
-            single_tokens = _generate(model, single)
-            assert _trim(tokens[i], eos) == _trim(single_tokens[0], eos), f"sample {i}"
+            single_tokens = generate(model, single)
+            assert trim(tokens[i], eos) == trim(single_tokens[0], eos), f"sample {i}"
 
 
 def test_rows_with_different_visual_counts_keep_the_budget_each() -> None:
     """LLaVA-NeXT, images of different sizes: every row keeps exactly the budget from layer K
     on (padded slots are masked), and each row equals its prompt run alone."""
-    model = _model("llava_next")
+    model = cached_model("llava_next")
     sizes = [(150, 100), (100, 220)]
     inputs = tiny_inputs("llava_next", batch=2, image_sizes=sizes)
     n_visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     assert n_visual[0] != n_visual[1]
     length = inputs["input_ids"].shape[1]
     with vlprune.patch(model, "fastv", budget=6, layer=K) as handle:
-        out = _forward(model, inputs, use_cache=True)
+        out = forward(model, inputs, use_cache=True)
         stats = handle.stats
         last = out.logits[:, -1]
         for i in range(2):
             single = tiny_inputs("llava_next", batch=1, image_sizes=[sizes[i]], seed=i,
                                  n_words=[(5, 9)[i]])
-            torch.testing.assert_close(_forward(model, single).logits[0, -1], last[i],
+            torch.testing.assert_close(forward(model, single).logits[0, -1], last[i],
                                        atol=1e-4, rtol=0)
     assert stats.kept_tokens == [6, 6]
     kept_len = [length - n + 6 for n in n_visual]
     assert [row[:K] for row in stats.layer_tokens] == [[length] * K] * 2
     assert [row[K:] for row in stats.layer_tokens] == [[k] * (4 - K) for k in kept_len]
     with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
-        cached = _generate(model, inputs)
-        uncached = _generate(model, inputs, use_cache=False)
+        cached = generate(model, inputs)
+        uncached = generate(model, inputs, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
@@ -276,23 +230,23 @@ def test_unpatch_restores_bit_identical_outputs(attn: str, method: str) -> None:
     family = "qwen2_5_vl" if method == "fastv" else "llava"
     patched = tiny_model(family, attn_implementation=attn, seed=5)
     fresh = tiny_model(family, attn_implementation=attn, seed=5)
-    inputs = _inputs(family, batch=2)
+    inputs = cached_inputs(family, batch=2)
     options = {"indices": ORDINALS} if method == "fixed_layer" else {}
     with vlprune.patch(patched, method, budget=4, layer=K, **options):
-        _forward(patched, inputs, use_cache=True)
-        _generate(patched, inputs)
+        forward(patched, inputs, use_cache=True)
+        generate(patched, inputs)
     for module in patched.modules():
         for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
             owner = getattr(getattr(hook, "func", hook), "__func__", hook)
             assert not getattr(owner, "__module__", "").startswith("vlprune")
-    assert torch.equal(_forward(patched, inputs).logits, _forward(fresh, inputs).logits)
-    assert torch.equal(_generate(patched, inputs), _generate(fresh, inputs))
+    assert torch.equal(forward(patched, inputs).logits, forward(fresh, inputs).logits)
+    assert torch.equal(generate(patched, inputs), generate(fresh, inputs))
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_manual_cached_decode_equals_generate(family: str) -> None:
     """A hand-rolled cached decode (no position_ids) after a decoder cut == generate's logits."""
-    model, inputs = _model(family), _inputs(family, batch=1)
+    model, inputs = cached_model(family), cached_inputs(family, batch=1)
     patch = vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K)
     with patch, torch.no_grad():
         gen = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
@@ -313,10 +267,10 @@ def test_manual_cached_decode_equals_generate(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_beam_search_equals_unpatched(family: str) -> None:
     """Decoder cut under beam search: keep-all == unpatched; fixed_layer cached == uncached."""
-    model, inputs = _model(family), _inputs(family, batch=1)
-    ref = _generate(model, inputs, num_beams=2)
+    model, inputs = cached_model(family), cached_inputs(family, batch=1)
+    ref = generate(model, inputs, num_beams=2)
     with vlprune.patch(model, "fastv", budget=BIG, layer=K):
-        assert torch.equal(_generate(model, inputs, num_beams=2), ref)
+        assert torch.equal(generate(model, inputs, num_beams=2), ref)
     with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=K):
-        cached = _generate(model, inputs, num_beams=2)
-        assert torch.equal(cached, _generate(model, inputs, num_beams=2, use_cache=False))
+        cached = generate(model, inputs, num_beams=2)
+        assert torch.equal(cached, generate(model, inputs, num_beams=2, use_cache=False))

@@ -7,26 +7,22 @@ layer and all later ones, in prefill and in every decode step, whatever mask the
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from transformers.masking_utils import eager_mask, sdpa_mask
 
+from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
-from vlprune.hooks.decoder import CutContext, DecoderCut, causal_slot_mask, mask_slots
+from vlprune.hooks.calls import CallTracker
+from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.masks import causal_slot_mask, mask_slots
 from vlprune.hooks.vision import VisionCut
 from vlprune.methods.base import keep_rows_padded
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 ATTNS = ("sdpa", "eager")
 CUT = 2
 MAX_NEW = 4
-
-
-@functools.cache
-def _model(family: str, attn: str):
-    return tiny_model(family, attn_implementation=attn)
 
 
 def _drop_chooser(drop: list[bool]):
@@ -42,9 +38,10 @@ def _drop_chooser(drop: list[bool]):
 def _run(model, inputs, drop: list[bool], **kwargs):
     """Greedy generate with the cut installed: (new tokens, first-step logits, cut state)."""
     adapter = get_adapter(model)
-    vision = VisionCut(adapter, None)
-    cut = DecoderCut(adapter, [CUT], _drop_chooser(drop), lambda: vision.lm_image_mask)
-    handles = [*vision.install(), *cut.install()]
+    calls = CallTracker(adapter)
+    vision = VisionCut(adapter, calls, None)
+    cut = DecoderCut(adapter, [CUT], _drop_chooser(drop), vision)
+    handles = [*calls.install(), *vision.install(), *cut.install()]
     try:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
@@ -53,7 +50,7 @@ def _run(model, inputs, drop: list[bool], **kwargs):
         for handle in handles:
             handle.remove()
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    return new, out.logits[0], cut.state
+    return new, out.logits[0], cut.last
 
 
 def _row(inputs, i: int, family: str, n_words: list[int], seed: int):
@@ -68,7 +65,7 @@ def test_mixed_batch_equals_single_rows(family: str, attn: str, lengths: str) ->
     """Row 0 drops all its visual rows at layer 2, row 1 keeps them: each row's first-step
     logits (atol 1e-4) and greedy tokens equal that row run alone (``equal``: same prompt
     lengths, so sdpa gets no mask and one is materialised; eager always gets a 4-D mask)."""
-    model = _model(family, attn)
+    model = cached_model(family, attn)
     n_words = [5, 9] if lengths == "padded" else [6, 6]
     batch = tiny_inputs(family, batch=2, n_words=n_words, seed=3)
     tokens, logits, state = _run(model, batch, [True, False])
@@ -86,7 +83,7 @@ def test_mixed_batch_equals_single_rows(family: str, attn: str, lengths: str) ->
 def test_padded_cut_cached_equals_uncached(attn: str) -> None:
     """Decode reuses the pruned per-layer cache: cached greedy tokens == re-prefilling every
     step (``use_cache=False``), for a batch whose rows keep different counts."""
-    model = _model("llava", attn)
+    model = cached_model("llava", attn)
     batch = tiny_inputs("llava", batch=2, n_words=[5, 9], seed=1)
     cached, _, _ = _run(model, batch, [False, True])
     uncached, _, _ = _run(model, batch, [False, True], use_cache=False)
@@ -95,7 +92,7 @@ def test_padded_cut_cached_equals_uncached(attn: str) -> None:
 
 def test_layer_tokens_count_real_rows_only() -> None:
     """``layer_tokens`` per sample counts real rows entering each layer, not padding slots."""
-    model = _model("qwen2_vl", "sdpa")
+    model = cached_model("qwen2_vl", "sdpa")
     batch = tiny_inputs("qwen2_vl", batch=2, n_words=[4, 4], seed=0)
     _, _, state = _run(model, batch, [True, False])
     length = batch["input_ids"].shape[1]
@@ -142,5 +139,6 @@ def test_padding_slots_are_hidden_keys_and_see_themselves() -> None:
 
 def test_no_cut_layer_installs_no_hook() -> None:
     """An empty cut-layer list (a stage switched off) installs nothing."""
-    adapter = get_adapter(_model("llava", "sdpa"))
-    assert DecoderCut(adapter, [], _drop_chooser([]), lambda: None).install() == []
+    adapter = get_adapter(cached_model("llava", "sdpa"))
+    vision = VisionCut(adapter, CallTracker(adapter), None)
+    assert DecoderCut(adapter, [], _drop_chooser([]), vision).install() == []

@@ -22,13 +22,14 @@ from transformers.vision_utils import (
 )
 
 import vlprune
+from tests.helpers import cached_inputs, cached_model
 from vlprune import registry
 from vlprune.budget import Budget
-from vlprune.hooks.encoder import remap_seqlens
+from vlprune.hooks.encoder_state import remap_seqlens
 from vlprune.methods._vision_common import partition_tokens
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.methods.flowcut import FlowCut
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 BIG = 10**6
 UNITS = [0, 3, 7, 14, 20, 23]  # raster unit ids valid in every family (Qwen frames: 24 units)
@@ -63,16 +64,6 @@ class KeepUnits(Method):
 def keep_units_method(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KeepUnits, "name", "keep_units")
     monkeypatch.setitem(registry._METHODS, "keep_units", KeepUnits)
-
-
-@functools.cache
-def _model(family: str, attn: str = "sdpa"):
-    return tiny_model(family, attn_implementation=attn)
-
-
-@functools.cache
-def _inputs(family: str, batch: int = 2):
-    return tiny_inputs(family, batch=batch)
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -123,7 +114,7 @@ def test_remap_seqlens_counts_kept_rows_per_segment() -> None:
 
 def test_cut_after_the_feature_layer_is_rejected() -> None:
     """Rows cut after the feature layer would not reach the projector: a clear ValueError."""
-    model = _model("llava")
+    model = cached_model("llava")
     with pytest.raises(ValueError, match="encoder cut layers"):
         vlprune.patch(model, "keep_units", budget=BIG, layer=2)
 
@@ -136,14 +127,17 @@ def test_cut_after_the_feature_layer_is_rejected() -> None:
 def test_identity_cut_equals_unpatched(family: str, attn: str) -> None:
     """Keeping every unit after layer 0 runs the gather / kwargs remap / restore path and
     changes nothing: logits (and, sdpa, greedy tokens) equal the unpatched model."""
-    model, inputs = _model(family, attn), _inputs(family)
+    model, inputs = cached_model(family, attn), cached_inputs(family, batch=2)
     ref = _logits(model, inputs)
-    generate = functools.partial(model.generate, **inputs, max_new_tokens=4, do_sample=False)
+
+    def generate() -> torch.Tensor:
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
     with torch.no_grad():
         ref_tokens = generate() if attn == "sdpa" else None
     with vlprune.patch(model, "keep_units", budget=BIG, layer=0) as handle, torch.no_grad():
         out = _logits(model, inputs)
-        assert handle._encoder.state.cut
+        assert handle._vision.last.encode.encoder.cut
         if ref_tokens is not None:
             assert torch.equal(generate(), ref_tokens)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -154,10 +148,10 @@ def test_cut_after_feature_layer_equals_fixed(family: str) -> None:
     """Cutting units after the feature layer leaves the kept rows' features untouched, so it
     equals the vision-side ``fixed`` cut of their tokens: thumbnail + unpadded crop tokens on
     LLaVA-NeXT, raster merged tokens on Qwen2.5-VL (undoing the window order)."""
-    model, inputs = _model(family), _inputs(family)
+    model, inputs = cached_model(family), cached_inputs(family, batch=2)
     with vlprune.patch(model, "keep_units", budget=BIG, units=UNITS) as handle:
         out = _logits(model, inputs)
-        state = handle._encoder.state
+        state = handle._vision.last.encode.encoder
         n_seq = state.image.count(0)
         tokens = _expected_tokens(state.layouts[0], UNITS, n_seq)
         kept = handle.stats.kept_per_image
@@ -171,7 +165,7 @@ def test_cut_after_feature_layer_equals_fixed(family: str) -> None:
 def test_batch_equals_single_and_cache_equals_no_cache(family: str) -> None:
     """A cut after layer 0 is per sequence: a padded batch of 2 equals two single runs (last
     logits), and cached greedy generation equals uncached."""
-    model, inputs = _model(family), _inputs(family)
+    model, inputs = cached_model(family), cached_inputs(family, batch=2)
     singles = [tiny_inputs(family, batch=1, n_words=[n], seed=i) for i, n in enumerate((5, 9))]
     with vlprune.patch(model, "keep_units", budget=BIG, units=UNITS, layer=0) as handle:
         batched = _logits(model, inputs)[:, -1]
@@ -188,7 +182,7 @@ def test_batch_equals_single_and_cache_equals_no_cache(family: str) -> None:
 
 def test_unpatch_removes_every_hook() -> None:
     """Unpatching removes the layer / projector hooks and the ``get_image_features`` wrapper."""
-    model = _model("qwen2_5_vl")
+    model = cached_model("qwen2_5_vl")
     before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     handle = vlprune.patch(model, "keep_units", budget=BIG, units=UNITS, layer=1)
     assert "get_image_features" in vars(model.model)
@@ -203,8 +197,8 @@ def test_unpatch_removes_every_hook() -> None:
 def test_clip_early_cut_equals_hand_run_encoder() -> None:
     """LLaVA: keeping units after layer 0 == running layer 1 (the feature layer) by hand on
     CLS + those rows; the language model receives exactly their projected features."""
-    model = _model("llava")
-    inputs = _inputs("llava", batch=1)
+    model = cached_model("llava")
+    inputs = cached_inputs("llava", batch=1)
     tower = model.model.vision_tower
     with torch.no_grad():
         hidden = tower.pre_layrnorm(tower.embeddings(inputs["pixel_values"]))
@@ -270,8 +264,8 @@ def test_qwen_early_cut_equals_hand_run_encoder(family: str) -> None:
     RoPE and recounted ``cu_seqlens`` (per-window ``cu_window_seqlens`` on Qwen2.5-VL, where a
     window may end up empty); the language model receives those merged tokens in raster
     order."""
-    model = _model(family)
-    inputs = _inputs(family, batch=1)
+    model = cached_model(family)
+    inputs = cached_inputs(family, batch=1)
     visual = model.model.visual
     grid = inputs["image_grid_thw"]
     if hasattr(visual, "fullatt_block_indexes"):

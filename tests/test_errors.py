@@ -6,29 +6,14 @@ Every bad call raises a clear error, leaves the model without vlprune hooks (and
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlprune
+from tests.helpers import all_hooks, cached_model
 from vlprune.registry import list_methods
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
-
-
-@functools.cache
-def _model(family: str):
-    return tiny_model(family)
-
-
-def _all_hooks(model: torch.nn.Module) -> set[tuple[str, str, int]]:
-    return {
-        (name, kind, key)
-        for name, module in model.named_modules()
-        for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks))
-        for key in hooks
-    }
 
 
 class _ForwardCounter:
@@ -48,19 +33,19 @@ class _ForwardCounter:
 
 def _assert_rejected(model, exc: type[Exception], match: str | None, method: str, **kwargs):
     """``patch(model, method, **kwargs)`` raises ``exc`` with no hook, no forward, no shadow."""
-    before = _all_hooks(model)
+    before = all_hooks(model)
     base = getattr(model, "model", None)
     shadowed = base is not None and "get_image_features" in base.__dict__
     counter = _ForwardCounter(model)
     try:
-        with_counter = _all_hooks(model)
+        with_counter = all_hooks(model)
         with pytest.raises(exc, match=match) as info:
             vlprune.patch(model, method, **kwargs)
         assert counter.calls == 0, "a forward ran before the error"
-        assert _all_hooks(model) == with_counter, "hooks were installed before the error"
+        assert all_hooks(model) == with_counter, "hooks were installed before the error"
     finally:
         counter.remove()
-    assert _all_hooks(model) == before
+    assert all_hooks(model) == before
     if base is not None:
         assert ("get_image_features" in base.__dict__) == shadowed
     return info
@@ -74,7 +59,7 @@ def _assert_still_patchable(model) -> None:
 @pytest.mark.parametrize("budget", [0, -1, -100])
 def test_budget_not_positive(budget: int) -> None:
     """``budget`` <= 0 is a ValueError raised before any hook or forward."""
-    model = _model("llava")
+    model = cached_model("llava")
     _assert_rejected(model, ValueError, "budget", "random", budget=budget)
     _assert_still_patchable(model)
 
@@ -82,31 +67,31 @@ def test_budget_not_positive(budget: int) -> None:
 @pytest.mark.parametrize("budget", [2.5, 3.0, "4", True, [4]])
 def test_budget_not_int(budget: object) -> None:
     """A non-int ``budget`` (float, str, bool, list) is a ValueError before any compute."""
-    _assert_rejected(_model("llava"), ValueError, "budget", "random", budget=budget)
+    _assert_rejected(cached_model("llava"), ValueError, "budget", "random", budget=budget)
 
 
 @pytest.mark.parametrize("ratio", [0, 0.0, 1.5, -0.1, 1.0000001, float("nan"), "0.5", True])
 def test_ratio_outside_unit_interval(ratio: object) -> None:
     """``ratio`` outside (0, 1] (or not a number) is a ValueError before any compute."""
-    _assert_rejected(_model("qwen2_vl"), ValueError, "ratio", "random", ratio=ratio)
+    _assert_rejected(cached_model("qwen2_vl"), ValueError, "ratio", "random", ratio=ratio)
 
 
 def test_ratio_one_is_accepted() -> None:
     """The closed end of (0, 1] is valid."""
-    with vlprune.patch(_model("qwen2_vl"), "random", ratio=1) as handle:
+    with vlprune.patch(cached_model("qwen2_vl"), "random", ratio=1) as handle:
         assert handle.active
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"budget": 4, "ratio": 0.5}])
 def test_exactly_one_of_budget_and_ratio(kwargs: dict) -> None:
     """Neither or both of ``budget`` / ``ratio`` is a ValueError before any compute."""
-    _assert_rejected(_model("llava"), ValueError, "exactly one", "random", **kwargs)
+    _assert_rejected(cached_model("llava"), ValueError, "exactly one", "random", **kwargs)
 
 
 @pytest.mark.parametrize("method", ["nope", "FastV", "", None])
 def test_unknown_method_lists_available(method: object) -> None:
     """An unknown method name is a ValueError whose message lists every available method."""
-    info = _assert_rejected(_model("llava"), ValueError, "unknown `method`", method, budget=4)
+    info = _assert_rejected(cached_model("llava"), ValueError, "unknown `method`", method, budget=4)
     message = str(info.value)
     for name in ("random", "uniform", "fastv", "fixed"):
         assert name in message
@@ -116,24 +101,25 @@ def test_unknown_method_lists_available(method: object) -> None:
 def test_unknown_option_names_it_and_the_allowed_ones() -> None:
     """An unknown method option is a ValueError naming it and the method's allowed options."""
     info = _assert_rejected(
-        _model("llava"), ValueError, "unknown option", "random", budget=4, sede=1
+        cached_model("llava"), ValueError, "unknown option", "random", budget=4, sede=1
     )
     assert "'sede'" in str(info.value)
     assert "seed" in str(info.value).split("allowed:")[-1]
-    info = _assert_rejected(_model("llava"), ValueError, "layer", "uniform", budget=4, layer=2)
+    info = _assert_rejected(cached_model("llava"), ValueError, "layer", "uniform", budget=4,
+                            layer=2)
     assert "(none)" in str(info.value)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fastv_layer_zero(family: str) -> None:
     """``fastv`` with ``layer=0`` (no earlier layer to rank with) fails before any compute."""
-    _assert_rejected(_model(family), ValueError, "layer", "fastv", budget=4, layer=0)
+    _assert_rejected(cached_model(family), ValueError, "layer", "fastv", budget=4, layer=0)
 
 
 @pytest.mark.parametrize("layer", [4, 10, -1, 0])
 def test_decoder_layer_out_of_range(layer: int) -> None:
     """A decoder cut outside 1..n_layers-1 (the tiny models have 4) fails before compute."""
-    model = _model("llava")
+    model = cached_model("llava")
     _assert_rejected(model, ValueError, "layer", "fixed_layer", budget=4, indices=[0], layer=layer)
     if layer != 10:  # fastv layer 10: see test_fastv_layer_past_the_end
         _assert_rejected(model, ValueError, "layer", "fastv", budget=4, layer=layer)
@@ -142,7 +128,7 @@ def test_decoder_layer_out_of_range(layer: int) -> None:
 
 def test_fastv_layer_past_the_end() -> None:
     """``fastv`` with ``layer`` far past the last decoder layer is a ValueError (as layer=4)."""
-    _assert_rejected(_model("llava"), ValueError, "layer", "fastv", budget=4, layer=10)
+    _assert_rejected(cached_model("llava"), ValueError, "layer", "fastv", budget=4, layer=10)
 
 
 @pytest.mark.parametrize(("method", "options"), [
@@ -153,7 +139,7 @@ def test_fastv_layer_past_the_end() -> None:
 ])
 def test_bad_option_values(method: str, options: dict) -> None:
     """Bad option values are ValueErrors raised before any compute."""
-    _assert_rejected(_model("llava_next"), ValueError, None, method, budget=4, **options)
+    _assert_rejected(cached_model("llava_next"), ValueError, None, method, budget=4, **options)
 
 
 def test_unsupported_model_names_supported_classes() -> None:
@@ -169,7 +155,7 @@ def test_unsupported_model_names_supported_classes() -> None:
 
 def test_already_patched_is_rejected_without_side_effects() -> None:
     """Patching a patched model raises AlreadyPatchedError and leaves the first patch working."""
-    model = _model("qwen2_5_vl")
+    model = cached_model("qwen2_5_vl")
     inputs = tiny_inputs("qwen2_5_vl")
     with vlprune.patch(model, "random", budget=3) as handle:
         _assert_rejected(model, vlprune.AlreadyPatchedError, "already patched", "uniform",
@@ -181,7 +167,7 @@ def test_already_patched_is_rejected_without_side_effects() -> None:
 
 def test_failed_patch_leaves_forward_unchanged() -> None:
     """After a rejected patch the model computes exactly what it computed before."""
-    model = _model("llava")
+    model = cached_model("llava")
     inputs = tiny_inputs("llava")
     with torch.no_grad():
         before = model(**inputs).logits
@@ -194,10 +180,10 @@ def test_failed_patch_leaves_forward_unchanged() -> None:
 def test_failed_install_leaves_no_hooks() -> None:
     """A patch that fails while installing (fixed_layer, layer=2.0) leaves no hook behind."""
     model = tiny_model("llava")  # fresh: the bug leaves hooks on it
-    before = _all_hooks(model)
+    before = all_hooks(model)
     with pytest.raises((TypeError, ValueError)):
         vlprune.patch(model, "fixed_layer", budget=4, indices=[0], layer=2.0)
-    assert _all_hooks(model) == before
+    assert all_hooks(model) == before
     assert "get_image_features" not in model.model.__dict__
 
 

@@ -7,21 +7,15 @@ Reference: the eager attention weights transformers returns with ``output_attent
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
+from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.hooks.signals import TextAttentionProbe
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 LAYERS = (0, 1, 3)
-
-
-@functools.cache
-def _model(family: str, attn: str):
-    return tiny_model(family, attn_implementation=attn, seed=1)
 
 
 def _queries(length: int, batch: int) -> torch.Tensor:
@@ -45,7 +39,7 @@ def _probe_rows(model, inputs, queries: torch.Tensor) -> dict[int, torch.Tensor]
 
 def _eager_rows(family: str, inputs, queries: torch.Tensor) -> dict[int, torch.Tensor]:
     with torch.no_grad():
-        out = _model(family, "eager")(**inputs, output_attentions=True)
+        out = cached_model(family, "eager", seed=1)(**inputs, output_attentions=True)
     assert len(out.attentions) == 4
     batch = torch.arange(queries.shape[0])[:, None]
     # (B, H, L, L) -> (B, Q, H, L) -> (B, H, Q, L)
@@ -58,7 +52,7 @@ def test_probe_rows_equal_eager_attentions(family: str, batch: int) -> None:
     """Probe on an eager model: rows(queries) == out.attentions[j][:, :, queries] (1e-5)."""
     inputs = tiny_inputs(family, batch=batch)
     queries = _queries(inputs["input_ids"].shape[1], batch)
-    got = _probe_rows(_model(family, "eager"), inputs, queries)
+    got = _probe_rows(cached_model(family, "eager", seed=1), inputs, queries)
     want = _eager_rows(family, inputs, queries)
     for j in LAYERS:
         heads, length = 4, inputs["input_ids"].shape[1]
@@ -73,7 +67,7 @@ def test_probe_on_sdpa_model_equals_eager_attentions(family: str, batch: int) ->
     """Probe on an sdpa model (mask None or boolean) == eager weights of a same-seed twin."""
     inputs = tiny_inputs(family, batch=batch)
     queries = _queries(inputs["input_ids"].shape[1], batch)
-    got = _probe_rows(_model(family, "sdpa"), inputs, queries)
+    got = _probe_rows(cached_model(family, "sdpa", seed=1), inputs, queries)
     want = _eager_rows(family, inputs, queries)
     for j in LAYERS:
         torch.testing.assert_close(got[j], want[j], atol=1e-5, rtol=0)
@@ -87,14 +81,14 @@ def test_padding_columns_get_no_attention(family: str) -> None:
     assert bool(pad.any())
     length = inputs["input_ids"].shape[1]
     queries = torch.full((2, 1), length - 1)
-    rows = _probe_rows(_model(family, "eager"), inputs, queries)[1]
+    rows = _probe_rows(cached_model(family, "eager", seed=1), inputs, queries)[1]
     assert bool((rows[pad[:, None, None, :].expand_as(rows)] == 0).all())
     torch.testing.assert_close(rows.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
 
 
 def test_probe_made_by_adapter_sits_on_that_layer() -> None:
     """``adapter.text_probe(j)`` probes decoder layer j's self-attention; unrun → RuntimeError."""
-    model = _model("qwen2_vl", "eager")
+    model = cached_model("qwen2_vl", "eager", seed=1)
     probe = get_adapter(model).text_probe(2)
     assert probe.attention is model.model.language_model.layers[2].self_attn
     with pytest.raises(RuntimeError):

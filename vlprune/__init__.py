@@ -1,11 +1,20 @@
 """vlprune: training-free visual-token pruning for Hugging Face vision-language models.
 
 ``handle = vlprune.patch(model, "random", budget=64)`` prunes every later forward / generate of
-``model``; ``handle.stats`` reports kept tokens; ``handle.unpatch()`` restores the model.
+``model``; ``handle.stats`` reports kept tokens; ``handle.unpatch()`` (or
+``vlprune.unpatch(model)``) restores the model; ``vlprune.get_handle(model)`` finds the handle.
 """
 
 from vlprune import methods  # noqa: F401  (registers the methods)
-from vlprune.api import AlreadyPatchedError, PatchHandle, PruneStats, available_methods, patch
+from vlprune.api import (
+    AlreadyPatchedError,
+    PatchHandle,
+    PruneStats,
+    available_methods,
+    get_handle,
+    patch,
+    unpatch,
+)
 from vlprune.budget import kept_count
 from vlprune.registry import list_methods, register_method
 
@@ -16,8 +25,10 @@ __all__ = [
     "PatchHandle",
     "PruneStats",
     "available_methods",
+    "get_handle",
     "kept_count",
     "list_methods",
     "patch",
     "register_method",
+    "unpatch",
 ]

@@ -4,19 +4,18 @@ seeds), on hand-made batches and through ``vlprune.patch`` on every family."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlprune
+from tests.helpers import cached_model
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget, kept_count
 from vlprune.methods.base import VisionBatch
 from vlprune.methods.fixed import FixedPrune
 from vlprune.methods.random import RandomPrune
 from vlprune.methods.uniform import UniformPrune, evenly_spaced
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 
 def _layout(n: int) -> ImageLayout:
@@ -156,11 +155,6 @@ def test_fixed_keeps_the_first_indices_in_sorted_order() -> None:
 # ------------------------------------------------------------------- through the API
 
 
-@functools.cache
-def _model(family: str):
-    return tiny_model(family, seed=4)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("method", "options"), [
     ("random", {"budget": 5}),
@@ -171,7 +165,7 @@ def _model(family: str):
 ])
 def test_stats_report_kept_count_per_image(family: str, method: str, options: dict) -> None:
     """Through patch(): each image keeps exactly the count the budget implies (stats)."""
-    model = _model(family)
+    model = cached_model(family, seed=4)
     inputs = tiny_inputs(family, batch=2)
     n = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     if method == "fixed":

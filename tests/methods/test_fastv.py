@@ -3,12 +3,11 @@ the method on tiny models (kept counts, layer lengths, the official ranking rule
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlprune
+from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, keep_rows
@@ -118,15 +117,10 @@ def test_probe_sits_on_layer_k_minus_one() -> None:
     assert FastV(layer=3).cut_layers(4) == [3]
 
 
-@functools.cache
-def _model(family: str, attn: str = "sdpa"):
-    return tiny_model(family, attn_implementation=attn, seed=2)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_model_counts_and_layer_lengths(family: str) -> None:
     """Tiny model, budget 5: 5 visual tokens per sample from layer 2 on; layers 0-1 see all."""
-    model = _model(family)
+    model = cached_model(family, seed=2)
     inputs = tiny_inputs(family, batch=2)
     length = inputs["input_ids"].shape[1]
     n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
@@ -145,7 +139,7 @@ def test_real_model_counts_and_layer_lengths(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_model_selection_follows_eager_attention(family: str) -> None:
     """FastV == fixed_layer with the top-5 visual ordinals of eager layer-1 last-row head mean."""
-    model = _model(family, "eager")
+    model = cached_model(family, "eager")
     inputs = tiny_inputs(family, batch=1)
     is_image = inputs["input_ids"][0] == model.config.image_token_id
     with torch.no_grad():

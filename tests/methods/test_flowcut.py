@@ -4,7 +4,6 @@ tokens, the LLM step, and the method on tiny models of every family."""
 
 from __future__ import annotations
 
-import functools
 import math
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import vlprune
+from tests.helpers import cached_inputs, cached_model
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, EncoderBatch, VisionBatch
@@ -28,7 +28,6 @@ from vlprune.testing import (
     tiny_config,
     tiny_image,
     tiny_inputs,
-    tiny_model,
     tiny_processor,
 )
 
@@ -271,23 +270,13 @@ def test_choose_keeps_each_rows_budget_exactly() -> None:
 # ----------------------------------------------------------------------- tiny models
 
 
-@functools.cache
-def _model(family: str):
-    return tiny_model(family)
-
-
-@functools.cache
-def _inputs(family: str):
-    return tiny_inputs(family, batch=2)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
     """The language model sees exactly the budget per image (after the LLM step on NeXT /
     Qwen); the encoder keeps B (LLaVA), B/2 per crop (NeXT), 2B (Qwen). Batch 2, left padding:
-    greedy generation starts with the forward's argmax; without an LLM step (LLaVA-1.5) cached
-    generation equals uncached (uncached steps re-rank with the newest token otherwise)."""
-    model, inputs, budget = _model(family), _inputs(family), BUDGET[family]
+    greedy generation starts with the forward's argmax; cached generation equals uncached (the
+    uncached steps keep the first step's selection, LLM step included)."""
+    model, inputs, budget = cached_model(family), cached_inputs(family, batch=2), BUDGET[family]
     with vlprune.patch(model, "flowcut", budget=budget) as handle, torch.no_grad():
         first = model(**inputs).logits[:, -1].argmax(-1)
         stats = handle.stats
@@ -296,9 +285,9 @@ def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
                                   use_cache=False)
     assert stats.kept_tokens == [budget] * 2
     assert torch.equal(cached[:, inputs["input_ids"].shape[1]], first)
+    assert torch.equal(cached, uncached)
     rows = stats.vision_layer_tokens
     if family == "llava":
-        assert torch.equal(cached, uncached)
         assert stats.kept_per_image == [budget] * 2
         assert all(len(set(row)) == 1 for row in stats.layer_tokens)  # no LLM step
         assert rows == [[37, budget + 1, budget + 1]] * 2
@@ -313,7 +302,7 @@ def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_equals_unpatched(family: str) -> None:
     """A budget above every image's size prunes nothing anywhere."""
-    model, inputs = _model(family), _inputs(family)
+    model, inputs = cached_model(family), cached_inputs(family, batch=2)
     with torch.no_grad():
         reference = model(**inputs).logits
         with vlprune.patch(model, "flowcut", budget=10**6):
@@ -334,7 +323,7 @@ def test_deep_clip_prunes_on_the_official_layers() -> None:
         for layer in model.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight.mul_(20.0)
     with vlprune.patch(model, "flowcut", budget=8) as handle, torch.no_grad():
-        model(**_inputs("llava"))
+        model(**cached_inputs("llava", batch=2))
         rows = handle.stats.vision_layer_tokens[0]
     changes = [layer for layer in range(1, 8) if rows[layer] != rows[layer - 1]]
     assert changes == [2, 4, 6]
@@ -345,13 +334,13 @@ def test_rows_with_different_images_keep_their_own_budgets() -> None:
     """LLaVA-NeXT images of 5 and 3 crops leave different visual counts after the encoder;
     the LLM step still keeps exactly 4 per row. Qwen2-VL: a sample holding two images keeps
     4 + 4, the other 4."""
-    model = _model("llava_next")
+    model = cached_model("llava_next")
     inputs = tiny_inputs("llava_next", batch=2, image_sizes=[(150, 100), (84, 84)])
     with vlprune.patch(model, "flowcut", budget=4) as handle, torch.no_grad():
         model(**inputs)
         assert handle.stats.visual_tokens == [140, 78]
         assert handle.stats.kept_tokens == [4, 4]
-    model = _model("qwen2_vl")
+    model = cached_model("qwen2_vl")
     pad = "<|vision_start|><|image_pad|><|vision_end|>"
     text = [f"<|im_start|> {pad} w1 {pad} w2 w3", f"<|im_start|> {pad} w4 w5 w6 w7"]
     images = [tiny_image(i, size) for i, size in enumerate([(168, 112), (112, 112), (224, 168)])]
@@ -365,7 +354,7 @@ def test_rows_with_different_images_keep_their_own_budgets() -> None:
 
 def test_ratio_budget_on_llava_next() -> None:
     """``ratio`` keeps ⌈ratio · 140⌉ tokens of each 140-token image."""
-    model, inputs = _model("llava_next"), _inputs("llava_next")
+    model, inputs = cached_model("llava_next"), cached_inputs("llava_next", batch=2)
     with vlprune.patch(model, "flowcut", ratio=0.1) as handle, torch.no_grad():
         model(**inputs)
         assert handle.stats.kept_tokens == [14, 14]
@@ -383,4 +372,4 @@ def test_bad_options_name_the_option(options: dict, name: str) -> None:
 
 def test_llm_layer_beyond_the_model_is_rejected_at_patch_time() -> None:
     with pytest.raises(ValueError, match="llm_layer"):
-        vlprune.patch(_model("qwen2_vl"), "flowcut", budget=4, llm_layer=3)
+        vlprune.patch(cached_model("qwen2_vl"), "flowcut", budget=4, llm_layer=3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vlprune
+from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.adapters.base import ImageLayout
 from vlprune.hooks.signals import VisionAttentionScores
@@ -165,7 +166,7 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def model(family: str):
-    return tiny_model(family)
+    return cached_model(family)
 
 
 @pytest.fixture(scope="module")

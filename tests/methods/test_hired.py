@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vlprune
+from tests.helpers import cached_model
 from vlprune.adapters.base import ImageLayout
 from vlprune.methods._vision_common import apportion, partition_tokens
 from vlprune.methods.base import VisionBatch
@@ -157,7 +158,7 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def model(family: str):
-    return tiny_model(family)
+    return cached_model(family)
 
 
 @pytest.fixture(scope="module")

@@ -200,14 +200,11 @@ def _hand_batch(samples: list[dict], budget: int, pad_id: int = 0) -> VisionBatc
             features.append(embeds[b, pos])
             pres.append(pre)
     layouts = [ImageLayout(num_tokens=16, grid=(4, 4))] * len(positions)
-    probes = {
-        "vision": SimpleNamespace(value=torch.stack(pres)),
-        "mask": SimpleNamespace(value=mask if len(samples) > 1 else None),
-    }
+    probes = {"vision": SimpleNamespace(value=torch.stack(pres))}
     return VisionBatch(
         layouts=layouts, keep=[budget] * len(layouts), features=features, sample=sample,
         input_ids=ids, text_embeds=embeds, probes=probes, positions=positions,
-        budget=Budget(tokens=budget),
+        budget=Budget(tokens=budget), attention_mask=mask if len(samples) > 1 else None,
     )
 
 

@@ -5,7 +5,6 @@ keep-all, a batch whose samples decide differently equals each sample alone)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from types import SimpleNamespace
 
@@ -14,19 +13,15 @@ import torch
 
 import vlprune
 import vlprune.methods.todre as todre_module
+from tests.helpers import cached_model
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.signals import GlobalQueryAttention, VisionAttentionProbe
 from vlprune.methods.base import DecoderBatch, VisionBatch
 from vlprune.methods.todre import ToDRE, diverse_order, relevance_ratio
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 BIG = 10**6
-
-
-@functools.cache
-def _model(family: str):
-    return tiny_model(family)
 
 
 def _clusters(n_axes: int, copies: int) -> torch.Tensor:
@@ -166,7 +161,7 @@ def test_stage2_drops_all_visual_rows_exactly_below_tau() -> None:
 def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
     """Stage 1 keeps ``ceil(0.25·N)`` per image; batch-2 generation runs; a budget above every
     image with τ = 0 (stage 2 never fires) equals the unpatched model."""
-    model = _model(family)
+    model = cached_model(family)
     inputs = tiny_inputs(family, batch=2)
     with torch.no_grad():
         ref_logits = model(**inputs).logits
@@ -186,7 +181,7 @@ def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
 def test_samples_deciding_differently_equal_single_runs(family: str, monkeypatch) -> None:
     """τ set between the two samples' ratios: only the lower one loses its visual rows from the
     check layer on, and each sample's greedy tokens equal the sample run alone."""
-    model = _model(family)
+    model = cached_model(family)
     batch = tiny_inputs(family, batch=2, n_words=[4, 9], seed=7)
     seen: list[torch.Tensor] = []
 
@@ -225,4 +220,4 @@ def test_options_are_validated() -> None:
         with pytest.raises(ValueError, match=name):
             ToDRE(**options)
     with pytest.raises(ValueError, match="drop_layer"):
-        vlprune.patch(_model("llava"), "todre", ratio=0.5, drop_layer=4)
+        vlprune.patch(cached_model("llava"), "todre", ratio=0.5, drop_layer=4)

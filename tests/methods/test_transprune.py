@@ -5,7 +5,6 @@ every family (counts via ``handle.stats``, padded batches, keep-all)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 import vlprune
+from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
 from vlprune.hooks.signals import NextLayerAttentionProbe, TokenTransitionProbe, transition_terms
@@ -27,14 +27,9 @@ from vlprune.methods.transprune import (
     transition_variation,
     transprune_score,
 )
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs
 
 BIG = 10**6
-
-
-@functools.cache
-def _model(family: str, attn: str = "sdpa"):
-    return tiny_model(family, attn_implementation=attn)
 
 
 # ------------------------------------------------------------------------------------ TTV
@@ -129,7 +124,7 @@ def test_schedule_scales_with_depth_and_budget() -> None:
 def test_stats_follow_the_schedule() -> None:
     """Explicit layers (1, 2, 3) on a 4-layer LLaVA: 36 visual tokens, ratio 0.125 → K = 5;
     ``layer_tokens`` drops 4, then 13, then 31 visual rows in total."""
-    model = _model("llava")
+    model = cached_model("llava")
     inputs = tiny_inputs("llava", batch=2)
     length = inputs["input_ids"].shape[1]
     with vlprune.patch(model, "transprune", ratio=0.125, layers=(1, 2, 3)) as handle:
@@ -196,7 +191,7 @@ def test_ttv_history_follows_rows_through_an_earlier_cut() -> None:
 def test_next_layer_probe_equals_the_layers_own_attention(family: str) -> None:
     """Without cuts, layer 2's attention recomputed from layer 1's output (its norm, GQA q/k,
     RoPE, mask) equals the rows probed on layer 2 itself, padded batch included."""
-    model = _model(family)
+    model = cached_model(family)
     adapter = get_adapter(model)
     ahead = NextLayerAttentionProbe(adapter.decoder_layers[1], adapter.decoder_layers[2])
     own = adapter.text_probe(2)
@@ -219,7 +214,7 @@ def test_next_layer_probe_equals_the_layers_own_attention(family: str) -> None:
 def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
     """Kept visual tokens after the last cut == the budget; batch-2 greedy generation runs; a
     budget above the visual count equals the unpatched model (logits atol 1e-5, tokens)."""
-    model = _model(family)
+    model = cached_model(family)
     inputs = tiny_inputs(family, batch=2)
     with torch.no_grad():
         ref_logits = model(**inputs).logits
@@ -240,7 +235,7 @@ def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
 def test_padded_batch_equals_single_runs(family: str, attn: str) -> None:
     """TTV's softmax runs per sample over its own tokens, so a left-padded batch keeps the same
     rows and generates the same tokens as each sample alone."""
-    model = _model(family, attn)
+    model = cached_model(family, attn)
     batch = tiny_inputs(family, batch=2, n_words=[3, 8], seed=5)
     with vlprune.patch(model, "transprune", ratio=0.25) as handle, torch.no_grad():
         tokens = model.generate(**batch, max_new_tokens=5, do_sample=False)
@@ -265,4 +260,5 @@ def test_options_are_validated() -> None:
         with pytest.raises(ValueError, match=name):
             TransPrune(**options)
     with pytest.raises(ValueError, match="layers"):
-        vlprune.patch(_model("llava"), "transprune", ratio=0.5, layers=(2, 5), ratios=(0.5, 0.2))
+        vlprune.patch(cached_model("llava"), "transprune", ratio=0.5, layers=(2, 5),
+                      ratios=(0.5, 0.2))

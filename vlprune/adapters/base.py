@@ -114,7 +114,7 @@ class Adapter:
 
     def projector_probe(self) -> ModuleInputProbe:
         """Captures the projector / merger input: vision features before projection."""
-        return ModuleInputProbe(self.projector)
+        return ModuleInputProbe(self.projector, vision=True)
 
     @property
     def image_token_id(self) -> int:

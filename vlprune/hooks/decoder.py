@@ -8,6 +8,11 @@ In decode, each layer's materialised mask keeps the columns of the keys its own 
 ``cat(kept_index, arange(L, kv_len))``. The cache's reported length stays layer 0's, which keeps
 ``generate``'s bookkeeping consistent.
 
+What a prefill decided is a :class:`DecoderState`: the running forward's state (per thread) and
+its KV cache's record, so decode steps and follow-up turns on that cache use it whatever ran in
+between; an uncached ``generate`` step replays the first step's choices, extended by the rows
+appended since (``VisionCut`` tells which prefill it replays).
+
 Rows of a batch may keep different numbers of rows: the chooser then returns ``(index, slots)``,
 the kept rows left-padded to a common width and a (B, Lnext) bool that is False on the padding
 slots. Padding slots are masked out as keys in that layer and every later one, in prefill and in
@@ -16,7 +21,7 @@ the layer's mask is None (sdpa's ``is_causal`` fast path) one is materialised in
 convention of the attention implementation's own mask builder (transformers
 ``masking_utils``): bool (True = attend) for ``sdpa_mask``, additive float (0 or the dtype's
 minimum) for ``eager_mask``; other implementations (flash, flex) raise ``NotImplementedError``
-on that path.
+on that path. The mask arithmetic is in ``hooks/masks.py``.
 """
 
 from __future__ import annotations
@@ -32,16 +37,22 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.gather import gather_positions, gather_rows
+from vlprune.hooks.masks import causal_slot_mask, gather_mask_4d, mask_slots
+from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
+from vlprune.hooks.vision import VisionCut
 
 
 @dataclass
 class DecoderState:
-    """Rows alive in the current prefill: ``index`` (B, Lcur) into the LM input, image flags.
+    """Rows alive in one prefill: ``index`` (B, Lcur) into the LM input, image flags.
 
     ``valid`` (B, Lcur) is False on batch padding and padding slots (default: all True);
     ``slots`` (B, Lcur) is False on padding slots only, None while every slot holds a real row;
     ``input_visual`` (B,): visual rows per sample entering the language model (default: those
-    of ``is_image``).
+    of ``is_image``); ``input_valid`` (B, L): the LM input's rows that are not batch padding.
+    Per layer from the first cut on: ``layer_index`` / ``layer_valid`` / ``layer_slots`` of the
+    rows entering it; ``choices[l]``: what the chooser answered at cut layer l and the row count
+    it cut from (a replay extends it); ``replay``: (the replayed prefill's state, tokens added).
     """
 
     index: torch.Tensor
@@ -53,12 +64,18 @@ class DecoderState:
     input_visual: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     layer_slots: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_valid: torch.Tensor | None = None
+    choices: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    replay: tuple[DecoderState, int] | None = None
 
     def __post_init__(self) -> None:
         if self.valid is None:
             self.valid = torch.ones_like(self.is_image)
         if self.input_visual is None:
             self.input_visual = self.is_image.sum(1)
+        if self.input_valid is None:
+            self.input_valid = self.valid
 
 
 @dataclass
@@ -68,9 +85,10 @@ class CutContext:
     ``hidden``: (B, Lcur, D) input of the layer; ``is_image``: (B, Lcur) bool, visual rows;
     ``index``: (B, Lcur) positions of the current rows in the language model's input;
     ``valid``: (B, Lcur) bool, False on batch padding (and padding slots of earlier cuts);
-    ``layer_index``: rows (LM-input positions) that entered each earlier layer at or after the
-    first cut (layers before it saw every row); ``input_visual``: (B,) visual rows per sample
-    entering the language model.
+    ``layer_index`` / ``layer_valid``: rows (LM-input positions) that entered each earlier layer
+    at or after the first cut, and which of them were real (layers before it saw every row,
+    real where ``input_valid``); ``input_visual``: (B,) visual rows per sample entering the
+    language model; ``input_valid``: (B, L) the LM input's rows that are not batch padding.
     """
 
     layer: int
@@ -80,69 +98,28 @@ class CutContext:
     valid: torch.Tensor | None = None
     layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
     input_visual: torch.Tensor | None = None
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_valid: torch.Tensor | None = None
 
 
 Chooser = Callable[[CutContext], "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"]
 """Returns kept rows (B, Lnext), or ``(index, slots)`` for rows keeping different counts."""
 
 
-def gather_mask_4d(
-    mask: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor
-) -> torch.Tensor:
-    """Gather a (B|1, H|1, Q, K) mask on query rows (B, Q') (None: all) and key columns (B, K')."""
-    batch = cols.shape[0]
-    mask = mask.expand(batch, *mask.shape[1:])
-    heads = mask.shape[1]
-    if rows is not None:
-        rows = rows[:, None, :, None].expand(batch, heads, rows.shape[1], mask.shape[3])
-        mask = mask.gather(2, rows)
-    cols = cols[:, None, None, :].expand(batch, heads, mask.shape[2], cols.shape[1])
-    return mask.gather(3, cols)
-
-
-def mask_slots(
-    mask: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor | None
-) -> torch.Tensor:
-    """Mask out key columns where ``keys`` (B, K) is False in a 4-D (B, H, Q, K) mask (bool: True
-    = attend; float: additive). ``queries`` (B, Q) (prefill, Q == K) gives the padding slots'
-    rows their own diagonal back."""
-    allowed = keys[:, None, None, :]
-    if mask.dtype == torch.bool:
-        out = mask & allowed
-    else:
-        out = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
-    if queries is None:
-        return out
-    eye = torch.eye(queries.shape[1], dtype=torch.bool, device=mask.device)
-    own = eye[None, None] & ~queries[:, None, :, None]
-    return out | own if out.dtype == torch.bool else out.masked_fill(own, 0.0)
-
-
-def causal_slot_mask(
-    keys: torch.Tensor, n_queries: int, kind: str, dtype: torch.dtype
-) -> torch.Tensor:
-    """A materialised (B, 1, Q, K) causal mask over cache slots: the Q queries are the last Q
-    slots, key j is visible to query i when ``j <= i`` and ``keys`` (B, K) is True; padding slots
-    among the queries see themselves. ``kind``: "bool" (sdpa) or "float" (eager, additive)."""
-    n_keys = keys.shape[1]
-    key_pos = torch.arange(n_keys, device=keys.device)
-    query_pos = key_pos[n_keys - n_queries:]
-    causal = key_pos[None, :] <= query_pos[:, None]
-    allowed = causal[None, None] & keys[:, None, None, :]
-    padding_query = ~keys[:, None, n_keys - n_queries:, None]
-    allowed = allowed | ((key_pos[None, :] == query_pos[:, None])[None, None] & padding_query)
-    if kind == "bool":
-        return allowed
-    zero = torch.zeros((), dtype=dtype, device=keys.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
-class DecoderCut:
+class DecoderCut(PatchPart):
     """Installs the layer pre-hooks; ``chooser`` returns kept rows (B, Lnext) at cut layers,
-    or ``(index, slots)`` for padded rows (see the module docstring)."""
+    or ``(index, slots)`` for padded rows (see the module docstring). ``vision`` tells which
+    language-model input rows are image tokens, and which prefill a forward replays."""
+
+    current = ThreadLocal()
+    """:class:`DecoderState` of the forward running in this thread (its prefill's state on a
+    decode step)."""
+    last = ThreadLocal()
+    """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
+    _prefill = ThreadLocal(False)
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
-                 image_mask: Callable[[], torch.Tensor | None]) -> None:
+                 vision: VisionCut) -> None:
         n_layers = len(adapter.decoder_layers)
         bad = [layer for layer in layers if not 0 < layer < n_layers]
         if bad:
@@ -152,39 +129,40 @@ class DecoderCut:
         self.adapter = adapter
         self.layers = sorted(set(layers))
         self.chooser = chooser
-        self.image_mask = image_mask
-        self.state: DecoderState | None = None
-        self.prefill = False
+        self.vision = vision
+        self.records = CacheRecords("decoder")
 
     def install(self) -> list[RemovableHandle]:
-        """Register one pre-hook on the language model and one per layer ≥ the first cut; no
+        """Register the language-model hooks and one pre-hook per layer ≥ the first cut; no
         hooks at all when there is no cut layer."""
         if not self.layers:
             return []
-        handles = [self.adapter.language_model.register_forward_pre_hook(
-            self._start, with_kwargs=True)]
+        lm = self.adapter.language_model
+        handles = [
+            lm.register_forward_pre_hook(self._start, with_kwargs=True),
+            lm.register_forward_hook(self._register, with_kwargs=True),
+        ]
         for i in range(self.layers[0], len(self.adapter.decoder_layers)):
             layer = self.adapter.decoder_layers[i]
             hook = partial(self._layer, i)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
-    @property
-    def layer_tokens(self) -> list[list[int]]:
-        """Per sample, the sequence length entering each decoder layer in the last prefill
-        (padding slots not counted)."""
-        return self.state.layer_tokens if self.state is not None else []
-
+    @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.current = None
         cache = kwargs.get("cache")
-        self.prefill = cache is None or cache.get_seq_length() == 0
-        if not self.prefill:
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        if not self._prefill:
+            self.current = self.records.get(cache)
             return
+        if cache is not None:
+            self.records.set(cache, None)
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
-        is_image = self.image_mask()
-        if is_image is None or is_image.shape != (batch, length):
-            self.state = None
+        record = self.vision.current
+        if record is None or record.is_image.shape != (batch, length):
+            self.last = None
             return
         index = torch.arange(length, device=embeds.device).expand(batch, length)
         mask = kwargs.get("attention_mask")
@@ -193,30 +171,70 @@ class DecoderCut:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         n_layers = len(self.adapter.decoder_layers)
-        self.state = DecoderState(index, is_image, length, valid=valid,
-                                  layer_tokens=[[length] * n_layers for _ in range(batch)])
+        state = DecoderState(index, record.is_image, length, valid=valid,
+                             layer_tokens=[[length] * n_layers for _ in range(batch)])
+        self.current = state
+        first = record.first.decoder if record.first is not None else None
+        if record.replay and first is not None:
+            state.replay = (first, record.replay)
+            return
+        self.last = state
+        record.decoder = state
 
+    @eager_hook
+    def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """After a prefill, the cache it filled keeps its state for the decode steps."""
+        cache = getattr(output, "cache", None)
+        if self._prefill and self.current is not None and cache is not None:
+            self.records.set(cache, self.current)
+
+    @property
+    def layer_tokens(self) -> list[list[int]]:
+        """Per sample, the sequence length entering each decoder layer in the last prefill of
+        this thread (padding slots not counted)."""
+        return self.last.layer_tokens if self.last is not None else []
+
+    @eager_hook
     def _layer(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self.state
+        state = self.current
         if state is None:
             return None
-        if not self.prefill:
+        if not self._prefill:
             return self._decode(i, args, kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self.layers:
-            ctx = CutContext(i, hidden, state.is_image, state.index, state.valid,
-                             dict(state.layer_index), state.input_visual)
-            chosen = self.chooser(ctx)
+            chosen = self._choose(i, state, hidden)
+            state.choices[i] = (chosen, state.index.shape[1])
             if chosen is not None:
                 hidden = self._cut(state, chosen, hidden)
         state.layer_index[i] = state.index
         state.layer_slots[i] = state.slots
+        state.layer_valid[i] = state.valid
         counts = [state.index.shape[1]] * len(state.layer_tokens)
         if state.slots is not None:
             counts = state.slots.sum(1).tolist()
         for row, count in zip(state.layer_tokens, counts):
             row[i] = count
         return self._gather_prefill(args, kwargs, hidden, state)
+
+    def _choose(self, i: int, state: DecoderState, hidden: torch.Tensor) -> Any:
+        """The chooser's answer at cut layer ``i``, or the replayed prefill's, extended by the
+        rows appended since (they follow every earlier row and are all kept)."""
+        if state.replay is None:
+            ctx = CutContext(i, hidden, state.is_image, state.index, state.valid,
+                             dict(state.layer_index), state.input_visual,
+                             dict(state.layer_valid), state.input_valid)
+            return self.chooser(ctx)
+        first, extra = state.replay
+        chosen, width = first.choices[i]
+        if chosen is None:
+            return None
+        local, slots = chosen if isinstance(chosen, tuple) else (chosen, None)
+        new = torch.arange(width, width + extra, device=local.device).expand(local.shape[0], -1)
+        local = torch.cat([local, new], 1)
+        if slots is None:
+            return local
+        return local, torch.cat([slots, slots.new_ones(new.shape)], 1)
 
     @staticmethod
     def _cut(state: DecoderState, chosen: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -286,9 +304,7 @@ class DecoderCut:
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         mask = kwargs.get("attention_mask")
-        state = self.state
-        if state is None:
-            return None
+        state = self.current
         slots = state.layer_slots.get(i)
         index = state.layer_index[i]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:

@@ -1,8 +1,9 @@
 """The encoder cut: drop rows of the vision encoder's hidden states between its layers.
 
 A third cut point, before the vision-side cut (``hooks/vision.py``) and the decoder cut
-(``hooks/decoder.py``). It only runs inside ``get_image_features`` (a call recorder arms it), so
-video features and direct tower calls are never cut.
+(``hooks/decoder.py``). It only runs inside a ``get_image_features`` call that belongs to a
+prefill (the call tracker, ``hooks/calls.py``, arms it), so video features, direct tower calls
+and direct ``get_image_features`` calls from user code are never cut.
 
 The encoder runs *sequences* made of *units*, the things that may be dropped:
 
@@ -18,8 +19,9 @@ undone through the adapter's ``vision_unit_tokens``); rows stay in the encoder's
 
 Hooks (all removable, per model instance):
 
-1. a call recorder on ``get_image_features`` arms the cut and remembers the layout inputs
-   (``image_sizes`` / ``image_grid_thw``); a pre-hook on encoder layer 0 starts a fresh state;
+1. the tracker arms the cut with the call's :class:`~vlprune.hooks.calls.Encode` (layout
+   inputs ``image_sizes`` / ``image_grid_thw``); a pre-hook on encoder layer 0 starts a fresh
+   state, kept on that encode (``encode.encoder``) for the prefill's vision-side selection;
 2. a forward hook (prepended, so transformers' output-capturing hooks record the cut tensor)
    on every cut layer ℓ asks the chooser which units stay and returns the gathered output. The
    hidden states collected for ``vision_feature_layer`` (LLaVA's ``hidden_states[-2]``) are
@@ -37,14 +39,13 @@ Hooks (all removable, per model instance):
    method, whose vision-stage selection keeps only surviving units' tokens. The zero rows never
    reach the language model.
 
-The state of the last image forward persists until the next one, so the vision-side selection
-of every prefill (``generate`` encodes images once, before the first forward) sees it.
+Everything is per thread; the state travels with the encode record to its prefill
+(``generate`` encodes images once, before the first forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -52,97 +53,26 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter, ImageLayout
-from vlprune.hooks.vision import LAYOUT_INPUTS, CallRecorder
+from vlprune.hooks.calls import Encode
+from vlprune.hooks.encoder_state import (
+    EncoderChooser,
+    EncoderCutContext,
+    EncoderState,
+    checked_state,
+    remap_seqlens,
+)
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 
-@dataclass
-class EncoderState:
-    """The sequences of one image forward and the units still alive in them.
-
-    Per sequence s: ``image[s]`` (prompt order), ``sizes[s]`` units before any cut,
-    ``unit_ids[s]`` (sizes[s],) raster id of each original unit in row order, ``kept[s]``
-    ascending row-order positions of the current units. ``rows``: uncut rows per sequence
-    (batched) or in all (packed); ``layer_rows[s][l]``: rows of s entering layer l.
-    """
-
-    layouts: list[ImageLayout]
-    image: list[int]
-    sizes: list[int]
-    unit_ids: list[torch.Tensor]
-    kept: list[torch.Tensor]
-    packed: bool
-    prefix: int
-    group: int
-    rows: int
-    layer_rows: list[list[int]]
-    memory: dict[str, Any] = field(default_factory=dict)
-    cut: bool = False
-
-    def units(self) -> list[torch.Tensor]:
-        """Per sequence, the raster ids of the current units in row order."""
-        return [ids[k] for ids, k in zip(self.unit_ids, self.kept)]
-
-    def offsets(self) -> list[int]:
-        """Per sequence, its first unit's position among all original units (packed order)."""
-        starts = [0]
-        for size in self.sizes[:-1]:
-            starts.append(starts[-1] + size)
-        return starts
-
-    def bounds(self) -> list[int]:
-        """Cumulative current row boundaries of the sequences (packed encoders)."""
-        out = [0]
-        for k in self.kept:
-            out.append(out[-1] + k.numel() * self.group)
-        return out
-
-    def kept_units(self) -> torch.Tensor:
-        """Packed encoders: (U_cur,) ascending positions of the current units among all."""
-        return torch.cat([start + k for start, k in zip(self.offsets(), self.kept)])
-
-    def kept_rows(self) -> torch.Tensor:
-        """Packed encoders: (S_cur,) ascending original rows of the current units."""
-        units = self.kept_units()
-        step = torch.arange(self.group, device=units.device)
-        return (units[:, None] * self.group + step).flatten()
-
-
-@dataclass
-class EncoderCutContext:
-    """What an encoder chooser sees after layer ``layer`` ran (fields as in
-    :class:`~vlprune.methods.base.EncoderBatch`, without the probes)."""
-
-    layer: int
-    output_layer: int
-    hidden: torch.Tensor
-    units: list[torch.Tensor]
-    sizes: list[int]
-    image: list[int]
-    layouts: list[ImageLayout]
-    packed: bool
-    bounds: list[int] | None
-    prefix: int
-    group: int
-    memory: dict[str, Any]
-
-
-EncoderChooser = Callable[[EncoderCutContext], "list[torch.Tensor] | None"]
-"""Returns, per sequence, sorted local positions of the units that stay (None: keep all)."""
-
-
-def remap_seqlens(cu_seqlens: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
-    """Cumulative segment boundaries over the original rows → over ``kept_rows`` (ascending
-    original rows that remain); segments left empty disappear."""
-    cuts = torch.searchsorted(kept_rows, cu_seqlens.to(kept_rows.device, torch.long))
-    return torch.unique_consecutive(cuts).to(cu_seqlens.dtype)
-
-
-class EncoderCut:
+class EncoderCut(PatchPart):
     """Installs the encoder hooks; ``chooser`` answers after each layer in ``layers``.
 
     ``layers``: 0-based encoder layers whose *output* may be cut, each at most
     ``adapter.vision_output_layer``.
     """
+
+    _armed = ThreadLocal()
+    _running = ThreadLocal()
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: EncoderChooser) -> None:
         self.output_layer = adapter.vision_output_layer
@@ -156,18 +86,13 @@ class EncoderCut:
         self.layers = sorted(set(layers))
         self.n_layers = len(adapter.vision_layers)
         self.chooser = chooser
-        self.inputs: dict[str, Any] = {}
-        self.armed = False
-        self.running = False
-        self.state: EncoderState | None = None
 
-    def install(self) -> list[RemovableHandle | CallRecorder]:
-        """Register the recorder and the hooks; the caller keeps the handles."""
+    def install(self) -> list[RemovableHandle]:
+        """Register the hooks; the caller keeps the handles."""
         if not self.layers:
             return []
         layers = self.adapter.vision_layers
-        handles: list[RemovableHandle | CallRecorder] = [
-            CallRecorder(self.adapter.base, "get_image_features", self._arm),
+        handles: list[RemovableHandle] = [
             layers[0].register_forward_pre_hook(self._start, with_kwargs=True),
         ]
         for i in self.layers:
@@ -181,18 +106,35 @@ class EncoderCut:
 
     # ------------------------------------------------------------------ reading the state
 
-    def units_per_image(self, layouts: list[ImageLayout]) -> list[list[torch.Tensor]]:
-        """Per image, per vision sequence, the raster ids of the units that survived."""
-        state = self._checked_state(layouts)
+    def arm(self, encode: Encode) -> None:
+        """The next encoder forward in this thread belongs to ``encode`` (a prefill's)."""
+        self._armed = encode
+
+    def disarm(self) -> None:
+        """The encode is over."""
+        self._armed = None
+        self._running = None
+
+    @property
+    def state(self) -> EncoderState | None:
+        """State of the encoder forward running in this thread (None outside one)."""
+        return self._running.encoder if self._running is not None else None
+
+    def units_per_image(
+        self, encode: Encode | None, layouts: list[ImageLayout]
+    ) -> list[list[torch.Tensor]]:
+        """Per image, per vision sequence, the raster ids of the units that survived
+        ``encode``."""
+        state = checked_state(encode, layouts)
         out: list[list[torch.Tensor]] = [[] for _ in layouts]
         for image, units in zip(state.image, state.units()):
             out[image].append(units)
         return out
 
-    def layer_tokens(self) -> list[list[int]]:
-        """Per image, rows entering each encoder layer in the last image forward (summed over
-        the image's sequences, CLS rows included); empty before the first one."""
-        state = self.state
+    def layer_tokens(self, encode: Encode | None) -> list[list[int]]:
+        """Per image, rows entering each encoder layer in ``encode`` (summed over the image's
+        sequences, CLS rows included); empty without one."""
+        state = encode.encoder if encode is not None else None
         if state is None:
             return []
         out = [[0] * self.n_layers for _ in state.layouts]
@@ -200,37 +142,21 @@ class EncoderCut:
             out[image] = [a + b for a, b in zip(out[image], rows)]
         return out
 
-    def _checked_state(self, layouts: list[ImageLayout]) -> EncoderState:
-        state = self.state
-        ok = state is not None and [lay.num_tokens for lay in state.layouts] == [
-            lay.num_tokens for lay in layouts
-        ]
-        if not ok:
-            raise RuntimeError(
-                "the encoder cut has no record of these images: the vision encoder must run "
-                "through `get_image_features` in the same call (precomputed image features "
-                "cannot be pruned inside the encoder)"
-            )
-        return state
-
     # ------------------------------------------------------------------ hooks
 
-    def _arm(self, arguments: dict[str, Any]) -> None:
-        self.inputs = {k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None}
-        self.armed = True
-
+    @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self.running = self.armed
-        self.armed = False
-        if self.running:
+        encode, self._armed = self._armed, None
+        self._running = encode
+        if encode is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.state = self._new_state(hidden)
+            encode.encoder = self._new_state(hidden, encode.layout_inputs)
 
-    def _new_state(self, hidden: torch.Tensor) -> EncoderState:
+    def _new_state(self, hidden: torch.Tensor, inputs: dict[str, Any]) -> EncoderState:
         packed = hidden.dim() == 2
-        layouts = self.adapter.encoder_layouts(self.inputs, hidden.shape[0])
+        layouts = self.adapter.encoder_layouts(inputs, hidden.shape[0])
         if packed:
-            image, unit_ids, group = self._packed_units(hidden, layouts)
+            image, unit_ids, group = self._packed_units(hidden, layouts, inputs)
             prefix, rows = 0, hidden.shape[0]
         else:
             prefix = 1 if self.adapter.has_cls else 0
@@ -261,10 +187,10 @@ class EncoderCut:
         )
 
     def _packed_units(
-        self, hidden: torch.Tensor, layouts: list[ImageLayout]
+        self, hidden: torch.Tensor, layouts: list[ImageLayout], inputs: dict[str, Any]
     ) -> tuple[list[int], list[torch.Tensor], int]:
         """Image, raster unit ids and rows per unit of each frame of a packed forward."""
-        tokens = self.adapter.vision_unit_tokens(self.inputs)
+        tokens = self.adapter.vision_unit_tokens(inputs)
         n_units = sum(lay.num_tokens for lay in layouts)
         if tokens is None or n_units == 0 or tokens.numel() != hidden.shape[0] or (
             hidden.shape[0] % n_units
@@ -298,8 +224,9 @@ class EncoderCut:
             memory=state.memory,
         )
 
+    @eager_hook
     def _after(self, layer: int, module: Any, args: tuple, output: Any) -> Any:
-        if not self.running or self.state is None:
+        if self.state is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         local = self.chooser(self._context(layer, hidden))
@@ -347,9 +274,10 @@ class EncoderCut:
         rows = torch.cat([prefix, idx], 1)
         return hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
 
+    @eager_hook
     def _before(self, layer: int, module: Any, args: tuple, kwargs: dict) -> tuple | None:
         state = self.state
-        if not self.running or state is None or not state.cut:
+        if state is None or not state.cut:
             return None
         if not state.packed:
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
@@ -370,11 +298,10 @@ class EncoderCut:
             )
         return args, kwargs
 
+    @eager_hook
     def _restore(self, module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not self.running:
-            return None
-        self.running = False
         state = self.state
+        self._running = None
         if state is None or not state.cut:
             return None
         if state.packed:

@@ -1,275 +1,312 @@
 """The vision-side cut: drop unselected image rows before the language model.
 
-Two pre-hooks and one call recorder, driven by the adapter:
+A pre-hook on the language model. In a prefill it asks the selector which image tokens to keep
+and gathers ``inputs_embeds``, the 2-D ``attention_mask`` and ``position_ids`` (original
+positions, 1-D or M-RoPE); rows of a batch that keep different counts are left-padded (masked)
+to the longest row. Where the images are comes from the call tracker (``hooks/calls.py``):
+``input_ids``, or the placeholder embeddings of ``inputs_embeds``.
 
-1. on the multimodal base model (``model.model``): remember the prompt's ``input_ids``
-   (positional or keyword);
-2. around the base model's ``get_image_features`` (an instance attribute shadowing the class
-   method, removed on unpatch): remember the image-layout inputs (``image_sizes`` /
-   ``image_grid_thw``). ``generate`` encodes images *before* the first forward and drops those
-   inputs from the forward's kwargs, so this is the one place that sees them in both paths;
-3. on the language model: in prefill, ask the selector which image tokens to keep and gather
-   ``inputs_embeds``, the 2-D ``attention_mask`` and ``position_ids`` (original positions, 1-D or
-   M-RoPE); in decode, narrow generate's full-length mask to the pruned cache.
+What a prefill decided is a :class:`PrefillRecord`: the running forward's record (read by the
+decoder cut, the loss and ``handle.stats``) and its KV cache's record. Every later forward on
+that cache (decode steps, a multi-turn follow-up) narrows the full-length 2-D mask ``generate``
+passes to the rows the cache holds, and the cache reports its logical length
+(:func:`~vlprune.hooks.state.mark_pruned`), so ``generate`` counts positions and slices re-fed
+inputs as for the unpruned prompt.
 
-Rows of a batch that keep different counts are left-padded (masked) to the longest row.
+Two ``generate`` paths stay exact:
+
+- rows repeated by ``num_beams=r`` / ``num_return_sequences=r`` (each prompt's images encoded
+  once, its rows repeated r times): the selection runs on one row per prompt and is repeated
+  (``hooks/images.py``);
+- ``use_cache=False`` re-runs the whole sequence at every step with the image features it
+  encoded once: a prefill with the same features object as the last one and its prompt plus
+  new tokens keeps that prefill's rows and the new ones (no new selection), as a cached run.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.adapters.base import Adapter
+from vlprune.hooks.calls import CallTracker, Encode, ForwardInputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
-
-LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
-
-
-@dataclass
-class ImageTokens:
-    """The images of one prefill: per image its layout, sequence positions (N_i,) and row."""
-
-    layouts: list[ImageLayout]
-    positions: list[torch.Tensor]
-    sample: list[int]
-    input_ids: torch.Tensor
-    inputs_embeds: torch.Tensor
-
-    def features(self) -> list[torch.Tensor]:
-        """Per image, its (N_i, D) rows of ``inputs_embeds``."""
-        return [self.inputs_embeds[s, p] for s, p in zip(self.sample, self.positions)]
-
+from vlprune.hooks.images import ImageTokens, kept_rows, prompt_layouts, split_images
+from vlprune.hooks.state import (
+    CacheRecords,
+    PatchPart,
+    ThreadLocal,
+    dropped_rows,
+    eager_hook,
+    mark_pruned,
+    physical_length,
+)
 
 Selector = Callable[[ImageTokens], list[torch.Tensor]]
 """Returns, per image, the sorted local indices of the tokens it keeps."""
 
 
 @dataclass
-class VisionCutRecord:
-    """What the last prefill did, per sample: visual tokens before and after, sequence lengths;
-    ``image_tokens[b]``: placeholders of each image of sample b."""
+class Selection:
+    """What a prefill's selector kept: tokens per image (prompt order), and per sample the
+    placeholders of each of its images (``image_tokens[b]``)."""
 
-    visual_tokens: list[int]
-    kept_tokens: list[int]
-    seq_len: int
-    kept_seq_len: int
     kept_per_image: list[int]
-    image_tokens: list[list[int]] = field(default_factory=list)
+    image_tokens: list[list[int]]
 
 
-def split_images(
-    input_ids: torch.Tensor, image_token_id: int, layouts: list[ImageLayout]
-) -> tuple[list[torch.Tensor], list[int]]:
-    """Assign the placeholder positions of each row to consecutive images, in order."""
-    positions: list[torch.Tensor] = []
-    sample: list[int] = []
-    image = 0
-    for row in range(input_ids.shape[0]):
-        row_pos = (input_ids[row] == image_token_id).nonzero().squeeze(1)
-        start = 0
-        while start < row_pos.numel():
-            if image >= len(layouts):
-                raise ValueError("more image placeholders than images in the inputs")
-            size = layouts[image].num_tokens
-            positions.append(row_pos[start:start + size])
-            sample.append(row)
-            start += size
-            image += 1
-        if start != row_pos.numel():
-            raise ValueError(f"row {row}: image placeholders do not split into whole images")
-    return positions, sample
+@dataclass(eq=False)
+class PrefillRecord:
+    """One prefill, as the language model saw it.
 
-
-def _repeat_per_prompt(
-    layouts: list[ImageLayout], prompt_counts: list[int], repeats: int
-) -> list[ImageLayout]:
-    """Repeat each prompt's consecutive layouts (``prompt_counts`` tokens each) ``repeats``×."""
-    out: list[ImageLayout] = []
-    image = 0
-    for count in prompt_counts:
-        chunk: list[ImageLayout] = []
-        while sum(layout.num_tokens for layout in chunk) < count:
-            chunk.append(layouts[image])
-            image += 1
-        out.extend(chunk * repeats)
-    return out
-
-
-class CallRecorder:
-    """Shadow ``obj.name`` (a bound method) with a wrapper that reports each call's arguments.
-
-    The wrapper keeps the original's signature (``functools.wraps``), which ``generate``
-    inspects; :meth:`remove` deletes the instance attribute, restoring the class method.
+    ``keep`` (B, L) bool: rows of the prompt kept; ``index`` (B, Lp): their positions, left
+    padded, ``valid`` (B, Lp) False on padding slots; ``mask`` (B, Lp): the 2-D mask the
+    language model got (None: none); ``is_image`` (B, Lp): image rows among them; ``input_ids``:
+    the prompt (None for ``inputs_embeds``); ``selection``: what the selector did (None if it did
+    not run); ``first`` / ``replay``: the prefill this one replays and the tokens appended to it
+    (uncached ``generate`` steps); ``decoder``: the decoder cut's state of this prefill.
     """
 
-    def __init__(self, obj: Any, name: str, callback: Callable[[dict[str, Any]], None]) -> None:
-        self.obj = obj
-        self.name = name
-        original = getattr(obj, name)
-        signature = inspect.signature(original)
+    keep: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor | None
+    is_image: torch.Tensor
+    input_ids: torch.Tensor | None
+    visual_tokens: list[int]
+    selection: Selection | None = None
+    encode: Encode | None = None
+    first: PrefillRecord | None = None
+    replay: int = 0
+    decoder: Any = None
 
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            callback(signature.bind_partial(*args, **kwargs).arguments)
-            return original(*args, **kwargs)
+    @property
+    def orig_len(self) -> int:
+        """Length of the prompt before the cut."""
+        return self.keep.shape[1]
 
-        self.wrapper = wrapper
-        obj.__dict__[name] = wrapper
-
-    def remove(self) -> None:
-        """Restore the class method (idempotent)."""
-        if self.obj.__dict__.get(self.name) is self.wrapper:
-            del self.obj.__dict__[self.name]
+    @property
+    def dropped(self) -> int:
+        """Prompt rows removed from the sequence."""
+        return self.orig_len - self.index.shape[1]
 
 
-class VisionCut:
-    """Installs the two pre-hooks; ``selector`` returns kept local indices per image.
+class VisionCut(PatchPart):
+    """Installs the language-model hooks; ``selector`` returns kept local indices per image.
 
-    With ``selector=None`` nothing is cut: the hooks only record which language-model input rows
-    are image tokens (``lm_image_mask``), which decoder-side methods need.
+    With ``selector=None`` nothing is cut: the records only say which language-model input rows
+    are image tokens (``is_image``), which decoder-side methods need.
     """
 
-    def __init__(self, adapter: Adapter, selector: Selector | None) -> None:
+    current = ThreadLocal()
+    """:class:`PrefillRecord` of the forward running in this thread (its prefill's record on a
+    decode step); None without images or outside the base model."""
+    last = ThreadLocal()
+    """The last prefill's :class:`PrefillRecord` in this thread (replays excluded)."""
+    decoding = ThreadLocal(False)
+    """The running forward continues a KV cache (decode step, follow-up)."""
+    _replayable = ThreadLocal()
+
+    def __init__(self, adapter: Adapter, calls: CallTracker, selector: Selector | None) -> None:
         self.adapter = adapter
+        self.calls = calls
         self.selector = selector
-        self.inputs: dict[str, Any] = {}
-        self.layout_inputs: dict[str, Any] = {}
-        self.active = False
-        self.orig_len = 0
-        self.prefill_mask: torch.Tensor | None = None
-        self.prefill_full = True
-        self.kept_len = 0
-        self.dropped = 0
-        self.record: VisionCutRecord | None = None
-        self.lm_image_mask: torch.Tensor | None = None
+        self.records = CacheRecords("vision")
 
-    def install(self) -> list[RemovableHandle | CallRecorder]:
+    def install(self) -> list[RemovableHandle]:
         """Register the hooks; the caller keeps the handles."""
+        lm = self.adapter.language_model
         return [
-            self.adapter.base.register_forward_pre_hook(self._remember, with_kwargs=True),
-            CallRecorder(self.adapter.base, "get_image_features", self._remember_layout),
-            self.adapter.language_model.register_forward_pre_hook(self._cut, with_kwargs=True),
+            lm.register_forward_pre_hook(self._cut, with_kwargs=True),
+            lm.register_forward_hook(self._register, with_kwargs=True),
         ]
 
-    def _remember(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self.inputs = {"input_ids": kwargs.get("input_ids", args[0] if args else None)}
+    # ------------------------------------------------------------------ prefill
 
-    def _remember_layout(self, arguments: dict[str, Any]) -> None:
-        self.layout_inputs = {
-            k: arguments[k] for k in LAYOUT_INPUTS if arguments.get(k) is not None
-        }
-
+    @eager_hook
     def _cut(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self.current = None
+        inputs = self.calls.forward
         cache = kwargs.get("cache")
-        if cache is not None and cache.get_seq_length() > 0:
+        self.decoding = cache is not None and cache.get_seq_length() > 0
+        if inputs is None:
+            return None
+        if self.decoding:
             return self._decode(args, kwargs, cache)
-        self.active = False
-        self.lm_image_mask = None
+        if cache is not None:
+            self.records.set(cache, None)
+            mark_pruned(cache, 0)
+        encode = self.calls.take_encode()
         embeds = kwargs.get("inputs_embeds")
-        input_ids = self.inputs.get("input_ids")
-        if embeds is None or input_ids is None or input_ids.shape != embeds.shape[:2]:
+        is_image = inputs.image_mask
+        if embeds is None or is_image is None or is_image.shape != embeds.shape[:2] or not bool(
+            is_image.any()
+        ):
+            _check_no_cut_lost(encode)
+            self.last = None
             return None
-        is_image = input_ids == self.adapter.image_token_id
-        if not bool(is_image.any()):
+        record = self._replay(inputs, is_image) or self._select(kwargs, inputs, is_image, encode)
+        self.current = record
+        if not record.replay:
+            self.last = record
+            self._replayable = _weak_pair(inputs.features, record)
+        if record.dropped == 0 and bool(record.keep.all()):
             return None
+        return args, self._gather(kwargs, record)
+
+    def _replay(self, inputs: ForwardInputs, is_image: torch.Tensor) -> PrefillRecord | None:
+        """A later step of an uncached ``generate``: the same precomputed image features and the
+        last prefill's prompt plus new tokens. It keeps that prefill's rows and the new ones."""
+        remembered = self._replayable
+        if remembered is None or inputs.features is None or inputs.input_ids is None:
+            return None
+        features, first = remembered
+        if features() is not inputs.features or first.input_ids is None:
+            return None
+        ids, length = inputs.input_ids, first.orig_len
+        if ids.shape[0] != first.input_ids.shape[0] or ids.shape[1] <= length or not bool(
+            (ids[:, :length] == first.input_ids).all()
+        ):
+            return None
+        extra = ids.shape[1] - length
+        keep = torch.cat([first.keep, first.keep.new_ones(ids.shape[0], extra)], 1)
+        record = self._record(keep, is_image, inputs, None, None)
+        record.first, record.replay = first, extra
+        return record
+
+    def _select(self, kwargs: dict, inputs: ForwardInputs, is_image: torch.Tensor,
+                encode: Encode | None) -> PrefillRecord:
+        """Ask the selector (one row per prompt when ``generate`` repeated rows)."""
         if self.selector is None:
-            self.lm_image_mask = is_image
-            return None
-        layouts = self._layouts(is_image.sum(1).tolist())
-        positions, sample = split_images(input_ids, self.adapter.image_token_id, layouts)
-        tokens = ImageTokens(layouts, positions, sample, input_ids, embeds)
-        kept = self.selector(tokens)
-        return args, self._prefill(kwargs, tokens, kept, is_image)
-
-    def _layouts(self, counts: list[int]) -> list[ImageLayout]:
-        """Image layouts for rows holding ``counts`` placeholders each.
-
-        ``generate(num_beams=r)`` / ``num_return_sequences=r`` encode each prompt's images once,
-        then repeat every prompt row r times: the layouts of each prompt are repeated to match.
-        """
-        try:
-            return self.adapter.image_layouts(self.layout_inputs, sum(counts))
-        except ValueError:
-            for r in range(2, len(counts) + 1):
-                groups = [counts[g:g + r] for g in range(0, len(counts), r)]
-                if len(counts) % r or any(len(set(group)) > 1 for group in groups):
-                    continue
-                try:
-                    base = self.adapter.image_layouts(self.layout_inputs, sum(counts[::r]))
-                except ValueError:
-                    continue
-                return _repeat_per_prompt(base, counts[::r], r)
-            raise
-
-    def _prefill(
-        self, kwargs: dict, tokens: ImageTokens, kept: list[torch.Tensor], is_image: torch.Tensor
-    ) -> dict:
+            return self._record(torch.ones_like(is_image), is_image, inputs, None, encode)
+        rows = inputs.input_ids if inputs.input_ids is not None else inputs.embeds
+        repeat, layouts = prompt_layouts(
+            self.adapter, is_image, rows,
+            encode.layout_inputs if encode is not None else inputs.layout_inputs,
+            encode.images if encode is not None else None,
+        )
         embeds = kwargs["inputs_embeds"]
-        length = is_image.shape[1]
-        keep = ~is_image
-        rows = torch.cat([torch.full_like(k, s) for s, k in zip(tokens.sample, kept)])
-        cols = torch.cat([p[k] for p, k in zip(tokens.positions, kept)])
-        keep[rows, cols] = True
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("vlprune's vision cut needs a 2-D attention_mask (or None)")
+        unique = is_image[::repeat]
+        positions, sample = split_images(unique, layouts)
+        tokens = ImageTokens(
+            layouts, positions, sample,
+            None if inputs.input_ids is None else inputs.input_ids[::repeat],
+            embeds[::repeat],
+            None if mask is None else mask[::repeat],
+            encode,
+        )
+        kept = self.selector(tokens)
+        keep = kept_rows(unique, positions, sample, kept).repeat_interleave(repeat, 0)
+        per_row: list[list[int]] = [[] for _ in range(unique.shape[0])]
+        for s, k in zip(sample, kept):
+            per_row[s].append(int(k.numel()))
+        tokens_per_row: list[list[int]] = [[] for _ in range(unique.shape[0])]
+        for s, layout in zip(sample, layouts):
+            tokens_per_row[s].append(layout.num_tokens)
+        selection = Selection(
+            kept_per_image=[k for row in per_row for _ in range(repeat) for k in row],
+            image_tokens=[row for row in tokens_per_row for _ in range(repeat)],
+        )
+        return self._record(keep, is_image, inputs, selection, encode)
+
+    def _record(self, keep: torch.Tensor, is_image: torch.Tensor, inputs: ForwardInputs,
+                selection: Selection | None, encode: Encode | None) -> PrefillRecord:
         index, valid = left_packed_index(keep)
+        return PrefillRecord(
+            keep=keep,
+            index=index,
+            valid=valid,
+            mask=None,
+            is_image=is_image.gather(1, index) & valid,
+            input_ids=inputs.input_ids,
+            visual_tokens=is_image.sum(1).tolist(),
+            selection=selection,
+            encode=encode,
+        )
+
+    def _gather(self, kwargs: dict, record: PrefillRecord) -> dict:
+        """The language model's keyword inputs restricted to the kept rows."""
+        embeds = kwargs["inputs_embeds"]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError("vlprune's vision cut needs a 2-D attention_mask (or None)")
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            position_ids = torch.arange(length, device=embeds.device).unsqueeze(0)
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
         kwargs = dict(kwargs)
-        kwargs["inputs_embeds"] = gather_rows(embeds, index)
-        kwargs["attention_mask"] = gather_mask(mask, index, valid)
-        kwargs["position_ids"] = gather_positions(position_ids, index)
-        self.active = True
-        self.orig_len = length
-        self.prefill_mask = kwargs["attention_mask"]
-        self.prefill_full = bool(self.prefill_mask.all())
-        self.kept_len = index.shape[1]
-        self.dropped = length - self.kept_len
-        self.lm_image_mask = is_image.gather(1, index) & valid
-        self.record = VisionCutRecord(
-            visual_tokens=is_image.sum(1).tolist(),
-            kept_tokens=(keep & is_image).sum(1).tolist(),
-            seq_len=length,
-            kept_seq_len=index.shape[1],
-            kept_per_image=[int(k.numel()) for k in kept],
-            image_tokens=[
-                [lay.num_tokens for lay, s in zip(tokens.layouts, tokens.sample) if s == row]
-                for row in range(is_image.shape[0])
-            ],
-        )
+        kwargs["inputs_embeds"] = gather_rows(embeds, record.index)
+        kwargs["attention_mask"] = record.mask = gather_mask(mask, record.index, record.valid)
+        kwargs["position_ids"] = gather_positions(position_ids, record.index)
         return kwargs
 
+    @eager_hook
+    def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """After a prefill: the cache it filled keeps its record and reports its logical length."""
+        record = self.current
+        cache = getattr(output, "cache", None)
+        if record is None or cache is None or self.records.get(cache) is not None:
+            return
+        self.records.set(cache, record)
+        mark_pruned(cache, record.dropped)
+
+    # ------------------------------------------------------------------ decode
+
     def _decode(self, args: tuple, kwargs: dict, cache: Any) -> tuple[tuple, dict] | None:
-        """Keep a decode step consistent with the pruned cache (O(1) work besides the mask cat).
+        """Keep a forward on a pruned cache consistent with it (decode steps, follow-ups).
 
         A mask from ``generate`` is full-length: its prompt part is replaced by the pruned
-        prefill mask. Without position ids (a hand-written decode loop) the language model would
-        count positions from the pruned cache length: they are shifted back to the original ones.
+        prefill mask. Positions need no change: the cache reports its logical length.
         """
-        if not self.active or self.prefill_mask is None:
+        record = self.records.get(cache)
+        if record is None:
+            if dropped_rows(cache):
+                raise RuntimeError(
+                    "this KV cache was filled under another vlprune patch of the model: "
+                    "continue it under that patch, or start again without `cache`"
+                )
+            return None
+        self.current = record
+        if record.dropped == 0 or record.mask is None:
             return None
         kwargs = dict(kwargs)
         steps = kwargs["inputs_embeds"].shape[1]
-        if kwargs.get("position_ids") is None and self.dropped:
-            start = cache.get_seq_length() + self.dropped
-            positions = torch.arange(start, start + steps, device=self.prefill_mask.device)
-            kwargs["position_ids"] = positions.unsqueeze(0)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            new = mask[:, self.orig_len:].to(self.prefill_mask)
-            kwargs["attention_mask"] = torch.cat([self.prefill_mask, new], 1)
-        elif not self.prefill_full:
-            new = self.prefill_mask.new_ones(
-                self.prefill_mask.shape[0], cache.get_seq_length() + steps - self.kept_len
-            )
-            kwargs["attention_mask"] = torch.cat([self.prefill_mask, new], 1)
+            if mask.dim() != 2:
+                raise ValueError("vlprune's vision cut needs a 2-D attention_mask (or None)")
+            new = mask[:, record.orig_len:].to(record.mask)
+            kwargs["attention_mask"] = torch.cat([record.mask, new], 1)
+        elif not bool(record.mask.all()):
+            held = physical_length(cache)
+            new = record.mask.new_ones(record.mask.shape[0], held + steps - record.mask.shape[1])
+            kwargs["attention_mask"] = torch.cat([record.mask, new], 1)
         return args, kwargs
+
+
+def _weak_pair(features: Any, record: PrefillRecord) -> tuple[Any, PrefillRecord] | None:
+    """(weak reference to the precomputed image features, record), for :meth:`_replay`."""
+    if features is None:
+        return None
+    try:
+        return weakref.ref(features), record
+    except TypeError:
+        return None
+
+
+def _check_no_cut_lost(encode: Encode | None) -> None:
+    """The encoder cut left zero rows for cut units: only the vision-side selection removes
+    them, so a prefill that cannot select must not go on."""
+    state = encode.encoder if encode is not None else None
+    if state is not None and state.cut:
+        raise RuntimeError(
+            "the vision encoder was pruned for this prefill but its image placeholders were not "
+            "found in `input_ids` or `inputs_embeds`, so the pruned image rows cannot be removed"
+        )

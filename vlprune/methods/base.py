@@ -24,7 +24,8 @@ class VisionBatch:
     - ``layouts[i]``: token layout of image i (grid, crops, newlines).
     - ``keep[i]``: how many of its tokens image i keeps (from the method's :meth:`Method.budgets`).
     - ``features[i]``: (N_i, D) image embeddings after the projector / merger.
-    - ``sample[i]``: batch row that holds image i; ``input_ids``: (B, L) the prompt.
+    - ``sample[i]``: batch row that holds image i; ``input_ids``: (B, L) the prompt, None when
+      it came as ``inputs_embeds`` (image positions from the placeholder embeddings).
     - ``signals``: what the method's :meth:`Method.signals` asked for, keyed by name.
     - ``text_embeds``: (B, L, D) input embeddings of the prompt (image rows included).
     - ``probes``: the probes of :meth:`Method.probes`, after the vision encoder ran (e.g.
@@ -34,18 +35,21 @@ class VisionBatch:
     - ``encoder_units[i]``: methods with an encoder stage only: per vision sequence of image i
       (its CLIP crops, or Qwen frames), the unit ids (see :class:`EncoderBatch`) that survived
       the encoder cut; only their tokens carry image features, the others must be dropped.
+    - ``attention_mask``: (B, L) the prompt's 2-D padding mask (0 on padding), None without
+      padding.
     """
 
     layouts: list[ImageLayout]
     keep: list[int]
     features: list[torch.Tensor]
     sample: list[int]
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None
     text_embeds: torch.Tensor
     probes: dict[str, Any]
     positions: list[torch.Tensor] = field(default_factory=list)
     budget: Budget | None = None
     encoder_units: list[list[torch.Tensor]] | None = None
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,9 +61,11 @@ class DecoderBatch:
       layer gives ``probes[name].rows(queries)`` → (B, H, Q, L) over the current rows.
     - ``index``: (B, L) positions of the current rows in the language model's input;
       ``layer_index[l]``: the rows (same positions) that entered layer ``l``, for every earlier
-      layer at or after the first cut (layers before it saw every row).
-    - ``valid``: (B, L) bool, False on batch padding; ``input_visual``: (B,) visual rows per
-      sample in the language model's input (before any decoder cut).
+      layer at or after the first cut (layers before it saw every row); ``layer_valid[l]``:
+      which of those rows were real (not batch padding, not padding slots).
+    - ``valid``: (B, L) bool, False on batch padding (left or right) and padding slots;
+      ``input_valid``: (B, L0) the same for the language model's input rows; ``input_visual``:
+      (B,) visual rows per sample in the language model's input (before any decoder cut).
     - ``image_tokens[b]``: placeholders of each image of sample b in the prompt (before any
       cut), for per-image budgets; empty when the vision-side cut did not run.
     """
@@ -73,6 +79,8 @@ class DecoderBatch:
     valid: torch.Tensor | None = None
     input_visual: torch.Tensor | None = None
     image_tokens: list[list[int]] = field(default_factory=list)
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -150,12 +158,26 @@ def keep_rows_padded(keep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, t
     return ordered.clamp(min=0), ordered >= 0
 
 
-def trailing_text(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows after each sample's last visual row (the instruction and answer prefix).
+def last_rows(is_image: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1) index of each sample's last real row (its last prompt token, wherever the
+    padding is) among rows flagged ``is_image`` (B, L); ``valid`` (B, L) is False on padding
+    (None: no padding, the last row)."""
+    batch, length = is_image.shape
+    positions = torch.arange(length, device=is_image.device)
+    if valid is None:
+        return positions[-1:].expand(batch, 1)
+    return torch.where(valid, positions, -1).amax(1, keepdim=True).clamp(min=0)
 
-    Returns ``queries`` (B, Q), the last Q row indices of the sequence, with Q the largest such
-    count, and ``mask`` (B, Q) bool, True where the row follows the sample's last visual row.
-    A sample without visual rows has an all-False mask.
+
+def trailing_text(
+    is_image: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real rows after each sample's last visual row (the instruction and answer prefix).
+
+    Returns ``queries`` (B, Q), the last Q row indices of the sequence, with Q the largest count
+    of rows after a sample's last visual row, and ``mask`` (B, Q) bool, True where the row
+    follows the sample's last visual row and is real (``valid`` (B, L): False on padding, e.g.
+    right padding). A sample without visual rows has an all-False mask.
     """
     length = is_image.shape[1]
     positions = torch.arange(length, device=is_image.device)
@@ -164,7 +186,10 @@ def trailing_text(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n_text = torch.where(has_image, length - 1 - last, 0)
     width = max(int(n_text.max()), 1)
     queries = positions[length - width:].expand(is_image.shape[0], width)
-    return queries, (queries > last[:, None]) & has_image[:, None]
+    mask = (queries > last[:, None]) & has_image[:, None]
+    if valid is not None:
+        mask &= valid.gather(1, queries)
+    return queries, mask
 
 
 class Method:

@@ -14,7 +14,7 @@ import torch
 
 from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
-from vlprune.methods.base import DecoderBatch, Method, keep_rows
+from vlprune.methods.base import DecoderBatch, Method, keep_rows, last_rows
 from vlprune.registry import register_method
 
 
@@ -48,10 +48,10 @@ class FastV(Method):
     def choose(
         self, ctx: DecoderBatch, budget: Budget
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """1. last row's attention at K-1, head mean; 2. keep text + each row's top visual
-        rows (``budget`` of that row's visual tokens)."""
-        batch, length = ctx.is_image.shape
-        last = torch.full((batch, 1), length - 1, device=ctx.hidden.device)
+        """1. attention of each row's last prompt token (last real row: right padding is
+        skipped) at K-1, head mean; 2. keep text + each row's top visual rows (``budget`` of
+        that row's visual tokens)."""
+        last = last_rows(ctx.is_image, ctx.valid)
         scores = ctx.probes["attention"].rows(last).mean(dim=1)[:, 0]
         keep_visual = [budget.kept(n) for n in ctx.is_image.sum(1).tolist()]
         return keep_rows(scores, ctx.is_image, keep_visual)

@@ -29,7 +29,8 @@ B. LLaVA-NeXT keeps ``B // 2`` patches per crop (thumbnail and every crop; offic
 ``int(target_num / 2)``), Qwen keeps 2·B merged tokens (official ``8 · target_num`` patches);
 then, language model (spec §1.4), after decoder layer ``llm_layer`` (1):
 
-7. for the last prompt token t: ``rel_j = mean_h softmax_{j∈V}(q_t · k_j / √d)`` and
+7. for the last prompt token t (the last real row, after any right padding):
+   ``rel_j = mean_h softmax_{j∈V}(q_t · k_j / √d)`` and
    ``sem_j = mean_h softmax_{j∈V}(v_t · v_j / √d)``, both over visual keys only (after RoPE);
 8. keep the top-B visual tokens by ``(rel + sem) · ‖mean_h v_j‖₁``; layers > ``llm_layer`` and
    their caches hold B visual tokens per image (one-shot, no running score).
@@ -75,6 +76,7 @@ from vlprune.methods.base import (
     Method,
     VisionBatch,
     keep_rows_padded,
+    last_rows,
 )
 from vlprune.registry import register_method
 
@@ -313,9 +315,9 @@ class FlowCut(Method):
             targets = [budget.kept(n) for n in n_visual]
         if all(n <= t for n, t in zip(n_visual, targets)):
             return None
-        batch, length = is_image.shape
+        batch = is_image.shape[0]
         llm = ctx.probes["llm"]
-        last = torch.full((batch, 1), length - 1, device=is_image.device)
+        last = last_rows(is_image, ctx.valid)
         scores = llm_scores(llm.logits(last)[:, :, 0], llm.values(), is_image, llm.scale)
         keep = ~is_image
         for b in range(batch):

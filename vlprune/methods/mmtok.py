@@ -16,8 +16,9 @@ Scope: per image (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL); per crop on LLaVA-NeXT, as t
 layer (the projector input) for LLaVA; for Qwen the merger input averaged over each 2×2 merge
 group, in raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
 
-Text targets come from the model's own ``input_ids``: every prompt token that is not an image
-placeholder, not padding and not in ``stopwords``. The official code instead captures the user
+Text targets come from the prompt: every prompt token that is not an image placeholder, not
+padding and not in ``stopwords`` (which needs ``input_ids``; a prompt given as ``inputs_embeds``
+works without them). The official code instead captures the user
 question from a patched chat template and filters it with a stop-word list (spec §6); pass
 ``stopwords=mmtok_stopwords(tokenizer)`` to drop the same words (plus punctuation, special
 tokens, the two lmms-eval answer-format suffixes and common chat-template boilerplate). Without
@@ -47,7 +48,6 @@ import torch.nn.functional as F
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.gather import gather_rows
-from vlprune.hooks.signals import ModuleKwargProbe
 from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import newline_tokens, partition_tokens
 from vlprune.methods.base import Method, VisionBatch
@@ -246,12 +246,9 @@ class MMTok(Method):
             self.tv_temperature = TV_TEMPERATURE.get(adapter.family, 0.02)
 
     def probes(self, adapter: Adapter) -> dict[str, Any]:
-        """The projector / merger input, the prompt's padding mask and, for merged tokens
-        (Qwen), the adapter's patch → token map."""
-        probes = {
-            "vision": adapter.projector_probe(),
-            "mask": ModuleKwargProbe(adapter.base, "attention_mask"),
-        }
+        """The projector / merger input and, for merged tokens (Qwen), the adapter's patch →
+        token map."""
+        probes = {"vision": adapter.projector_probe()}
         patch_token_probe = getattr(adapter, "patch_token_probe", None)
         if patch_token_probe is not None:
             probes["patches"] = patch_token_probe()
@@ -329,12 +326,20 @@ class MMTok(Method):
     def _text_targets(self, batch: VisionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, D) text-target embeddings of each prompt, left-packed, and their (B, M) mask."""
         ids = batch.input_ids
-        mask = batch.probes["mask"].value
-        is_text = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        mask = batch.attention_mask
+        shape = batch.text_embeds.shape[:2]
+        is_text = mask.bool() if mask is not None else torch.ones(
+            shape, dtype=torch.bool, device=batch.text_embeds.device)
+        is_text = is_text.clone()
         rows = torch.cat([torch.full_like(p, s) for s, p in zip(batch.sample, batch.positions)])
         is_text[rows, torch.cat(batch.positions)] = False
         targets = is_text
         if self.stopwords:
+            if ids is None:
+                raise ValueError(
+                    "mmtok's `stopwords` are token ids: they need the prompt's `input_ids`, not "
+                    "`inputs_embeds` (patch without `stopwords` to use every text token)"
+                )
             targets = is_text & ~stopword_mask(ids, self.stopwords)
             empty = ~targets.any(1, keepdim=True)
             targets = torch.where(empty, is_text, targets)

@@ -278,7 +278,7 @@ class ToDRE(Method):
         self, ctx: DecoderBatch, budget: Budget
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Steps 5-6: samples with ``α_{t→v} < τ`` lose every visual row; None if none does."""
-        queries, is_text = trailing_text(ctx.is_image)
+        queries, is_text = trailing_text(ctx.is_image, ctx.valid)
         attention = ctx.probes["text"].rows(queries).mean(dim=1)
         ratio = relevance_ratio(attention, ctx.is_image, is_text)
         drop = (ratio < self.tau) & is_text.any(1) & ctx.is_image.any(1)

@@ -207,7 +207,7 @@ class TransPrune(Method):
         visual = ctx.input_visual if ctx.input_visual is not None else ctx.is_image.sum(1)
         stage = self._stage_at[ctx.layer]
         keep = [stage_counts(n, budget.kept(n), self.ratios)[stage] for n in visual.tolist()]
-        queries, is_text = trailing_text(ctx.is_image)
+        queries, is_text = trailing_text(ctx.is_image, ctx.valid)
         attention = ctx.probes[f"iga{ctx.layer}"].rows(queries).mean(dim=1)
         iga = instruction_attention(attention, is_text)
         score = transprune_score(self._accumulated_ttv(ctx), iga, ctx.is_image, self.alpha)
@@ -217,24 +217,34 @@ class TransPrune(Method):
         """Step 1: (B, L) TTV summed over the accumulation layers before ``ctx.layer``, over the
         current rows."""
         batch, length = ctx.is_image.shape
+        device = ctx.hidden.device
         index = ctx.index if ctx.index is not None else torch.arange(
-            length, device=ctx.hidden.device).expand(batch, length)
-        valid = ctx.valid if ctx.valid is not None else torch.ones_like(ctx.is_image)
-        total = torch.zeros(batch, length, device=ctx.hidden.device)
+            length, device=device).expand(batch, length)
+        total = torch.zeros(batch, length, device=device)
         layers = sorted(int(key[3:]) for key in ctx.probes if key.startswith("ttv"))
         for layer in (layer for layer in layers if layer < ctx.layer):
             terms = ctx.probes[f"ttv{layer}"].value
-            width = terms["attn"][0].shape[1]
-            rows = ctx.layer_index.get(layer)
-            if rows is None:
-                rows = torch.arange(width, device=index.device).expand(batch, width)
-            inputs_valid = torch.ones(batch, int(rows.max()) + 1, dtype=torch.bool,
-                                      device=index.device).scatter(1, index, valid)
-            layer_valid = inputs_valid.gather(1, rows)
+            rows, layer_valid = self._layer_rows(ctx, layer, terms["attn"][0].shape[1])
             ttv = sum(
                 transition_variation(ratio, cos, layer_valid, absolute=self.direction == "abs")
                 for ratio, cos in terms.values()
             )
-            slots = torch.searchsorted(rows.contiguous(), index.contiguous())
-            total += ttv.gather(1, slots)
+            # the last match: padding slots (index 0, masked) sit left of every real row
+            slots = torch.searchsorted(rows.contiguous(), index.contiguous(), right=True) - 1
+            total += ttv.gather(1, slots.clamp(min=0))
         return total
+
+    @staticmethod
+    def _layer_rows(ctx: DecoderBatch, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, valid) of ``layer``: LM-input positions (B, W) of the rows that entered it and
+        which were real (not batch padding, not padding slots of earlier cuts)."""
+        rows = ctx.layer_index.get(layer)
+        if rows is not None:
+            valid = ctx.layer_valid.get(layer)
+            return rows, valid if valid is not None else torch.ones_like(rows, dtype=torch.bool)
+        batch = ctx.is_image.shape[0]
+        rows = torch.arange(width, device=ctx.hidden.device).expand(batch, width)
+        valid = ctx.input_valid if ctx.input_valid is not None else ctx.valid
+        if valid is None or valid.shape[1] != width:
+            valid = torch.ones(batch, width, dtype=torch.bool, device=ctx.hidden.device)
+        return rows, valid

@@ -1,6 +1,7 @@
 """Where a timm ViT loses tokens: between blocks, prefix rows always kept.
 
-Hooks (all removable, per model instance):
+Hooks (all removable, per model instance; bound methods or partials of :class:`TimmCut`, run
+eagerly under ``torch.compile``):
 
 1. a pre-hook on ``patch_embed`` starts each forward: the image size gives the patch grid, every
    patch is alive, the method's scratch memory and the probes are cleared;
@@ -10,8 +11,12 @@ Hooks (all removable, per model instance):
    gathered output: prefix rows first, then the kept patch rows in raster order. Later blocks,
    the final norm and the pooling (token / avg / max / map) run on the kept rows only, so
    ``forward_features`` / ``forward_intermediates`` return only kept patch tokens;
-4. a wrapper on ``forward_intermediates`` refuses ``output_fmt="NCHW"`` where a requested
-   intermediate would hold fewer tokens than the grid (``"NLC"`` works).
+4. a :class:`~vlprune.hooks.calls.Shadow` of ``forward_intermediates`` refuses
+   ``output_fmt="NCHW"`` where a requested intermediate would hold fewer tokens than the grid
+   (``"NLC"`` works).
+
+The state of a forward (:class:`CutState`) is per thread: threads sharing a patched model each
+cut their own images and read their own ``kept_indices``.
 
 Two kinds of methods:
 
@@ -27,7 +32,9 @@ Every image of a batch keeps the same count (its budget of the same grid), chose
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -36,8 +43,9 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget
+from vlprune.hooks.calls import Shadow
 from vlprune.hooks.gather import gather_rows
-from vlprune.hooks.vision import CallRecorder
+from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.timm.adapter import TimmViTAdapter
 
@@ -46,12 +54,13 @@ from vlprune.timm.adapter import TimmViTAdapter
 class CutState:
     """One forward: ``grid`` (rows, cols), ``kept`` (B, n) raster patch ids of the current patch
     rows (ascending), ``block_rows[l]`` rows entering block l (prefix included), ``running``
-    until the last cut block has run."""
+    until the last cut block has run, ``memory`` the method's scratch space (encoder stage)."""
 
     grid: tuple[int, int]
     kept: torch.Tensor
     block_rows: list[int]
     running: bool = True
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def patches(self) -> int:
@@ -59,34 +68,51 @@ class CutState:
         return self.grid[0] * self.grid[1]
 
 
-class TimmCut:
-    """Installs the hooks of the module doc; the method answers through ``select`` or
-    ``encoder_choose`` with ``probes`` (installed by the caller)."""
+Select = Callable[[VisionBatch], list[torch.Tensor]]
+"""The method's single cut: kept patch positions per image."""
+
+Choose = Callable[[EncoderBatch], "list[torch.Tensor] | None"]
+"""The method's encoder stage after one block: kept current patch positions per image, or None."""
+
+
+class TimmCut(PatchPart):
+    """Installs the hooks of the module doc. The method answers through ``select`` or
+    ``choose`` (the handle's: the model's hooks keep it alive) with ``probes`` (installed by the
+    caller); ``method`` and ``budget`` give the counts. ``state``: the calling thread's last
+    forward (None before one)."""
+
+    state = ThreadLocal()
 
     def __init__(
-        self, adapter: TimmViTAdapter, method: Method, budget: Budget, probes: dict[str, Any]
+        self,
+        adapter: TimmViTAdapter,
+        method: Method,
+        budget: Budget,
+        probes: dict[str, Any],
+        select: Select,
+        choose: Choose,
     ) -> None:
         self.adapter = adapter
         self.method = method
         self.budget = budget
         self.probes = probes
+        self.select = select
+        self.choose = choose
         self.encoder = sorted(set(method.encoder_layers(adapter.vision_output_layer)))
         self.layers = self.encoder or [adapter.cut_block]
-        self.memory: dict[str, Any] = {}
-        self.state: CutState | None = None
 
-    def install(self) -> list[RemovableHandle | CallRecorder]:
+    def install(self) -> list[RemovableHandle | Shadow]:
         """Register the hooks; the caller keeps the handles."""
         model = self.adapter.model
         blocks = self.adapter.blocks
-        handles: list[RemovableHandle | CallRecorder] = [
+        handles: list[RemovableHandle | Shadow] = [
             model.patch_embed.register_forward_pre_hook(self._start),
             blocks[0].register_forward_pre_hook(self._check_inputs, with_kwargs=True),
         ]
         for layer in self.layers:
             hook = partial(self._after, layer)
             handles.append(blocks[layer].register_forward_hook(hook, prepend=True))
-        handles.append(CallRecorder(model, "forward_intermediates", self._check_intermediates))
+        handles.append(Shadow(model, "forward_intermediates", self._intermediates))
         return handles
 
     # ------------------------------------------------------------------ reading the state
@@ -101,6 +127,7 @@ class TimmCut:
 
     # ------------------------------------------------------------------ hooks
 
+    @eager_hook
     def _start(self, module: Any, args: tuple) -> None:
         images = args[0]
         grid = self.adapter.grid(images.shape[-2:])
@@ -108,9 +135,9 @@ class TimmCut:
         kept = torch.arange(patches, device=images.device).expand(images.shape[0], -1)
         rows = [self.adapter.prefix + patches] * self.adapter.depth
         self.state = CutState(grid, kept, rows)
-        self.memory = {}
         self._clear_probes()
 
+    @eager_hook
     def _check_inputs(self, module: Any, args: tuple, kwargs: dict) -> None:
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
             raise ValueError(
@@ -127,7 +154,13 @@ class TimmCut:
                     f"grid needs {expected} (PatchDropout in training mode? call model.eval())"
                 )
 
-    def _check_intermediates(self, arguments: dict[str, Any]) -> None:
+    def _intermediates(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self._check_intermediates(original, args, kwargs)
+        return original(*args, **kwargs)
+
+    @eager_hook
+    def _check_intermediates(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        arguments = inspect.signature(original).bind(*args, **kwargs).arguments
         if arguments.get("output_fmt", "NCHW") != "NCHW":
             return
         from timm.models._features import feature_take_indices
@@ -143,6 +176,7 @@ class TimmCut:
                 "(get_intermediate_layers: reshape=False) and read handle.kept_indices"
             )
 
+    @eager_hook
     def _after(self, layer: int, module: Any, args: tuple, output: torch.Tensor) -> Any:
         state = self.state
         if state is None or not state.running:
@@ -175,7 +209,7 @@ class TimmCut:
         prefix = self.adapter.prefix
         batch, _, width = hidden.shape
         positions = prefix + torch.arange(layouts[0].num_tokens, device=hidden.device)
-        kept = self.method.select(VisionBatch(
+        kept = self.select(VisionBatch(
             layouts=layouts,
             keep=keep,
             features=list(hidden[:, prefix:]),
@@ -193,7 +227,7 @@ class TimmCut:
         """Encoder stage: the method's kept current patches per image (None: keep all)."""
         state = self.state
         batch = state.kept.shape[0]
-        local = self.method.encoder_choose(EncoderBatch(
+        local = self.choose(EncoderBatch(
             layer=layer,
             output_layer=self.adapter.vision_output_layer,
             hidden=hidden,
@@ -206,8 +240,8 @@ class TimmCut:
             prefix=int(self.adapter.has_cls),
             group=1,
             probes=self.probes,
-            memory=self.memory,
-        ), self.budget)
+            memory=state.memory,
+        ))
         if local is not None:
             self._check(local, [len(local[0])] * batch)
         return local

@@ -1,8 +1,14 @@
-"""``vlprune.patch`` for timm ViTs: validation, the handle, its stats and kept indices."""
+"""``vlprune.patch`` for timm ViTs: validation, the handle, its stats and kept indices.
+
+A timm patch has the lifecycle of every vlprune patch (:class:`~vlprune.PatchHandle`):
+``vlprune.get_handle`` / ``vlprune.unpatch`` find and remove it, a second patch is refused,
+threads sharing the model each see their own forward, ``copy.deepcopy(model)`` gives a copy
+patched with its own handle, pickling (``torch.save(model)``) raises, a model compiled before
+patching is refused and one compiled after patching runs the hooks eagerly.
+"""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +16,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.api import _PATCHED, AlreadyPatchedError, PatchHandle, PruneStats
+from vlprune.api import check_not_compiled
 from vlprune.budget import Budget
-from vlprune.hooks.vision import CallRecorder
-from vlprune.methods.base import Method
+from vlprune.handle import PatchHandle, PruneStats, check_not_patched, register
+from vlprune.hooks.calls import Shadow
+from vlprune.methods.base import EncoderBatch, Method, VisionBatch
 from vlprune.registry import build_method, get_method
 from vlprune.timm.adapter import NoLanguageModelError, TimmViTAdapter, check_supported
 from vlprune.timm.cut import TimmCut
@@ -24,7 +31,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"todre": {"stage2": False}}
 
 @dataclass
 class TimmPruneStats(PruneStats):
-    """:class:`~vlprune.PruneStats` of a timm ViT's last forward, per image.
+    """:class:`~vlprune.PruneStats` of a timm ViT's last forward in the calling thread, per image.
 
     ``visual_tokens``: patch tokens of the grid; ``kept_tokens`` / ``kept_per_image``: patch
     tokens after the last cut; ``seq_len`` / ``kept_seq_len``: rows before / after it (prefix
@@ -46,9 +53,9 @@ class TimmPatchHandle(PatchHandle):
         self.adapter = adapter
         self.method = method
         self.budget = budget
-        self._hooks: list[RemovableHandle | CallRecorder] = []
+        self._hooks: list[RemovableHandle | Shadow] = []
         self._probes = probes
-        self._cut = TimmCut(adapter, method, budget, probes)
+        self._cut = TimmCut(adapter, method, budget, probes, self._select, self._choose)
         self._settings = {"method": method.name, **budget.as_dict(),
                           "cut_block": adapter.cut_block, **method.settings()}
 
@@ -57,16 +64,24 @@ class TimmPatchHandle(PatchHandle):
             self._hooks.append(probe.install())
         self._hooks.extend(self._cut.install())
 
+    @torch.no_grad()
+    def _select(self, batch: VisionBatch) -> list[torch.Tensor]:
+        return self.method.select(batch)
+
+    @torch.no_grad()
+    def _choose(self, batch: EncoderBatch) -> list[torch.Tensor] | None:
+        return self.method.encoder_choose(batch, self.budget)
+
     @property
     def kept_indices(self) -> torch.Tensor | None:
-        """(B, k) LongTensor of the last forward: each image's kept patches as raster indices
-        into the patch grid (``row * cols + col``), ascending, in the order the output rows
-        after the prefix tokens hold them; None before the first forward."""
+        """(B, k) LongTensor of the calling thread's last forward: each image's kept patches as
+        raster indices into the patch grid (``row * cols + col``), ascending, in the order the
+        output rows after the prefix tokens hold them; None before the first forward."""
         return self._cut.kept_indices
 
     @property
     def stats(self) -> TimmPruneStats:
-        """Tokens of the last forward (empty lists before the first one)."""
+        """Tokens of the calling thread's last forward (empty lists before the first one)."""
         stats = TimmPruneStats(method=self.method.name, settings=dict(self._settings))
         state = self._cut.state
         if state is None:
@@ -100,10 +115,13 @@ def patch_timm(
     ``cut_block``: the block after which tokens are cut (negative counts from the end; default:
     the last block, an output cut). Raises before any hook or compute: ``ValueError`` for bad
     values or a method that needs a language model, ``TypeError`` for an unsupported timm
-    architecture, :class:`~vlprune.AlreadyPatchedError` for a patched model.
+    architecture (or a method it cannot serve, e.g. one scoring by a class token the model lacks),
+    ``RuntimeError`` for a model compiled before patching, :class:`~vlprune.AlreadyPatchedError`
+    for a patched model.
     """
     budget_ = Budget(tokens=budget, ratio=ratio)
     cls = get_method(method)
+    check_not_compiled(model)
     check_supported(model)
     if "vision" not in cls.stage:
         raise ValueError(
@@ -117,13 +135,8 @@ def patch_timm(
         probes = method_.probes(adapter)
     except NoLanguageModelError as err:
         raise ValueError(f"method {method!r} cannot run on a timm ViT: {err}") from None
-    existing = _PATCHED.get(model)
-    if existing is not None and existing() is not None:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched ({existing()!r}); "
-            "call .unpatch() on that handle first"
-        )
+    check_not_patched(model)
     handle = TimmPatchHandle(model, adapter, method_, budget_, probes)
     handle._install()
-    _PATCHED[model] = weakref.ref(handle)
+    register(handle)
     return handle

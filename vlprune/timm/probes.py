@@ -14,14 +14,13 @@ registers, attention probabilities are renormalised over the rows shown.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.hooks.signals import ClipAttentionProbe
+from vlprune.hooks.signals import ClipAttentionProbe, Probe
+from vlprune.hooks.state import ThreadLocal, eager_hook
 
 
 class FusedQKV:
@@ -78,6 +77,7 @@ class TimmAttentionProbe(ClipAttentionProbe):
         """Register the pre-hook on the block's attention module."""
         return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["x"]
         self.inputs = {"hidden": self.visible_rows(hidden)}
@@ -108,24 +108,28 @@ class TimmAttentionProbe(ClipAttentionProbe):
         return list(((q @ k.transpose(2, 3)) * attn.scale).float().softmax(-1))
 
 
-class PatchGridProbe:
+class PatchGridProbe(Probe):
     """Patch → token map of a ViT, for methods written for merged tokens (Qwen's 2×2 groups):
     every patch is its own token, in raster order, image after image.
 
-    A pre-hook on the first block remembers the batch size and patch count of the forward.
+    A pre-hook on the first block remembers the batch size and patch count of the forward (per
+    thread).
     """
+
+    vision = True
+    shape = ThreadLocal()
 
     def __init__(self, block: nn.Module, *, prefix: int) -> None:
         self.block = block
         self.prefix = prefix
-        self.shape: tuple[int, int] | None = None
 
     def install(self) -> RemovableHandle:
         """Register the pre-hook."""
         return self.block.register_forward_pre_hook(self._remember, with_kwargs=True)
 
+    @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden: Any = args[0] if args else kwargs["x"]
+        hidden = args[0] if args else kwargs["x"]
         self.shape = (hidden.shape[0], hidden.shape[1] - self.prefix)
 
     def clear(self) -> None:

@@ -1,0 +1,212 @@
+"""Language-model signals: decoder attention rows, values and token transitions.
+
+A probe sits on one decoder layer (or its attention) as a hook and keeps references to that
+call's inputs; when a method asks, it recomputes ``softmax(q·kᵀ·scale + mask)`` for the
+requested query rows only, from the layer's own projections and RoPE. The model keeps running
+its own backend (sdpa, eager or flash) untouched.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlprune.hooks.gather import gather_rows
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe
+from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
+from vlprune.hooks.state import ThreadLocal, eager_hook
+
+
+class TextAttentionProbe(Probe):
+    """Attention rows of one decoder layer's self-attention, recomputed on request.
+
+    Works for LLaMA (LLaVA, LLaVA-NeXT) and Qwen2-VL / Qwen2.5-VL text attention (GQA, 1-D or
+    M-RoPE): both expose ``q_proj``, ``k_proj``, ``head_dim``, ``scaling`` and
+    ``num_key_value_groups``, and receive ``position_embeddings=(cos, sin)``.
+    """
+
+    inputs = ThreadLocal()
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook that remembers the layer's inputs."""
+        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    @eager_hook
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.inputs = {
+            "hidden": hidden,
+            "position_embeddings": kwargs["position_embeddings"],
+            "attention_mask": kwargs.get("attention_mask"),
+        }
+
+    def clear(self) -> None:
+        """Drop the references to the last call's inputs."""
+        self.inputs = None
+
+    def checked_inputs(self) -> dict[str, Any]:
+        """The last call's inputs; ``RuntimeError`` if the layer has not run."""
+        if self.inputs is None:
+            raise RuntimeError("the probed layer has not run yet in this forward")
+        return self.inputs
+
+    @torch.no_grad()
+    def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of query rows ``queries`` (B, Q) over all keys.
+
+        Returns (B, H, Q, L) float32, identical (to fp tolerance) to the eager weights of the
+        same rows; causal and padding masks are applied as the layer applied them.
+        """
+        return self.differentiable_rows(queries)
+
+    def differentiable_rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """:meth:`rows` with autograd left on, for training losses on attention (e.g. the
+        toy model's look-up supervision)."""
+        length = self.checked_inputs()["hidden"].shape[1]
+        return masked_softmax(self.scores(queries), self._mask_rows(queries, length))
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, H, Q, L) ``q·kᵀ·scale`` after RoPE of query rows ``queries`` (B, Q), without any
+        mask (autograd left on)."""
+        inputs = self.checked_inputs()
+        attn = self.attention
+        hidden = inputs["hidden"]
+        batch, length = hidden.shape[:2]
+        cos, sin = (t.expand(batch, *t.shape[1:]) for t in inputs["position_embeddings"])
+        q = attn.q_proj(gather_rows(hidden, queries))
+        q = q.view(batch, queries.shape[1], -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
+        k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
+        return (q @ k.transpose(2, 3)) * attn.scaling
+
+    def _mask_rows(self, queries: torch.Tensor, length: int) -> torch.Tensor:
+        mask = self.inputs["attention_mask"] if self.inputs else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = mask.expand(queries.shape[0], *mask.shape[1:])
+            index = queries[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
+            return mask.gather(2, index)
+        keys = torch.arange(length, device=queries.device)
+        return (keys[None, None, None, :] <= queries[:, None, :, None])
+
+
+class NextLayerAttentionProbe(TextAttentionProbe):
+    """Attention rows that decoder layer ``layer`` would compute on the output of ``previous``
+    (the layer before it): ``layer``'s ``input_layernorm``, q/k projections and RoPE applied to
+    ``previous``'s output, with the position embeddings and mask ``previous`` received. These
+    are the rows a decoder cut at ``layer`` sees before it cuts. A forward hook on ``previous``;
+    :meth:`rows` as in :class:`TextAttentionProbe`.
+    """
+
+    def __init__(self, previous: nn.Module, layer: nn.Module) -> None:
+        super().__init__(layer.self_attn)
+        self.previous = previous
+        self.norm = layer.input_layernorm
+
+    def install(self) -> RemovableHandle:
+        """Register the forward hook on ``previous``."""
+        return self.previous.register_forward_hook(self._remember_output, with_kwargs=True)
+
+    @eager_hook
+    @torch.no_grad()
+    def _remember_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        self.inputs = {
+            "hidden": self.norm(hidden),
+            "position_embeddings": kwargs["position_embeddings"],
+            "attention_mask": kwargs.get("attention_mask"),
+        }
+
+
+class TextQKV(Probe):
+    """Pre-softmax attention logits of some query rows and the values of one decoder layer.
+
+    Wraps a :class:`TextAttentionProbe` (``install`` / ``clear`` delegated). Values stay per
+    key-value head (GQA): a mean over query heads equals the mean over key-value heads.
+    """
+
+    def __init__(self, probe: TextAttentionProbe) -> None:
+        self.probe = probe
+
+    def install(self) -> RemovableHandle:
+        """Install the wrapped probe."""
+        return self.probe.install()
+
+    def clear(self) -> None:
+        """Clear the wrapped probe."""
+        self.probe.clear()
+
+    @property
+    def scale(self) -> float:
+        """The layer's softmax scale (``1/√d``)."""
+        return float(self.probe.attention.scaling)
+
+    @torch.no_grad()
+    def logits(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, H, Q, L) float32 ``q·kᵀ·scale`` after RoPE of query rows ``queries`` (B, Q),
+        without any mask."""
+        return self.probe.scores(queries).float()
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """(B, H_kv, L, d) value vectors of every row."""
+        attn = self.probe.attention
+        hidden = self.probe.checked_inputs()["hidden"]
+        return attn.v_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+
+
+def transition_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a sub-module moves each token: its input ``x`` and output ``y`` (B, L, D), before any
+    residual add, give ``‖y‖₂ / ‖x‖₂`` and ``cos(x, y)``, each (B, L) float32."""
+    x, y = x.float(), y.float()
+    ratio = y.norm(dim=-1) / x.norm(dim=-1)
+    return ratio, torch.nn.functional.cosine_similarity(x, y, dim=-1)
+
+
+class TokenTransitionProbe(Probe):
+    """How one decoder layer's attention and MLP transform each token (TransPrune's TTV).
+
+    Forward hooks on the layer's ``self_attn`` (input: the normed hidden states; output before
+    the residual add) and ``mlp`` (same); each call is reduced at once with
+    :func:`transition_terms`, so only (B, L) tensors are kept. ``value``:
+    ``{"attn": (ratio, cos), "mlp": (ratio, cos)}`` of the last call, over the rows the layer
+    saw (empty before it ran).
+    """
+
+    _value = ThreadLocal()
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    @property
+    def value(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The last call's terms in this thread."""
+        return self._value or {}
+
+    def install(self) -> HandleGroup:
+        """Register the two forward hooks."""
+        return HandleGroup([
+            getattr(self.layer, name).register_forward_hook(
+                partial(self._remember, key), with_kwargs=True
+            )
+            for key, name in (("attn", "self_attn"), ("mlp", "mlp"))
+        ])
+
+    @eager_hook
+    @torch.no_grad()
+    def _remember(self, key: str, module: nn.Module, args: tuple, kwargs: dict,
+                  output: Any) -> None:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        y = output[0] if isinstance(output, tuple) else output
+        self._value = {**self.value, key: transition_terms(x, y)}
+
+    def clear(self) -> None:
+        """Drop the last call's values."""
+        self._value = None

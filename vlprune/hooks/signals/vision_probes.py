@@ -1,0 +1,292 @@
+"""Vision-encoder signals: attention rows of one encoder layer, recomputed on request.
+
+A vision forward attends within independent sequences: one per image or crop (CLIP), one per
+image (Qwen full-attention blocks) or per window (Qwen2.5-VL windowed blocks, in window order).
+A probe sits on one attention module as a pre-hook, keeps references to that call's inputs and
+recomputes only what a method asks for from the module's own projections and RoPE; the wrappers
+below reduce it without holding a whole (H, n, n) map.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlprune.hooks.signals.module_probes import Probe
+from vlprune.hooks.signals.recompute import apply_vision_rope
+from vlprune.hooks.state import ThreadLocal, eager_hook
+
+
+class VisionAttentionProbe(Probe):
+    """Attention rows of one vision-encoder layer, recomputed on request.
+
+    :meth:`rows` returns one (H, Q, n) tensor per sequence, in the order the layer saw them.
+    Subclasses say how to read q, k and v off the layer.
+    """
+
+    vision = True
+    inputs = ThreadLocal()
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook that remembers the layer's inputs."""
+        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    @eager_hook
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.inputs = {"hidden": hidden, **rest}
+
+    def clear(self) -> None:
+        """Drop the references to the last call's inputs."""
+        self.inputs = None
+
+    def checked_inputs(self) -> dict[str, Any]:
+        """The last call's inputs; ``RuntimeError`` if the layer has not run."""
+        if self.inputs is None:
+            raise RuntimeError("the probed vision layer has not run yet in this forward")
+        return self.inputs
+
+    def qkv(
+        self, bounds: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order.
+
+        ``bounds`` (cumulative row boundaries) splits packed rows differently from the layer's
+        own sequences; batched rows are their own sequences and take none.
+        """
+        raise NotImplementedError
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence: (q, k), each (H, n, d), after any RoPE."""
+        return [(q, k) for q, k, _ in self.qkv()]
+
+    @torch.no_grad()
+    def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per sequence, float32 probabilities (H, Q, n) of query rows ``queries`` (local
+        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None."""
+        self.checked_inputs()
+        out = []
+        for q, k in self.query_key():
+            if queries is not None:
+                q = q[:, queries.to(q.device)]
+            out.append(((q @ k.transpose(1, 2)) * self.scale).float().softmax(-1))
+        return out
+
+    @property
+    def scale(self) -> float:
+        """The layer's softmax scale (``1/√d``)."""
+        return float(getattr(self.attention, "scale", getattr(self.attention, "scaling", 1.0)))
+
+
+class ClipAttentionProbe(VisionAttentionProbe):
+    """CLIP (LLaVA, LLaVA-NeXT): ``q_proj`` / ``k_proj`` / ``v_proj``, no RoPE; one sequence per
+    crop (CLS first)."""
+
+    def qkv(
+        self, bounds: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per crop: q, k, v of shape (H, 1 + patches, d)."""
+        if bounds is not None:
+            raise ValueError("batched vision rows are their own sequences; pass no bounds")
+        attn = self.attention
+        hidden = self.checked_inputs()["hidden"]
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        return list(zip(q, k, v))
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per crop: q, k of shape (H, 1 + patches, d) (no value projection)."""
+        attn = self.attention
+        hidden = self.checked_inputs()["hidden"]
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        return list(zip(q, k))
+
+
+class QwenVisionAttentionProbe(VisionAttentionProbe):
+    """Qwen2-VL / Qwen2.5-VL vision blocks: fused ``qkv``, 2-D vision RoPE, ``cu_seqlens``."""
+
+    def qkv(
+        self, bounds: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per ``cu_seqlens`` segment (or ``bounds`` span): q, k, v of shape (H, n, d), q and k
+        after the vision RoPE."""
+        inputs = self.checked_inputs()
+        attn = self.attention
+        hidden = inputs["hidden"]
+        q, k, v = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        cos, sin = inputs["position_embeddings"]
+        q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+        cuts = bounds if bounds is not None else inputs["cu_seqlens"].tolist()
+        return [
+            tuple(x[a:b].transpose(0, 1) for x in (q, k, v))
+            for a, b in itertools.pairwise(cuts)
+        ]
+
+
+class VisionAttentionScores(Probe):
+    """Reductions of a vision attention probe that never hold a whole (H, n, n) map at once.
+
+    Wraps a :class:`VisionAttentionProbe` made by the adapter (``install`` / ``clear`` are
+    delegated): :meth:`received` gives the attention each key receives from all queries,
+    :meth:`logits` the pre-softmax scores of some query rows. One entry per vision sequence, in
+    the order of :meth:`VisionAttentionProbe.rows`.
+    """
+
+    vision = True
+
+    def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 25) -> None:
+        self.probe = probe
+        self.max_elements = max_elements
+
+    def install(self) -> RemovableHandle:
+        """Install the wrapped probe."""
+        return self.probe.install()
+
+    def clear(self) -> None:
+        """Clear the wrapped probe."""
+        self.probe.clear()
+
+    @torch.no_grad()
+    def received(self) -> list[torch.Tensor]:
+        """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
+        column sums of the head-mean attention map; queries run in chunks of at most
+        ``max_elements`` probabilities."""
+        self.probe.checked_inputs()
+        out = []
+        for q, k in self.probe.query_key():
+            heads, n = q.shape[:2]
+            step = max(1, self.max_elements // (heads * k.shape[1]))
+            total = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
+            for start in range(0, n, step):
+                scores = (q[:, start:start + step] @ k.transpose(1, 2)) * self.probe.scale
+                total += scores.float().softmax(-1).sum(dim=(0, 1))
+            out.append(total / heads)
+        return out
+
+    @torch.no_grad()
+    def logits(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        """Per sequence, float32 pre-softmax scores ``q·kᵀ·scale`` (H, Q, n) of query rows
+        ``queries`` (local indices, e.g. ``[0]`` for CLIP's CLS)."""
+        self.probe.checked_inputs()
+        return [
+            ((q[:, queries.to(q.device)] @ k.transpose(1, 2)) * self.probe.scale).float()
+            for q, k in self.probe.query_key()
+        ]
+
+
+class GlobalQueryAttention(Probe):
+    """Attention of each vision sequence's mean query: the [CLS] analogue of an encoder without
+    one (FlowCut's Qwen2-VL "global query", see ``vlprune.methods.flowcut``).
+
+    Wraps a :class:`VisionAttentionProbe` (``install`` / ``clear`` delegated). :meth:`rows`:
+    per sequence, (n,) float32 ``mean_h softmax_j(mean_i q_{h,i} · k_{h,j} · scale)``.
+    """
+
+    vision = True
+
+    def __init__(self, probe: VisionAttentionProbe) -> None:
+        self.probe = probe
+
+    def install(self) -> RemovableHandle:
+        """Install the wrapped probe."""
+        return self.probe.install()
+
+    def clear(self) -> None:
+        """Clear the wrapped probe."""
+        self.probe.clear()
+
+    @torch.no_grad()
+    def rows(self) -> list[torch.Tensor]:
+        """Per sequence, the head-mean attention (n,) of the sequence's mean query."""
+        self.probe.checked_inputs()
+        out = []
+        for q, k in self.probe.query_key():
+            query = q.float().mean(dim=1, keepdim=True)
+            scores = (query @ k.float().transpose(1, 2)) * self.probe.scale
+            out.append(scores.softmax(-1).mean(dim=0)[0])
+        return out
+
+
+class VisionQKV(Probe):
+    """Per-sequence queries, keys and values of a vision attention probe (FlowCut-style scores).
+
+    Wraps a :class:`ClipAttentionProbe` (one sequence per batch row) or a
+    :class:`QwenVisionAttentionProbe` (packed rows; sequences given by ``bounds`` or, by default,
+    the layer's own ``cu_seqlens``); ``install`` / ``clear`` are delegated.
+    """
+
+    vision = True
+
+    def __init__(self, probe: VisionAttentionProbe) -> None:
+        self.probe = probe
+
+    def install(self) -> RemovableHandle:
+        """Install the wrapped probe."""
+        return self.probe.install()
+
+    def clear(self) -> None:
+        """Clear the wrapped probe."""
+        self.probe.clear()
+
+    @property
+    def scale(self) -> float:
+        """The layer's softmax scale (``1/√d``)."""
+        return self.probe.scale
+
+    @torch.no_grad()
+    def qkv(
+        self, bounds: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order
+        (see :meth:`VisionAttentionProbe.qkv`)."""
+        return self.probe.qkv(bounds)
+
+
+class PatchTokenProbe(Probe):
+    """Which language-model image token each pre-merge patch of a vision forward becomes.
+
+    A pre-hook on the vision encoder remembers its ``grid_thw``; ``token_of_patch(grid_thw)``
+    (supplied by the adapter, e.g. Qwen's 2×2 merge groups and Qwen2.5-VL's window order) maps
+    it to a (P,) LongTensor: for the patch at position p of the encoder's sequence (the order
+    vision attention probes see), the index of its merged token among all images' tokens in
+    prompt (raster) order.
+    """
+
+    vision = True
+    grid_thw = ThreadLocal()
+
+    def __init__(
+        self, module: nn.Module, token_of_patch: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        self.module = module
+        self._token_of_patch = token_of_patch
+
+    def install(self) -> RemovableHandle:
+        """Register the pre-hook."""
+        return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    @eager_hook
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+    def clear(self) -> None:
+        """Drop the reference."""
+        self.grid_thw = None
+
+    def token_of_patch(self) -> torch.Tensor:
+        """(P,) LongTensor: merged-token index of each patch, in encoder sequence order."""
+        if self.grid_thw is None:
+            raise RuntimeError("the vision encoder has not run yet in this forward")
+        return self._token_of_patch(self.grid_thw)

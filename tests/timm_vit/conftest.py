@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from timm_vits import CONFIGS, IMAGE, build_vit
+
+from tests.timm_vit.timm_vits import CONFIGS, IMAGE, build_vit
 
 
 @pytest.fixture

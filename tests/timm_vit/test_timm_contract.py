@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timm_vits import CONFIGS
 
 import vlprune
+from tests.timm_vit.timm_vits import CONFIGS
 
 timm = pytest.importorskip("timm")
 
@@ -174,7 +174,7 @@ def test_flowcut_cuts_progressively(make_vit, images):
 
 def test_dynamic_image_size(images):
     """A ViT with ``dynamic_img_size`` takes the grid of each input."""
-    from timm_vits import build_vit
+    from tests.timm_vit.timm_vits import build_vit
 
     model = build_vit(dynamic_img_size=True)
     x = torch.randn(2, 3, 48, 80)

@@ -33,10 +33,11 @@ def test_hierarchical_and_convolutional_models_raise_type_error():
 def test_attention_methods_need_fused_qkv_attention():
     """A ViT whose blocks have no timm ``Attention`` works with random / uniform only."""
     from timm.models.vision_transformer import ParallelScalingBlock
-    from timm_vits import build_vit
+
+    from tests.timm_vit.timm_vits import build_vit
 
     model = build_vit(block_fn=ParallelScalingBlock)
-    with pytest.raises(TypeError, match="not timm's fused-qkv Attention"):
+    with pytest.raises(TypeError, match="not timm's Block / ResPostBlock with its fused-qkv"):
         vlprune.patch(model, "hiprune", budget=8)
     assert no_hooks(model)
     with torch.no_grad(), vlprune.patch(model, "uniform", budget=8, cut_block=0):

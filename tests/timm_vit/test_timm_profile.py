@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from timm_vits import build_vit
 
+from tests.timm_vit.timm_vits import build_vit
 from vlprune.cli import main
 from vlprune.eval.profiler.runner import ProfileSettings
 from vlprune.timm.profile import run_timm_profile

@@ -109,19 +109,22 @@ class TimmViTAdapter(Adapter):
         return tuple(embed.grid_size)
 
     def vision_probe(self, layer: int) -> TimmAttentionProbe:
-        """Attention probe of block ``layer`` (``TypeError`` unless it is timm's fused-qkv
-        ``Attention``)."""
+        """Attention probe of block ``layer`` (``TypeError`` unless it is timm's ``Block`` or
+        ``ResPostBlock`` with timm's fused-qkv ``Attention``)."""
         from timm.layers import Attention
+        from timm.models.vision_transformer import Block, ResPostBlock
 
-        attn = getattr(self.model.blocks[layer], "attn", None)
-        if type(attn) is not Attention:
-            found = type(attn).__name__ if attn is not None else "no `attn`"
+        block = self.model.blocks[layer]
+        attn = getattr(block, "attn", None)
+        if type(block) not in (Block, ResPostBlock) or type(attn) is not Attention:
+            found = f"{type(block).__name__} with {type(attn).__name__ if attn else 'no `attn`'}"
             raise TypeError(
-                f"block {layer} of this timm {type(self.model).__name__} has {found}, not timm's "
-                "fused-qkv Attention: attention-based methods cannot read it (random and "
-                "uniform still work)"
+                f"block {layer} of this timm {type(self.model).__name__} is a {found}, not "
+                "timm's Block / ResPostBlock with its fused-qkv Attention: attention-based "
+                "methods cannot read it (random and uniform still work)"
             )
-        return TimmAttentionProbe(attn, has_cls=self.has_cls, prefix=self.prefix)
+        return TimmAttentionProbe(block, pre_norm=type(block) is Block, has_cls=self.has_cls,
+                                  prefix=self.prefix)
 
     def patch_token_probe(self) -> PatchGridProbe:
         """Patch → token map of a ViT: every patch is its own token (raster, image by image)."""

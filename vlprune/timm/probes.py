@@ -2,9 +2,10 @@
 
 timm's ``Attention`` projects queries, keys and values with one fused ``qkv`` linear (rows
 ``[q | k | v]``, each ``num_heads · head_dim`` wide) and runs its own fused kernel, which never
-exposes weights. The probe keeps a reference to the block's attention input and, on request,
-projects only the slices it needs (:class:`FusedQKV`): the query rows asked for and every key,
-after timm's ``q_norm`` / ``k_norm``. The model keeps its fused attention.
+exposes weights. The probe keeps a reference to the block's input and, on request, computes the
+attention input from it and projects only the slices it needs (:class:`FusedQKV`): the query
+rows asked for and every key, after timm's ``q_norm`` / ``k_norm``. The model keeps its fused
+attention.
 
 The sequence the probes show a method is ``[CLS] + patches`` (no class token: the patches
 alone); register and distillation tokens are left out of the recomputed attention, queries and
@@ -63,24 +64,39 @@ class FusedQKV:
 class TimmAttentionProbe(ClipAttentionProbe):
     """Attention rows of one timm block (module doc); one sequence per image.
 
-    A pre-hook on the block's ``attn`` remembers its input (the normed hidden states) with the
-    register rows removed; :meth:`rows` projects queries for the requested rows only.
+    A pre-hook on the *block* remembers its input (per thread, no copy): hooks on modules inside
+    a block are skipped when a model compiled after patching runs under ``torch.no_grad``
+    (torch 2.13 / 2.14 drop an eager-only hook nested in the second and later modules of a
+    loop), hooks on the blocks themselves run. The attention input is computed on request: the
+    block's ``norm1`` of it (``pre_norm``, timm's ``Block``) or the input itself
+    (``ResPostBlock``). :meth:`rows` projects queries for the requested rows only.
     """
 
-    def __init__(self, attention: nn.Module, *, has_cls: bool, prefix: int) -> None:
-        super().__init__(FusedQKV(attention))
-        self.module = attention
+    def __init__(self, block: nn.Module, *, pre_norm: bool, has_cls: bool, prefix: int) -> None:
+        super().__init__(FusedQKV(block.attn))
+        self.block = block
+        self.pre_norm = pre_norm
         self.has_cls = has_cls
         self.prefix = prefix
 
     def install(self) -> RemovableHandle:
-        """Register the pre-hook on the block's attention module."""
-        return self.module.register_forward_pre_hook(self._remember, with_kwargs=True)
+        """Register the pre-hook on the block."""
+        return self.block.register_forward_pre_hook(self._remember, with_kwargs=True)
 
     @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["x"]
-        self.inputs = {"hidden": self.visible_rows(hidden)}
+        self.inputs = {"block_input": args[0] if args else kwargs["x"]}
+
+    def checked_inputs(self) -> dict[str, torch.Tensor]:
+        """The block's input and (computed on the first request) the rows the methods see,
+        ``"hidden"``; ``RuntimeError`` if the block has not run."""
+        inputs = super().checked_inputs()
+        if "hidden" not in inputs:
+            block_input = inputs["block_input"]
+            with torch.no_grad():
+                normed = self.block.norm1(block_input) if self.pre_norm else block_input
+            inputs["hidden"] = self.visible_rows(normed)
+        return inputs
 
     def visible_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, [1 +] n, D) rows the methods see: the class row (if any), then the patches."""
@@ -95,12 +111,10 @@ class TimmAttentionProbe(ClipAttentionProbe):
         """Per image, float32 probabilities (H, Q, n) of query rows ``queries`` (local indices
         into the visible rows, e.g. ``[0]`` for the class token), or of every row when None;
         queries are projected for the requested rows only."""
-        if self.inputs is None:
-            raise RuntimeError("the probed vision layer has not run yet in this forward")
         if queries is None:
             return super().rows()
         attn = self.attention
-        hidden = self.inputs["hidden"]
+        hidden = self.checked_inputs()["hidden"]
         q = attn.q_proj(hidden[:, queries.to(hidden.device)])
         k = attn.k_proj(hidden)
         q = q.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)

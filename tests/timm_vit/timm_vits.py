@@ -14,18 +14,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "avg-noclass": {"class_token": False, "global_pool": "avg"},
     "siglip-map": {"class_token": False, "global_pool": "map"},
     "clip-prenorm": {"pre_norm": True, "global_pool": "avg", "qk_norm": True},
+    "res-post": {"block_fn": "ResPostBlock", "reg_tokens": 1},
 }
 """Small versions of the configs timm ships: ViT, +registers, DINOv2-reg, avg pool without a
-class token, SigLIP (map pooling, no class token), CLIP (pre-norm) with qk-norm."""
+class token, SigLIP (map pooling, no class token), CLIP (pre-norm) with qk-norm, post-norm blocks
+(``ResPostBlock``) with a register. A ``block_fn`` is named by its class in
+``timm.models.vision_transformer``."""
 
 IMAGE, PATCH = 64, 8  # an 8x8 grid: 64 patch tokens
 
 
 def build_vit(depth: int = 4, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
     """A random-weight timm ``VisionTransformer`` (64 px, patch 8, width 32, 4 heads), eval."""
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models import vision_transformer
 
+    if isinstance(kwargs.get("block_fn"), str):
+        kwargs["block_fn"] = getattr(vision_transformer, kwargs["block_fn"])
     torch.manual_seed(seed)
     base = {"img_size": IMAGE, "patch_size": PATCH, "embed_dim": 32, "depth": depth,
             "num_heads": 4, "num_classes": 7}
-    return VisionTransformer(**{**base, **kwargs}).eval()
+    return vision_transformer.VisionTransformer(**{**base, **kwargs}).eval()

@@ -7,10 +7,13 @@ attention input from it and projects only the slices it needs (:class:`FusedQKV`
 rows asked for and every key, after timm's ``q_norm`` / ``k_norm``. The model keeps its fused
 attention.
 
-The sequence the probes show a method is ``[CLS] + patches`` (no class token: the patches
-alone); register and distillation tokens are left out of the recomputed attention, queries and
-keys alike. The methods then index patch keys exactly as on a CLIP tower (CLS at row 0); with
-registers, attention probabilities are renormalised over the rows shown.
+The sequence a method sees is ``[CLS] + patches`` (no class token: the patches alone), so it
+indexes patch keys exactly as on a CLIP tower (CLS at row 0). Register and distillation tokens
+are *context* rows (see ``vlprune.hooks.signals.vision_probes``): their keys and values come
+after the sequence's, they take part in every softmax as in the model's own attention, and no
+probability over them is reported (a row's probabilities over the rows shown then sum to less
+than 1). Queries are the sequence's rows only: "attention received" sums what ``[CLS]`` and the
+patches give each row.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class TimmAttentionProbe(ClipAttentionProbe):
     (torch 2.13 / 2.14 drop an eager-only hook nested in the second and later modules of a
     loop), hooks on the blocks themselves run. The attention input is computed on request: the
     block's ``norm1`` of it (``pre_norm``, timm's ``Block``) or the input itself
-    (``ResPostBlock``). :meth:`rows` projects queries for the requested rows only.
+    (``ResPostBlock``). ``context``: register and distillation rows (``prefix`` less the class
+    row). :meth:`rows` projects queries for the requested rows only.
     """
 
     def __init__(self, block: nn.Module, *, pre_norm: bool, has_cls: bool, prefix: int) -> None:
@@ -78,6 +82,7 @@ class TimmAttentionProbe(ClipAttentionProbe):
         self.pre_norm = pre_norm
         self.has_cls = has_cls
         self.prefix = prefix
+        self.context = prefix - int(has_cls)
 
     def install(self) -> RemovableHandle:
         """Register the pre-hook on the block."""
@@ -88,38 +93,60 @@ class TimmAttentionProbe(ClipAttentionProbe):
         self.inputs = {"block_input": args[0] if args else kwargs["x"]}
 
     def checked_inputs(self) -> dict[str, torch.Tensor]:
-        """The block's input and (computed on the first request) the rows the methods see,
-        ``"hidden"``; ``RuntimeError`` if the block has not run."""
+        """The block's input and (computed on the first request) ``"hidden"``, the attention
+        input reordered: the n rows methods see (class row if any, then the patches), then the c
+        context rows; ``RuntimeError`` if the block has not run."""
         inputs = super().checked_inputs()
         if "hidden" not in inputs:
-            block_input = inputs["block_input"]
+            x = inputs["block_input"]
             with torch.no_grad():
-                normed = self.block.norm1(block_input) if self.pre_norm else block_input
-            inputs["hidden"] = self.visible_rows(normed)
+                x = self.block.norm1(x) if self.pre_norm else x
+            if self.context:
+                cls = int(self.has_cls)
+                x = torch.cat([x[:, :cls], x[:, self.prefix:], x[:, cls:self.prefix]], dim=1)
+            inputs["hidden"] = x
         return inputs
 
-    def visible_rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, [1 +] n, D) rows the methods see: the class row (if any), then the patches."""
-        shown = int(self.has_cls)
-        if self.prefix == shown:
-            return hidden
-        patches = hidden[:, self.prefix:]
-        return torch.cat([hidden[:, :1], patches], dim=1) if self.has_cls else patches
+    def _heads(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, L, H·d) → (B, H, L, d)."""
+        return tensor.unflatten(-1, (self.attention.num_heads, -1)).transpose(1, 2)
+
+    def _queries_keys(
+        self, queries: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, Q, d) of rows ``queries`` (None: all n), k (B, H, n + c, d), and the rows."""
+        attn = self.attention
+        rows = self.checked_inputs()["hidden"]
+        picked = rows[:, :rows.shape[1] - self.context]
+        if queries is not None:
+            picked = picked[:, queries.to(rows.device)]
+        return self._heads(attn.q_proj(picked)), self._heads(attn.k_proj(rows)), rows
+
+    def qkv(
+        self, bounds: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per image: q (H, n, d) of the rows methods see, k and v (H, n + c, d), context rows
+        last."""
+        if bounds is not None:
+            raise ValueError("batched vision rows are their own sequences; pass no bounds")
+        q, k, rows = self._queries_keys()
+        return list(zip(q, k, self._heads(self.attention.v_proj(rows))))
+
+    def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: q (H, n, d) and k (H, n + c, d) (no value projection)."""
+        q, k, _ = self._queries_keys()
+        return list(zip(q, k))
 
     @torch.no_grad()
     def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per image, float32 probabilities (H, Q, n) of query rows ``queries`` (local indices
-        into the visible rows, e.g. ``[0]`` for the class token), or of every row when None;
-        queries are projected for the requested rows only."""
+        into the rows methods see, e.g. ``[0]`` for the class token), or of every row when None;
+        queries are projected for the requested rows only, context keys are in the softmax."""
         if queries is None:
             return super().rows()
-        attn = self.attention
-        hidden = self.checked_inputs()["hidden"]
-        q = attn.q_proj(hidden[:, queries.to(hidden.device)])
-        k = attn.k_proj(hidden)
-        q = q.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
-        return list(((q @ k.transpose(2, 3)) * attn.scale).float().softmax(-1))
+        q, k, rows = self._queries_keys(queries)
+        probs = ((q @ k.transpose(2, 3)) * self.attention.scale).float().softmax(-1)
+        return list(probs[..., :rows.shape[1] - self.context])
 
 
 class PatchGridProbe(Probe):

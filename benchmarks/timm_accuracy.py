@@ -47,7 +47,7 @@ SETTINGS = {
     "output cut at block 2, per-token reader": {"cut_block": FEATURE_BLOCK, "reader": "tokens"},
     "cut after block 1, class-token head": {"cut_block": 1, "reader": "cls"},
 }
-METHODS = ["random", "uniform", "hiprune", "todre", "flowcut"]
+METHODS = ["random", "uniform", "hiprune", "todre", "flowcut", "hired", "globalcom2"]
 RANDOM_SEEDS = (0, 1, 2)
 N_PAIRS = len(data.COLORS) * len(data.SHAPES)
 

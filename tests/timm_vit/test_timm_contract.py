@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import vlprune
-from tests.timm_vit.timm_vits import CONFIGS
+from tests.timm_vit.timm_vits import METHODS, method_configs
 
 timm = pytest.importorskip("timm")
 
-METHODS = ["random", "uniform", "hiprune", "todre", "flowcut"]
-SINGLE_CUT = ["random", "uniform", "hiprune", "todre"]
+SINGLE_CUT = [method for method in METHODS if method != "flowcut"]
 PATCHES = 64
 
 
@@ -40,8 +39,7 @@ def reference(
     return model.forward_head(model.norm(h))
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("config", "method"), method_configs(METHODS))
 def test_keep_all_and_unpatch(make_vit, images, config, method):
     """A budget of every patch leaves the logits bit-identical; unpatch restores the model and
     removes every hook; the class is never swapped."""
@@ -61,8 +59,7 @@ def test_keep_all_and_unpatch(make_vit, images, config, method):
         assert torch.equal(model(images), before)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("config", "method"), method_configs(METHODS))
 def test_counts_and_batch_equals_singles(make_vit, images, config, method):
     """Each image keeps exactly the budget, prefix tokens on top; a batch of 3 gives the logits
     and kept patches of 3 runs at batch 1 (selection is per image)."""
@@ -89,8 +86,7 @@ def test_counts_and_batch_equals_singles(make_vit, images, config, method):
         assert not all(torch.equal(kept[0], row) for row in kept[1:])
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("method", SINGLE_CUT)
+@pytest.mark.parametrize(("config", "method"), method_configs(SINGLE_CUT))
 @pytest.mark.parametrize("cut", [1, -1])
 def test_pruned_equals_oracle(make_vit, images, config, method, cut):
     """The pruned logits equal the unpatched blocks fed only the prefix and the kept rows after

@@ -48,15 +48,25 @@ def test_attention_methods_need_fused_qkv_attention():
     ("fastv", "prunes inside a language model"),
     ("transprune", "prunes inside a language model"),
     ("mmtok", "has no language model"),
-    ("hired", "supports llava, llava_next"),
-    ("globalcom2", "supports llava, llava_next"),
 ])
 def test_methods_without_a_vision_only_path(make_vit, method, reason):
-    """Methods that read the language model (or LLaVA crops) refuse a timm ViT."""
+    """Methods that read the language model refuse a timm ViT."""
     model = make_vit()
     with pytest.raises(ValueError, match=reason):
         vlprune.patch(model, method, budget=8)
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("config", ["avg-noclass", "siglip-map"])
+@pytest.mark.parametrize("method", ["hired", "globalcom2"])
+def test_class_token_methods_need_a_class_token(make_vit, config, method):
+    """HiRED and GlobalCom² score by the class token's attention: a ViT without one raises a
+    TypeError saying so, before any hook."""
+    model = make_vit(config)
+    with pytest.raises(TypeError, match=f"{method}' scores patches by the class token's "
+                                        "attention, and this VisionTransformer has no class"):
+        vlprune.patch(model, method, budget=8)
+    assert no_hooks(model) and vlprune.get_handle(model) is None
 
 
 def test_todre_stage2_is_refused(make_vit):

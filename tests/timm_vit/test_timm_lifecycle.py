@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import vlprune
+from tests.timm_vit.timm_vits import METHODS
 
 timm = pytest.importorskip("timm")
 
-METHODS = ["random", "uniform", "hiprune", "todre", "flowcut"]
-CONFIG = "cls-reg2"  # class token + registers
+CONFIG = "cls-reg2"  # class token + registers: every timm method runs on it
 
 
 def no_patch(model: torch.nn.Module) -> bool:

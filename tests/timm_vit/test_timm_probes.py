@@ -10,6 +10,7 @@ import torch
 import vlprune
 from tests.timm_vit.timm_vits import CONFIGS
 from vlprune.hooks.signals import GlobalQueryAttention, VisionAttentionScores, VisionQKV
+from vlprune.kernels import select_topk
 from vlprune.methods.flowcut import clip_scores
 from vlprune.methods.hiprune import hiprune_keep
 from vlprune.timm.adapter import TimmViTAdapter
@@ -138,6 +139,24 @@ def test_hiprune_selection_matches_eager_scores(make_vit, images, config):
         deep = maps[2][b].mean(0).sum(0)[1:]
         expected = hiprune_keep(obj, deep, valid, (1, 8, 8), 20, alpha=0.5)
         assert torch.equal(kept[b], expected)
+
+
+def test_class_token_methods_match_eager_scores(make_vit, images):
+    """With registers, HiRED keeps the top patches by the head-summed class row of the eager map
+    (final layer -2: block 2 of 4), GlobalCom² by the head-mean pre-softmax class row
+    ``q·kᵀ·scale`` of timm's own q, k (layer -1: block 3)."""
+    model = make_vit("dinov2-reg")
+    shown = shown_rows(TimmViTAdapter(model))
+    hired_scores = eager_maps(model, images)[2][:, :, 0, shown[1:]].sum(1)
+    q, k, _ = timm_qkv(model, images, 3)
+    scale = model.blocks[3].attn.scale
+    logits = ((q[:, :, :1] @ k[:, :, shown[1:]].transpose(2, 3)) * scale).mean(1)[:, 0]
+    for method, scores in (("hired", hired_scores), ("globalcom2", logits)):
+        with torch.no_grad(), vlprune.patch(model, method, budget=12) as handle:
+            model(images)
+            kept = handle.kept_indices
+        for b in range(3):
+            assert torch.equal(kept[b], select_topk(scores[b], 12)), method
 
 
 def test_probe_projects_only_requested_queries(make_vit, images):

@@ -23,11 +23,13 @@ timm = pytest.importorskip("timm")
 def test_analytic_flops_equal_flop_counter(config, cut):
     """Counted / analytic is 1 for the baseline and every method; a cut before the last block
     lowers the FLOPs."""
-    settings = ProfileSettings(model="tiny", methods=["random", "hiprune", "todre", "flowcut"],
-                               budgets=[10, 0.5], repeats=1, warmup=0, batch=2, timing=False,
-                               progress=False)
+    methods = ["random", "hiprune", "todre", "flowcut"]
+    if config.get("class_token", True):
+        methods += ["hired", "globalcom2"]
+    settings = ProfileSettings(model="tiny", methods=methods, budgets=[10, 0.5], repeats=1,
+                               warmup=0, batch=2, timing=False, progress=False)
     result = run_timm_profile(settings, cut_block=cut, model=build_vit(**config))
-    assert len(result.rows) == 9
+    assert len(result.rows) == 1 + 2 * len(methods)
     for row in result.rows:
         assert row["status"] == "ok", row["note"]
         assert row["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-9)

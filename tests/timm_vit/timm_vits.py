@@ -23,6 +23,27 @@ class token, SigLIP (map pooling, no class token), CLIP (pre-norm) with qk-norm,
 
 IMAGE, PATCH = 64, 8  # an 8x8 grid: 64 patch tokens
 
+METHODS = ["random", "uniform", "hiprune", "todre", "flowcut", "hired", "globalcom2"]
+"""Every method that runs on a timm ViT."""
+
+CLASS_TOKEN_METHODS = ("hired", "globalcom2")
+"""Methods that score by the class token's attention: ``TypeError`` without one."""
+
+
+def has_class_token(config: str) -> bool:
+    """Whether ``CONFIGS[config]`` builds a ViT with a class token."""
+    return CONFIGS[config].get("class_token", True)
+
+
+def method_configs(methods: list[str]) -> list[tuple[str, str]]:
+    """(config, method) for every config and every method of ``methods`` that runs on it."""
+    return [
+        (config, method)
+        for config in CONFIGS
+        for method in methods
+        if method not in CLASS_TOKEN_METHODS or has_class_token(config)
+    ]
+
 
 def build_vit(depth: int = 4, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
     """A random-weight timm ``VisionTransformer`` (64 px, patch 8, width 32, 4 heads), eval."""

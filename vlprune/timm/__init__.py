@@ -11,11 +11,12 @@ class swap, fused attention untouched, ``unpatch()`` restores it bit for bit.
   block speeds up the ViT itself, a cut after it (the default) is an output cut for a VLM tower:
   ``forward_features`` and ``forward_intermediates(output_fmt="NLC")`` return the prefix tokens
   and the kept patch tokens only (intermediates of blocks before the cut keep every token).
-- Methods: ``random`` and ``uniform``; ``hiprune`` and ``todre`` (stage 1) select once after
-  ``cut_block``, from attention of blocks up to it (their official layers resolve in
-  ``blocks[:cut_block + 1]``); ``flowcut`` cuts progressively up to ``cut_block``. Methods
-  that need a language model (``fastv``, ``transprune``, ``mmtok``) or LLaVA's crops
-  (``hired``, ``globalcom2``) raise ``ValueError``.
+- Methods: ``random`` and ``uniform``; ``hiprune``, ``todre`` (stage 1) and, with a class
+  token, ``hired`` and ``globalcom2`` select once after ``cut_block``, from attention of blocks
+  up to it (their official layers resolve in ``blocks[:cut_block + 1]``); ``flowcut`` cuts
+  progressively up to ``cut_block``. Methods that need a language model (``fastv``,
+  ``transprune``, ``mmtok``) raise ``ValueError``; ``hired`` / ``globalcom2`` on a ViT without
+  a class token ``TypeError``.
 - ``handle.kept_indices``: (B, k) raster indices of the kept patches into the patch grid, in the
   order the output holds them; ``handle.stats`` (:class:`TimmPruneStats`) adds ``grid`` and
   ``kept_indices`` per image.

@@ -119,7 +119,8 @@ class TimmCut(PatchPart):
 
     @property
     def kept_indices(self) -> torch.Tensor | None:
-        """(B, k) raster indices of the kept patches in the last forward (None before one)."""
+        """(B, k) raster indices of the kept patches in the calling thread's last forward (None
+        before one)."""
         return None if self.state is None else self.state.kept
 
     def _keep_all(self, patches: int) -> bool:
@@ -183,8 +184,7 @@ class TimmCut(PatchPart):
             return None
         if layer == self.layers[-1]:
             state.running = False
-        with torch.no_grad():
-            local = self._choose_encoder(layer, output) if self.encoder else self._select(output)
+        local = self._choose_encoder(layer, output) if self.encoder else self._select(output)
         if layer == self.layers[-1]:
             self._clear_probes()
         if local is not None:

@@ -45,7 +45,12 @@ class TimmPruneStats(PruneStats):
 
 
 class TimmPatchHandle(PatchHandle):
-    """A patched timm ViT: ``.stats``, ``.kept_indices``, ``.unpatch()``, context manager."""
+    """A patched timm ViT: ``.stats``, ``.kept_indices``, ``.unpatch()``, context manager.
+
+    Builds timm's cut (:class:`~vlprune.timm.cut.TimmCut`) instead of the Hugging Face cuts and
+    keeps :class:`~vlprune.PatchHandle`'s lifecycle: ``active``, ``unpatch``, the registry, deep
+    copies, pickling refused.
+    """
 
     def __init__(self, model: nn.Module, adapter: TimmViTAdapter, method: Method, budget: Budget,
                  probes: dict[str, Any]) -> None:
@@ -66,10 +71,12 @@ class TimmPatchHandle(PatchHandle):
 
     @torch.no_grad()
     def _select(self, batch: VisionBatch) -> list[torch.Tensor]:
+        """The method's single cut (the cut's hooks call it: they keep the handle alive)."""
         return self.method.select(batch)
 
     @torch.no_grad()
     def _choose(self, batch: EncoderBatch) -> list[torch.Tensor] | None:
+        """The method's encoder stage after one block."""
         return self.method.encoder_choose(batch, self.budget)
 
     @property

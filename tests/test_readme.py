@@ -1,6 +1,8 @@
 """Every Python code block of the README runs, in order, in one namespace (as a reader would
 paste them), offline on the shipped toy model. Blocks whose first line is ``# hub: ...`` need
-weights from the Hugging Face Hub: they run only with ``VLPRUNE_HUB_TESTS=1`` (marker ``hub``).
+weights from the Hugging Face Hub: they run only with ``VLPRUNE_HUB_TESTS=1`` (marker ``hub``);
+blocks whose first line is ``# timm: ...`` need timm and run in ``.venv-timm``
+(``tests/timm_vit/test_timm_readme.py``).
 The README's ``vlprune methods`` table lists exactly the registered methods, each linking its
 ``docs/methods/<name>.md`` page."""
 
@@ -16,8 +18,9 @@ from vlprune.registry import list_methods
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.M | re.S)
-OFFLINE = [b for b in BLOCKS if not b.startswith("# hub")]
+OFFLINE = [b for b in BLOCKS if not b.startswith(("# hub", "# timm"))]
 HUB = [b for b in BLOCKS if b.startswith("# hub")]
+TIMM = [b for b in BLOCKS if b.startswith("# timm")]
 
 
 def test_readme_has_python_examples() -> None:

@@ -10,7 +10,14 @@ from torch import nn
 
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
-from vlprune.handle import PatchHandle, PruneStats, register, registered
+from vlprune.handle import (
+    AlreadyPatchedError,
+    PatchHandle,
+    PruneStats,
+    check_not_patched,
+    register,
+    registered,
+)
 from vlprune.hooks.positions import POSITIONS
 from vlprune.registry import build_method, get_method, list_methods
 
@@ -23,10 +30,6 @@ __all__ = [
     "patch",
     "unpatch",
 ]
-
-
-class AlreadyPatchedError(RuntimeError):
-    """Raised when patching a model that vlprune already patched."""
 
 
 def patch(
@@ -51,16 +54,23 @@ def patch(
     runs: bad values (NaN and ±inf included) raise ``ValueError`` naming the parameter, an
     unsupported model ``TypeError``, an already patched model :class:`AlreadyPatchedError`, a
     compiled model ``RuntimeError`` (compiled code would ignore the hooks: patch first, then
-    compile).
+    compile). A timm ``VisionTransformer`` is patched by :func:`vlprune.timm.patch_timm`
+    (option ``cut_block``; ``positions`` must stay ``"original"``: a ViT has no RoPE).
 
     The hooks keep the handle alive: dropping it does not unpatch the model
     (:func:`get_handle` gives it back, :func:`unpatch` removes it).
     """
+    from vlprune.timm import is_timm_model, patch_timm  # timm ViTs have their own hooks
+
+    if is_timm_model(model):
+        if positions != "original":
+            raise ValueError(f"`positions`={positions!r} does not apply to a timm ViT (no RoPE)")
+        return patch_timm(model, method, budget=budget, ratio=ratio, **options)
     budget_ = Budget(tokens=budget, ratio=ratio)
     get_method(method)
     if positions not in POSITIONS:
         raise ValueError(f"`positions` must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    _check_not_compiled(model)
+    check_not_compiled(model)
     adapter = get_adapter(model)
     if positions == "renumber" and adapter.rope != "1d":
         raise ValueError(
@@ -70,12 +80,7 @@ def patch(
         )
     method_ = build_method(method, options)
     method_.check_model(adapter)
-    existing = registered(model)
-    if existing is not None:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched ({existing!r}); call "
-            "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
-        )
+    check_not_patched(model)
     handle = PatchHandle(model, adapter, method_, budget_, positions)
     handle._install()
     register(handle)
@@ -96,9 +101,10 @@ def unpatch(model: nn.Module) -> bool:
     return True
 
 
-def _check_not_compiled(model: nn.Module) -> None:
+def check_not_compiled(model: nn.Module) -> None:
     """``RuntimeError`` for a model compiled before patching: torch.compile does not guard on
-    module hooks, so code compiled earlier would silently run without vlprune's."""
+    module hooks, so code compiled earlier would silently run without vlprune's (every
+    ``patch`` path runs this check)."""
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise RuntimeError(
             "vlprune.patch got a torch.compile wrapper: patch the model first, then compile it "

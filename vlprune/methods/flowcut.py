@@ -106,15 +106,18 @@ def prune_count(n: int, target: int, remaining: int, relevance: torch.Tensor, ep
 def clip_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut scores of one CLIP crop from its (H, 1 + n, d) q, k, v (CLS first).
+    """FlowCut scores of one CLIP crop from its q (H, 1 + n, d), k and v (H, 1 + n + c, d): CLS
+    first, then the patches, then any context rows (timm register tokens: in both softmaxes,
+    never scored).
 
     Returns the (n,) patch scores ``(a/Σa + sem/Σsem) · ‖mean_h v‖₁`` and the (n,) CLS
     attention ``a`` over the patches (head mean, softmax over all rows).
     """
     q, k, v = q.float(), k.float(), v.float()
-    attention = ((q[:, :1] @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:]
-    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:]
-    density = v.mean(0)[1:].abs().sum(-1)
+    rows = q.shape[1]
+    attention = ((q[:, :1] @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:rows]
+    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:rows]
+    density = v[:, 1:rows].mean(0).abs().sum(-1)
     score = (attention / attention.sum() + semantic / semantic.sum()) * density
     return score, attention
 
@@ -122,15 +125,17 @@ def clip_scores(
 def global_query_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut-Qwen scores of one frame from its (H, R, d) q, k, v (R = group · n rows).
+    """FlowCut-Qwen scores of one frame from its q (H, R, d), k and v (H, R + c, d) (R = group ·
+    n rows, then any context rows: timm register tokens, in the softmax, never scored).
 
     Returns the (n,) merge-group scores (mean over the group's rows of
     ``attention · ‖mean_h v‖₁``) and the (R,) global-query attention (head mean).
     """
     q, k, v = q.float(), k.float(), v.float()
+    n_rows = q.shape[1]
     query = q.mean(dim=1, keepdim=True)
-    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0]
-    rows = attention * v.mean(0).abs().sum(-1)
+    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, :n_rows]
+    rows = attention * v[:, :n_rows].mean(0).abs().sum(-1)
     return rows.view(-1, group).mean(1), attention
 
 
@@ -178,9 +183,12 @@ class FlowCut(Method):
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
-        """LLaVA-1.5's encoder already reaches the budget: no LLM step there."""
+        """LLaVA-1.5's encoder already reaches the budget: no LLM step there, nor on a timm ViT
+        (one sequence per image, no language model)."""
         super().check_model(adapter)
-        self._llm_step = adapter.family != "llava"
+        self._llm_step = adapter.family not in ("llava", "timm")
+        if adapter.family == "timm":
+            return
         n_layers = len(adapter.decoder_layers)
         if self.llm_layer + 1 >= n_layers:
             raise ValueError(

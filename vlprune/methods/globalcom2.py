@@ -20,7 +20,8 @@ Signal: ``z_p``, the last ViT layer's CLS-query row over the patch keys of parti
 5. crop k keeps its top tokens by ``(1-w)·z_k/‖z_k‖₂ + w·G_k/‖G_k‖₂`` (norms over the crop's
    unpadded cells; official: plain sum, i.e. ``global_weight`` w = 0.5).
 
-LLaVA-1.5 (official code crashes there): one partition, top tokens by ``z_0``.
+LLaVA-1.5 (official code crashes there) and timm ViTs with a class token (``layer`` counted in
+the blocks up to ``cut_block``): one partition, top tokens by ``z_0``.
 Scope: per image; ``budget`` = tokens kept per image including the newline tokens the
 ``newline`` policy keeps, exactly. Official ``retention_ratio`` R is per partition with newlines
 on top; here ``ratio`` applies to all the image's tokens and R is derived from the content share.
@@ -38,7 +39,7 @@ Official-code behaviour and what vlprune does:
   allocation is exact here; batch > 1 reuses image 0's thumbnail scores: per image here;
 - not reproduced: the thumbnail is emitted in score order officially; vlprune keeps raster order.
 - Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no thumbnail / crops: ``patch``
-  raises).
+  raises ``ValueError``), nor timm ViTs without a class token (``TypeError``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from vlprune.methods._vision_common import (
     fill_budget,
     gather_partitions,
     partition_tokens,
+    require_class_token,
     resolve_layer,
     split_per_image,
     thumbnail_regions,
@@ -116,7 +118,7 @@ class GlobalCom2(Method):
 
     stage = "vision"
     scope = "image"
-    families = ("llava", "llava_next")
+    families = ("llava", "llava_next", "timm")
     paper = "GlobalCom², AAAI 2026 (arXiv 2501.05179)"
     repo = "https://github.com/xuyang-liu16/GlobalCom2"
     options = declare(
@@ -132,8 +134,9 @@ class GlobalCom2(Method):
     )
 
     def check_model(self, adapter: Adapter) -> None:
-        """Family check, and the layer exists."""
+        """Family check, a class token, and the layer exists."""
         super().check_model(adapter)
+        require_class_token(self.name, adapter)
         resolve_layer(self.layer, len(adapter.vision_layers), "layer")
 
     def probes(self, adapter: Adapter) -> dict[str, Any]:

@@ -16,9 +16,10 @@ over the patch keys of partition p (thumbnail p = 0, crops p ≥ 1). Per image, 
    left after unpadding);
 4. in every partition keep its top tokens by the *final* layer's CLS attention; raster order.
 
-LLaVA-1.5: one partition, step 4 only. Layers: ``init_layer=0`` (first), ``final_layer=-2``
-(the LLaVA feature layer: 22 of CLIP ViT-L's 24), 0-based, negative from the end, so they hold at
-any depth. α = 0.5 (paper and every official script; the harness default 1.0 is unused).
+LLaVA-1.5 and timm ViTs with a class token: one partition, step 4 only. Layers:
+``init_layer=0`` (first), ``final_layer=-2`` (the LLaVA feature layer: 22 of CLIP ViT-L's 24),
+0-based, negative from the end, so they hold at any depth (timm: in the blocks up to
+``cut_block``). α = 0.5 (paper and every official script; the harness default 1.0 is unused).
 
 Scope: per image; ``budget`` = tokens kept per image (thumbnail + crops, plus newlines if the
 ``newline`` policy keeps any), exactly. Official budget is ``floor(P·576·ρ)`` over P padded
@@ -35,7 +36,8 @@ Official-code behaviour and what vlprune does:
   the official one; floored crop budgets lose the remainder and unpadding after selection drops
   kept tokens (count < budget): here allocation is exact and only unpadded cells are candidates;
   LLaVA-1.5 applies image 0's mask to the whole batch: per image here.
-- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no crops: ``patch`` raises).
+- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no crops: ``patch`` raises
+  ``ValueError``), nor timm ViTs without a class token (``TypeError``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from vlprune.methods._vision_common import (
     fill_budget,
     gather_partitions,
     partition_tokens,
+    require_class_token,
     resolve_layer,
     split_per_image,
     thumbnail_regions,
@@ -107,7 +110,7 @@ class HiRED(Method):
 
     stage = "vision"
     scope = "image"
-    families = ("llava", "llava_next")
+    families = ("llava", "llava_next", "timm")
     paper = "HiRED, AAAI 2025 (arXiv 2408.10945)"
     repo = "https://github.com/hasanar1f/HiRED"
     options = declare(
@@ -127,8 +130,9 @@ class HiRED(Method):
     )
 
     def check_model(self, adapter: Adapter) -> None:
-        """Family check, and both layers exist."""
+        """Family check, a class token, and both layers exist."""
         super().check_model(adapter)
+        require_class_token(self.name, adapter)
         self.probes(adapter)
 
     def probes(self, adapter: Adapter) -> dict[str, Any]:

@@ -31,9 +31,11 @@ spaces or commas: --budgets 64 128 or --budgets 64,128; 0.25 means ratio 0.25. E
 run fails (its row says why; the outputs are still written). Presets: """
 
 def model_source(text: str) -> str:
-    """A preset name, a local checkpoint folder (with ``config.json``) or a hub id
-    (``org/name``)."""
+    """A preset name, a local checkpoint folder (with ``config.json``), a hub id (``org/name``)
+    or ``timm:<name>`` (a timm model, checked when the profile starts)."""
     if text in PRESETS:
+        return text
+    if text.startswith("timm:") and len(text) > len("timm:"):
         return text
     try:
         return checkpoint_source(text)
@@ -73,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=model_source,
-                        help="preset name, local checkpoint folder or hub id")
+                        help="preset name, local checkpoint folder, hub id, or timm:<name> "
+                             "(a timm ViT, random weights)")
     parser.add_argument("--methods", action=SplitList, item=method_name, default=None,
                         help="method names (default: every registered method)")
     parser.add_argument("--budgets", action=SplitList, item=budget_value, default=[64, 128, 192],
@@ -112,6 +115,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--seed", type=_seed, default=0, help=f"{_SEED.help} (default 0)")
+    parser.add_argument("--cut-block", type=int, default=None,
+                        help="timm models: block after which tokens are cut (default: the last)")
     parser.set_defaults(func=main)
     return parser
 
@@ -121,6 +126,13 @@ def main(args: argparse.Namespace) -> int:
     from vlprune.eval.profiler.report import format_table, write_outputs
     from vlprune.eval.profiler.runner import ProfileSettings, run_profile
 
+    if args.model.startswith("timm:"):
+        from vlprune.timm.profile import main as timm_main
+
+        timm_main(args)
+        return 0
+    if args.cut_block is not None:
+        raise CommandError("--cut-block applies to timm:<name> models only")
     if args.attn == "flash_attention_2" and not args.device.startswith("cuda"):
         raise CommandError(f"--attn flash_attention_2 runs on CUDA only, got --device "
                            f"{args.device}")

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("timm")
 
-from tests.test_readme import TIMM  # noqa: E402
+from tests.test_readme import TIMM
 
 
 def test_readme_has_a_timm_example() -> None:

@@ -107,8 +107,10 @@ def _text_prompt(family: str) -> str:
 
 @pytest.mark.parametrize(("method", "family"), PAIRS)
 def test_text_only_row_beside_image_row_equals_each_alone(method: str, family: str) -> None:
-    """A batch of a text-only prompt and an image prompt: each row equals its prompt alone
-    (TransPrune's padding slots no longer mark another row's token 0 invalid)."""
+    """A batch of a text-only prompt and an image prompt: each row equals its prompt alone,
+    in prefill and in decode steps (TransPrune's padding slots no longer mark another row's
+    token 0 invalid; the text-only row keeps the batch's whole width, yet the image row's
+    padding slots stay masked in decode)."""
     model = cached_model(family)
     processor = tiny_processor(family)
     image = tiny_image(1, DEFAULT_IMAGE_SIZE[family])
@@ -120,6 +122,17 @@ def test_text_only_row_beside_image_row_equals_each_alone(method: str, family: s
         torch.testing.assert_close(logits[0], _last_logits(model, text_only)[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(logits[1], _last_logits(model, _alone(family, 1))[0],
                                    atol=ATOL, rtol=0)
+        steps = _step_logits(model, mixed)
+        torch.testing.assert_close(steps[1], _step_logits(model, _alone(family, 1))[0],
+                                   atol=ATOL, rtol=0)
+
+
+def _step_logits(model, inputs, steps: int = 3) -> torch.Tensor:
+    """(B, steps, V) logits of greedy ``generate``'s first ``steps`` steps."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits, 1)
 
 
 # ------------------------------------------------------------------------ use_cache=False

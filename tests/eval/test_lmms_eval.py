@@ -31,14 +31,9 @@ from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 
 from vlprune.eval import lmms_cli
-from vlprune.eval.lmms import (
-    IMAGES_ONLY_PROCESSORS,
-    VLPrune,
-    build_prompt,
-    model_family,
-    prompt_segments,
-    truncate_at,
-)
+from vlprune.eval.lmms import VLPrune
+from vlprune.eval.lmms_load import IMAGES_ONLY_PROCESSORS, model_family
+from vlprune.eval.lmms_prompts import build_prompt, prompt_segments, truncate_at
 from vlprune.testing import FAMILIES, tiny_image, tiny_model, tiny_processor
 
 TASK_FILES = Path(__file__).parent / "lmms_task"
@@ -392,12 +387,13 @@ def test_truncate_at() -> None:
 
 
 def test_wrapper_arguments() -> None:
-    """``vlprune eval`` adds ``--model vlprune`` and a stats path under ``--output_path``."""
+    """``vlprune eval`` adds ``--model vlprune``, a stats path under ``--output_path`` and,
+    unless given, the include path of the shipped toy tasks."""
     argv = lmms_cli.lmms_eval_argv(["--model_args", "pretrained=x", "--output_path", "o"])
     assert argv == ["--model", "vlprune", "--model_args",
                     f"pretrained=x,stats_path={os.path.join('o', 'vlprune_stats')}",
-                    "--output_path", "o"]
-    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o"]
+                    "--output_path", "o", "--include_path", str(lmms_cli.TOY_TASKS)]
+    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o", "--include_path=t"]
     assert lmms_cli.lmms_eval_argv(argv) == ["--model", "vlprune", *argv]
     with pytest.raises(SystemExit, match="preselected"):
         lmms_cli.lmms_eval_argv(["--model", "llava_hf"])
@@ -416,3 +412,32 @@ def test_errors(workspace: Path, tmp_path: Path) -> None:
         VLPrune(pretrained=str(workspace / "llava"), batch_size="auto")
     with pytest.raises(ValueError, match="unknown `method`"):
         VLPrune(pretrained=str(workspace / "llava"), method="nope", budget=BUDGET)
+
+
+def test_model_args_are_read_as_each_option_means() -> None:
+    """lmms-eval parses ``-2`` as ``-2.0``, ``None`` as a string and ``[1,2]`` as text;
+    ``check_model_args`` reads them as the method's declared options mean them, and refuses
+    bad loading arguments before anything loads."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from vlprune.eval.lmms_load import check_model_args
+    from vlprune.eval.toy.model import CHECKPOINT_DIR
+
+    def check(text: str) -> dict[str, Any]:
+        return check_model_args(**simple_parse_args_string(f"pretrained={CHECKPOINT_DIR},{text}"))
+
+    options = check("method=hiprune,budget=64,object_layer=None,deep_layer=-1,alpha=0.25")
+    assert options == {"object_layer": None, "deep_layer": -1, "alpha": 0.25}
+    assert type(options["deep_layer"]) is int
+    assert check("method=transprune,ratio=0.25,layers=[1,2],ratios=[0.5,0.25]") == {
+        "layers": [1, 2], "ratios": [0.5, 0.25]}
+    assert check("method=none") == {}
+    for text, match in [("method=hiprune,budget=64,deep_layer=-1.5", "deep_layer"),
+                        ("method=fixed,budget=4,indices=[0]", "unknown `method`"),
+                        ("method=none,batch_size=auto", "batch_size"),
+                        ("method=none,dtype=float8", "dtype"),
+                        ("method=none,attn_implementation=flex", "attn_implementation")]:
+        with pytest.raises(ValueError, match=match):
+            check(text)
+    with pytest.raises(ValueError, match="neither a local checkpoint"):
+        check_model_args(pretrained="./no/such/folder")

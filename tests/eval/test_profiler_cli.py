@@ -90,9 +90,12 @@ def test_local_checkpoint_path(tmp_path: Path) -> None:
     assert pruned["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_unknown_method_fails_early() -> None:
-    with pytest.raises(SystemExit, match="unknown `method` 'nope'"):
+def test_unknown_method_fails_early(capsys: pytest.CaptureFixture) -> None:
+    """An unknown method is a usage error (exit 2, one line) before any model is built."""
+    with pytest.raises(SystemExit) as info:
         main(["profile", "--model", "llava-1.5-7b", "--methods", "nope"])
+    assert info.value.code == 2
+    assert "unknown `method` 'nope'" in capsys.readouterr().err
 
 
 def test_help_lists_presets(capsys: pytest.CaptureFixture) -> None:

@@ -60,7 +60,7 @@ class Adapter:
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
-    rope: ClassVar[str]  # "1d" (LLaMA/Vicuna) or "mrope" (Qwen 3-D positions)
+    rope: ClassVar[str]  # "1d" (LLaMA/Vicuna, OneVision's Qwen2) or "mrope" (Qwen 3-D positions)
     has_cls: ClassVar[bool]
     packed_vision: ClassVar[bool] = False  # True: Qwen-style packed rows, 2x2 merged tokens
     vision_path: ClassVar[str]
@@ -95,6 +95,11 @@ class Adapter:
     def decoder_layers(self) -> nn.ModuleList:
         """Decoder layers of the language model."""
         return self._resolve("model.language_model.layers")
+
+    @property
+    def rotary_embedding(self) -> nn.Module:
+        """The language model's rotary embedding: ``(x, position_ids) -> (cos, sin)``."""
+        return self._resolve("model.language_model.rotary_emb")
 
     @property
     def vision_tower(self) -> nn.Module:

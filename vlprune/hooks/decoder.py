@@ -8,6 +8,10 @@ In decode, each layer's materialised mask keeps the columns of the keys its own 
 ``cat(kept_index, arange(L, kv_len))``. The cache's reported length stays layer 0's, which keeps
 ``generate``'s bookkeeping consistent.
 
+With ``positions="renumber"`` the rows alive after each cut are renumbered contiguously
+(``hooks/positions.py``): that layer and the later ones get the rotary embeddings of the new
+positions, in prefill and, shifted by the same amount, in every decode step.
+
 What a prefill decided is a :class:`DecoderState`: the running forward's state (per thread) and
 its KV cache's record, so decode steps and follow-up turns on that cache use it whatever ran in
 between; an uncached ``generate`` step replays the first step's choices, extended by the rows
@@ -46,6 +50,7 @@ from vlprune.hooks.calls import Shadow
 from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.hooks.gather import gather_positions, gather_rows
 from vlprune.hooks.masks import causal_slot_mask, gather_mask_4d, mask_slots
+from vlprune.hooks.positions import renumber
 from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
 from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
@@ -62,6 +67,9 @@ class DecoderState:
     Per layer from the first cut on: ``layer_index`` / ``layer_valid`` / ``layer_slots`` of the
     rows entering it; ``choices[l]``: what the chooser answered at cut layer l and the row count
     it cut from (a replay extends it); ``replay``: (the replayed prefill's state, tokens added).
+    Renumbered positions only: ``positions`` (B, Lcur) of the current rows and their ``rope``
+    (cos, sin), ``shift`` (B, 1) of the last cut, ``layer_shift[l]`` of the rows entering layer l
+    (None before the first cut that cut).
     """
 
     index: torch.Tensor
@@ -77,6 +85,10 @@ class DecoderState:
     input_valid: torch.Tensor | None = None
     choices: dict[int, tuple[Any, int]] = field(default_factory=dict)
     replay: tuple[DecoderState, int] | None = None
+    positions: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    shift: torch.Tensor | None = None
+    layer_shift: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.valid is None:
@@ -118,7 +130,8 @@ Chooser = Callable[[CutContext], "torch.Tensor | tuple[torch.Tensor, torch.Tenso
 class DecoderCut(PatchPart):
     """Installs the layer pre-hooks; ``chooser`` returns kept rows (B, Lnext) at cut layers,
     or ``(index, slots)`` for padded rows (see the module docstring). ``vision`` tells which
-    language-model input rows are image tokens, and which prefill a forward replays."""
+    language-model input rows are image tokens, and which prefill a forward replays;
+    ``positions``: "original" or "renumber"."""
 
     current = ThreadLocal()
     """:class:`DecoderState` of the forward running in this thread (its prefill's state on a
@@ -126,9 +139,10 @@ class DecoderCut(PatchPart):
     last = ThreadLocal()
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
+    _rope = ThreadLocal()
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
-                 vision: VisionCut) -> None:
+                 vision: VisionCut, positions: str = "original") -> None:
         n_layers = len(adapter.decoder_layers)
         bad = [layer for layer in layers if not 0 < layer < n_layers]
         if bad:
@@ -141,6 +155,7 @@ class DecoderCut(PatchPart):
         self.recurrent = adapter.recurrent_layers
         self.chooser = chooser
         self.vision = vision
+        self.positions = positions
         self.records = CacheRecords("decoder")
 
     def install(self) -> list[RemovableHandle | Shadow]:
@@ -165,6 +180,7 @@ class DecoderCut(PatchPart):
     @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.current = None
+        self._rope = None
         cache = kwargs.get("cache")
         self._prefill = cache is None or cache.get_seq_length() == 0
         if not self._prefill:
@@ -221,6 +237,9 @@ class DecoderCut(PatchPart):
             state.choices[i] = (chosen, state.index.shape[1])
             if chosen is not None:
                 hidden = self._cut(state, chosen, hidden)
+                if self.positions == "renumber":
+                    self._renumber(state, kwargs, hidden)
+        state.layer_shift[i] = state.shift
         state.layer_index[i] = state.index
         state.layer_slots[i] = state.slots
         state.layer_valid[i] = state.valid
@@ -267,6 +286,12 @@ class DecoderCut(PatchPart):
         state.slots = slots
         return gather_rows(hidden, local)
 
+    def _renumber(self, state: DecoderState, kwargs: dict, hidden: torch.Tensor) -> None:
+        """Renumber the rows alive after a cut; their rotary embeddings for the next layers."""
+        original = gather_positions(_position_ids(kwargs), state.index)
+        state.positions, state.shift = renumber(original, state.valid)
+        state.rope = self.adapter.rotary_embedding(hidden, state.positions)
+
     def _mask_kind(self) -> str:
         """The 4-D mask convention of the language model's attention: "bool" or "float"."""
         name = self.adapter.language_model.config._attn_implementation
@@ -288,14 +313,17 @@ class DecoderCut(PatchPart):
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
-        cos, sin = kwargs["position_embeddings"]
-        batch = index.shape[0]
-        kwargs["position_embeddings"] = (
-            gather_rows(cos.expand(batch, *cos.shape[1:]), index),
-            gather_rows(sin.expand(batch, *sin.shape[1:]), index),
-        )
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
+        if state.rope is not None:
+            kwargs["position_embeddings"], kwargs["position_ids"] = state.rope, state.positions
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            batch = index.shape[0]
+            kwargs["position_embeddings"] = (
+                gather_rows(cos.expand(batch, *cos.shape[1:]), index),
+                gather_rows(sin.expand(batch, *sin.shape[1:]), index),
+            )
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
         mask = kwargs.get("attention_mask")
         if recurrent:
             kwargs["attention_mask"] = recurrent_mask(mask, index, state.slots)
@@ -321,6 +349,33 @@ class DecoderCut(PatchPart):
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if i in self.recurrent:
             return None
+        state = self.current
+        shift = state.layer_shift.get(i)
+        mask = self._decode_mask(i, args, kwargs)
+        if mask is None and shift is None:
+            return None
+        kwargs = dict(kwargs)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if shift is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["position_ids"], kwargs["position_embeddings"] = self._shifted(
+                hidden, _position_ids(kwargs), shift)
+        return args, kwargs
+
+    def _shifted(self, hidden: torch.Tensor, position_ids: torch.Tensor, shift: torch.Tensor
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Positions of tokens after a renumbered prompt and their rotary embeddings; computed
+        once per forward for all layers that share ``shift``."""
+        memo = self._rope
+        if memo is None or memo[0] is not position_ids or memo[1] is not shift:
+            moved = position_ids - shift
+            memo = self._rope = (position_ids, shift, moved,
+                                 self.adapter.rotary_embedding(hidden, moved))
+        return memo[2], memo[3]
+
+    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Layer ``i``'s mask in a decode step (None: the layer's own mask is right)."""
         mask = kwargs.get("attention_mask")
         state = self.current
         slots = state.layer_slots.get(i)
@@ -340,9 +395,7 @@ class DecoderCut(PatchPart):
             mask = self._new_mask(mask, keys, n_queries, hidden)
         else:
             return None
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = mask
-        return args, kwargs
+        return mask
 
     def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Shadow of the text model's ``_deepstack_process``: run it on the DeepStack inputs
@@ -362,3 +415,11 @@ class DecoderCut(PatchPart):
             visual_pos_masks.to(state.index.device), [visual_embeds], state.index, alive
         )
         return hidden_states, mask, embeds
+
+
+def _position_ids(kwargs: dict) -> torch.Tensor:
+    """A decoder layer's 1-D ``position_ids`` (renumbering needs them)."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() != 2:
+        raise RuntimeError("positions='renumber' needs the decoder layers' 1-D position_ids")
+    return position_ids

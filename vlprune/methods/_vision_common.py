@@ -3,7 +3,8 @@
 Side-effect free (registers nothing). Three jobs:
 
 - layers: turn an official layer index into one of the probed model (:func:`resolve_layer`,
-  :func:`scale_layer`);
+  :func:`scale_layer`), and refuse an encoder without the class token a method scores by
+  (:func:`require_class_token`);
 - geometry: where each vision sequence's patches sit in an image's token layout
   (:func:`partition_tokens`; LLaVA-NeXT thumbnail, crops, unpadding, newline tokens) and which
   thumbnail cells cover which crop (:func:`thumbnail_regions`); Qwen patches → merged tokens
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vlprune.adapters.base import ImageLayout
+from vlprune.adapters.base import Adapter, ImageLayout
 
 NEWLINE_POLICIES = ("drop", "row", "all")
 ContentSelector = Callable[[int], torch.Tensor]
@@ -39,17 +40,16 @@ def scale_layer(layer: int, ref_depth: int, depth: int) -> int:
     return layer * depth // ref_depth
 
 
-def check_layer_option(value: int | None, option: str) -> None:
-    """``ValueError`` unless ``value`` is None or an int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"`{option}` must be an int layer index or None, got {value!r}")
+def require_class_token(method: str, adapter: Adapter) -> None:
+    """``TypeError`` unless ``adapter``'s vision encoder has a class token (row 0 of every
+    sequence), for methods that score patches by its attention."""
+    if not adapter.has_cls:
+        raise TypeError(
+            f"method {method!r} scores patches by the class token's attention, and this "
+            f"{type(adapter.model).__name__} has no class token: use hiprune, todre or flowcut "
+            "(attention received / the mean query instead)"
+        )
 
-
-def check_choice(value: str, choices: Sequence[str], option: str) -> None:
-    """``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(map(repr, choices))
-        raise ValueError(f"`{option}` must be one of {allowed}, got {value!r}")
 
 
 def sequences_per_image(layout: ImageLayout) -> int:

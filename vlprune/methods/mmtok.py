@@ -1,7 +1,8 @@
 """``mmtok``: MMTok, multimodal coverage maximisation (Dong et al., ICLR 2026).
 
 "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs", arXiv 2508.18264;
-official code https://github.com/Ironieser/MMTok (release ``5b186b6``); spec ``specs/mmtok.md``.
+official code https://github.com/Ironieser/MMTok (release ``5b186b6``); reference
+``docs/methods/mmtok.md``.
 After the projector, each image keeps the k tokens chosen greedily to maximise
 
     F(S) = 1/m Σ_text max_{j∈S} P[t, j] + α/n Σ_vision max_{j∈S} Q[v, j]        (paper Eq. 2)
@@ -21,7 +22,7 @@ raster order (Qwen2.5-VL's window order undone by the adapter's patch→token ma
 Text targets come from the prompt: every prompt token that is not an image placeholder, not
 padding and not in ``stopwords`` (which needs ``input_ids``; a prompt given as ``inputs_embeds``
 works without them). The official code instead captures the user
-question from a patched chat template and filters it with a stop-word list (spec §6); pass
+question from a patched chat template and filters it with a stop-word list; pass
 ``stopwords=mmtok_stopwords(tokenizer)`` to drop the same words (plus punctuation, special
 tokens, the two lmms-eval answer-format suffixes and common chat-template boilerplate). Without
 ``stopwords`` every text token of the prompt is a target. When filtering leaves a prompt with no
@@ -53,6 +54,7 @@ from vlprune.hooks.gather import gather_rows
 from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import newline_tokens, partition_tokens
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import BoolOption, CustomOption, FloatOption, as_int, declare
 from vlprune.registry import register_method
 
 STOP_WORDS: tuple[str, ...] = (
@@ -61,13 +63,13 @@ STOP_WORDS: tuple[str, ...] = (
     "why", "how", "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer",
     "to", "for", "with", "by", "from", "at", "into", "onto", "upon",
 )
-"""The official "non-visual" words, matched in any case (spec §6)."""
+"""The official "non-visual" words, matched in any case (``docs/methods/mmtok.md``)."""
 
 PROMPT_SUFFIXES: tuple[str, ...] = (
     "Answer the question using a single word or phrase.",
     "Answer with the option's letter from the given choices directly.",
 )
-"""lmms-eval answer-format suffixes the official code deletes before filtering (spec §6)."""
+"""lmms-eval answer-format suffixes the official code deletes before filtering."""
 
 CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
     "USER:", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.",
@@ -150,7 +152,8 @@ def coverage_matrix(
     vv_temperature: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units (spec §4).
+    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units
+    (``docs/methods/mmtok.md#algorithm``).
 
     ``text`` (G, M, D) targets, ``text_mask`` (G, M) bool (m = its count, padding rows are 0);
     ``vision`` (G, N, D) post-projector and ``vision_pre`` (G, N, D') pre-projector features;
@@ -174,7 +177,7 @@ def greedy_coverage(
 
     Step i adds the valid, unpicked column with the largest marginal gain
     ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
-    (spec §5). Needs ``k`` ≤ the valid columns of every unit.
+    (``docs/methods/mmtok.md#algorithm``). Needs ``k`` ≤ the valid columns of every unit.
     """
     units, rows, n = cover.shape
     blocked = torch.zeros(units, n, dtype=torch.bool, device=cover.device)
@@ -207,42 +210,55 @@ class _Unit(NamedTuple):
     tokens: torch.Tensor  # (N,) index in the image's token layout, -1 = not a candidate
 
 
+def _check_stopwords(stopwords: Any) -> list[list[int]]:
+    """``stopwords`` as lists of token ids (a bare id is a one-token sequence)."""
+    error = ValueError(
+        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
+        "(see mmtok_stopwords)"
+    )
+    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
+        raise error
+    out = []
+    for entry in stopwords:
+        seq = [entry] if as_int(entry) is not None else entry
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+            raise error
+        ids = [as_int(t) for t in seq]
+        if any(t is None or t < 0 for t in ids):
+            raise error
+        out.append(ids)
+    return out
+
+
 @register_method("mmtok")
 class MMTok(Method):
     """Greedy text→vision + α·vision→vision coverage after the projector (see module docstring).
 
-    Options (official defaults, spec §4 / §9): ``alpha`` = 0.5; ``tv_temperature`` τ_t
-    (None = 0.02 on LLaVA / LLaVA-NeXT, 0.01 on Qwen); ``vv_temperature`` τ_v = 0.2;
-    ``stopwords``: token-id sequences that are not text targets (``mmtok_stopwords(tokenizer)``;
-    None = none); ``keep_newlines``: keep LLaVA-NeXT's newline tokens on top of the per-crop
-    budget (official: dropped).
+    Options (``docs/methods/mmtok.md#options-and-official-defaults``): ``alpha`` = 0.5;
+    ``tv_temperature`` τ_t (None = 0.02 on the LLaVA families, 0.01 on the Qwen ones);
+    ``vv_temperature`` τ_v = 0.2; ``stopwords``: token-id sequences that are not text targets
+    (``mmtok_stopwords(tokenizer)``; None = none); ``keep_newlines``: keep LLaVA-NeXT's newline
+    tokens on top of the per-crop budget (official: dropped).
     """
 
     stage = "vision"
     scope = "image"
     paper = "MMTok, ICLR 2026 (arXiv 2508.18264)"
     repo = "https://github.com/Ironieser/MMTok"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.5,
-        tv_temperature: float | None = None,
-        vv_temperature: float = 0.2,
-        stopwords: Sequence[int | Sequence[int]] | None = None,
-        keep_newlines: bool = False,
-    ) -> None:
-        _check_number("alpha", alpha, minimum=0.0, strict=False)
-        if tv_temperature is not None:
-            _check_number("tv_temperature", tv_temperature)
-        _check_number("vv_temperature", vv_temperature)
-        if not isinstance(keep_newlines, bool):
-            raise ValueError(f"`keep_newlines` must be a bool, got {keep_newlines!r}")
-        self.alpha = float(alpha)
-        self.tv_temperature = None if tv_temperature is None else float(tv_temperature)
-        self.vv_temperature = float(vv_temperature)
-        self.stopwords = _check_stopwords(stopwords)
-        self.keep_newlines = keep_newlines
+    options = declare(
+        alpha=FloatOption(0.5, "weight α of the vision→vision coverage term", low=0),
+        tv_temperature=FloatOption(None, "τ_t of the text→vision softmax; None: 0.02 on "
+                                   "the LLaVA families, 0.01 on the Qwen ones", low=0,
+                                   low_open=True, none=True),
+        vv_temperature=FloatOption(0.2, "τ_v of the vision→vision softmax", low=0,
+                                   low_open=True),
+        stopwords=CustomOption(None, "token-id sequences that are not text targets "
+                               "(mmtok_stopwords(tokenizer)); None: every prompt token is one",
+                               check_value=_check_stopwords, none=True,
+                               domain="a sequence of token ids or of token-id sequences"),
+        keep_newlines=BoolOption(False, "keep LLaVA-NeXT / OneVision newline tokens on top "
+                                 "of the per-crop budget (official: dropped)"),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
         """Resolve the family's official τ_t when ``tv_temperature`` is None."""
@@ -386,29 +402,3 @@ def _pre_features(batch: VisionBatch) -> list[torch.Tensor]:
         )
     return [x[:, layout.prefix:] for x, layout in zip(value.split(crops), batch.layouts)]
 
-
-def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or (value <= minimum if strict else value < minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
-
-
-def _check_stopwords(stopwords: Any) -> list[list[int]] | None:
-    if stopwords is None:
-        return None
-    error = ValueError(
-        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
-        "(see mmtok_stopwords)"
-    )
-    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
-        raise error
-    out = []
-    for entry in stopwords:
-        seq = [entry] if isinstance(entry, int) else entry
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
-            raise error
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            raise error
-        out.append([int(t) for t in seq])
-    return out

@@ -1,4 +1,5 @@
-"""FLOPs / latency / memory profiler behind ``vlprune profile`` (specs/peers_and_flops.md §7).
+"""FLOPs / latency / memory profiler behind ``vlprune profile`` (README: "Profiling: FLOPs,
+latency, memory").
 
 - :mod:`~vlprune.eval.profiler.presets`: real architectures (LLaVA-1.5-7B, LLaVA-NeXT-7B,
   Qwen2-VL-7B, Qwen2.5-VL-7B and ``-mini`` twins) with random weights, and synthetic inputs;

@@ -1,4 +1,4 @@
-"""FLOPs of a (pruned) VLM run, three ways (specs/peers_and_flops.md §7).
+"""FLOPs of a (pruned) VLM run, three ways (README: "Profiling: FLOPs, latency, memory").
 
 1. **Paper-compatible** (:func:`paper_macs`): the FastV per-layer formula
    ``4·n·d² + 2·n²·d + 2·n·d·m`` summed over the decoder layers with each layer's own token

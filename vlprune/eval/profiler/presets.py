@@ -225,6 +225,18 @@ def image_geometry(config: PretrainedConfig, family: str, image_size: tuple[int,
                          grid_thw=grid)
 
 
+def _word_ids(config: PretrainedConfig, gen: torch.Generator, n: int) -> list[int]:
+    """``n`` random ordinary token ids of ``config``'s vocabulary (see :func:`synthetic_inputs`)."""
+    high = min(1000, config.get_text_config().vocab_size)
+    special = {
+        getattr(cfg, key, None) for cfg in (config, config.get_text_config())
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    words = torch.tensor([i for i in range(min(12, high // 2), high) if i not in special])
+    return words[torch.randint(len(words), (n,), generator=gen)].tolist()
+
+
 def synthetic_inputs(config: PretrainedConfig, family: str, *, image_size: tuple[int, int],
                      text_tokens: int = 64, batch: int = 1, seed: int = 0,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -232,8 +244,9 @@ def synthetic_inputs(config: PretrainedConfig, family: str, *, image_size: tuple
     """A batch of identical prompts: one image and ``text_tokens`` other tokens each.
 
     LLaVA / NeXT / OneVision: ``[bos, image x N, words]``; Qwen: ``[vision_start, image_pad x N,
-    vision_end, words]``. Words are random ids in [12, 1000): ordinary tokens in every
-    vocabulary used here. Pixels are standard normal (cost does not depend on them).
+    vision_end, words]``. Words are random ids below ``min(1000, vocab_size)``, from 12 up
+    (fewer only in a tiny vocabulary), never one of the config's special token ids. Pixels are
+    standard normal (cost does not depend on them).
     """
     geom = image_geometry(config, family, image_size)
     gen = torch.Generator().manual_seed(seed)
@@ -245,7 +258,7 @@ def synthetic_inputs(config: PretrainedConfig, family: str, *, image_size: tuple
     else:
         head, tail = [int(config.vision_start_token_id)], [int(config.vision_end_token_id)]
     n_words = max(0, text_tokens - len(head) - len(tail))
-    words = torch.randint(12, 1000, (n_words,), generator=gen).tolist()
+    words = _word_ids(config, gen, n_words)
     ids = torch.tensor([head + [image_id] * geom.tokens + tail + words] * batch)
     inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     vision = config.vision_config

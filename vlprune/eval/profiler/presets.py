@@ -128,7 +128,10 @@ PRESETS: dict[str, Preset] = {
 
 _FULL = {"llava": "llava-1.5-7b", "llava_next": "llava-next-7b", "qwen2_vl": "qwen2-vl-7b",
          "qwen2_5_vl": "qwen2.5-vl-7b", "qwen3_vl": "qwen3-vl-8b",
-         "qwen3_vl_moe": "qwen3-vl-30b-a3b", "llava_onevision": "llava-onevision-7b"}
+         "qwen3_vl_moe": "qwen3-vl-30b-a3b", "llava_onevision": "llava-onevision-7b",
+         "qwen3_5": "qwen3-vl-8b"}
+"""Family → the preset whose default image a checkpoint of that family gets (Qwen3.5, which has
+no preset, shares Qwen3-VL's vision geometry; the profiler then refuses its hybrid decoder)."""
 
 
 @dataclass

@@ -17,10 +17,10 @@ inside the vision encoder, or in the decoder: what the last decoder layer sees),
 
 :meth:`KeptView.pixel_mask` maps a grid onto image pixels. How a grid covers the image is the
 processor's doing (``fit``): ``"stretch"`` (the grid spans the whole image: LLaVA-NeXT /
-OneVision thumbnail and unpadded canvas, Qwen's resize), ``"crop"`` (the centred square of side ``min(W, H)``:
-CLIP's resize-shortest-edge + centre crop, the Hugging Face LLaVA-1.5 default) or ``"pad"``
-(the image padded to a centred square, the original LLaVA-1.5 code); :func:`processor_fit`
-reads it off an image processor.
+OneVision thumbnail and unpadded canvas, Qwen's resize), ``"crop"`` (the centred square of side
+``min(W, H)``: CLIP's resize-shortest-edge + centre crop, the Hugging Face LLaVA-1.5 default) or
+``"pad"`` (the image padded to a centred square, the original LLaVA-1.5 code);
+:func:`processor_fit` reads it off an image processor.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def test_both_list_syntaxes_give_the_same_list() -> None:
     assert ratios == [0.25, 64] and isinstance(ratios[1], int)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["profile"], ["methods"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["profile"], ["methods"], ["show"]])
 def test_help_is_plain_text(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """``--help`` shows no reStructuredText / Sphinx markup."""
     with pytest.raises(SystemExit) as info:

@@ -178,15 +178,27 @@ def test_show_command_on_the_toy_model(tmp_path, capsys):
     assert Image.open(out).width > Image.open(out.with_name("show_fastv.png")).width
 
 
-def test_show_command_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="no image file"):
-        cli_main(["show", str(tmp_path / "missing.png")])
+@pytest.mark.parametrize(("args", "message"), [
+    (["{missing}"], "no image file"),
+    (["{image}", "--budget", "0"], "expected an int ≥ 1"),
+    (["{image}", "--ratio", "1.5"], "fraction in (0, 1]"),
+    (["{image}", "--methods", "uniform,nosuch"], "unknown `method`"),
+    (["{image}", "--model", "llava-1.5-13b"], "unknown preset"),
+    (["{image}", "--model", "timm:vit_base_patch16_224"], "timm models"),
+    (["{image}", "--size", "4"], "expected an int ≥ 8"),
+    (["{image}", "--out", "{folder}"], "is a folder"),
+])
+def test_show_command_rejects_bad_input(tmp_path, capsys, args, message):
+    """Every bad argument ends ``vlprune show`` while parsing: exit code 2, one line on stderr
+    naming the problem, no model loaded."""
     image = tmp_path / "photo.png"
     tiny_image(2).save(image)
-    with pytest.raises(ValueError, match="budget"):
-        cli_main(["show", str(image), "--budget", "0", "--methods", "uniform"])
-    with pytest.raises(ValueError, match="unknown `method`"):
-        cli_main(["show", str(image), "--methods", "uniform,nosuch"])
+    names = {"missing": tmp_path / "missing.png", "image": image, "folder": tmp_path}
+    with pytest.raises(SystemExit) as info:
+        cli_main(["show", *(a.format(**names) for a in args)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_full_size_preset_runs_as_its_mini_twin():

@@ -18,12 +18,13 @@ import vlprune
 from tests.helpers import cached_model as _model
 from vlprune.adapters import ImageLayout
 from vlprune.keptmap import kept_image, layout_views, processor_fit
-from vlprune.testing import FAMILIES, tiny_inputs, tiny_processor
+from vlprune.testing import FAMILIES, tiny_image, tiny_inputs, tiny_model, tiny_processor
 
 # Per family: kept local indices of the ``fixed`` oracle and the (view, row, col) cells they
-# are, by hand. LLaVA: 6x6 grid. NeXT (150x100 image): 6x6 thumbnail (0..35), then an 8x12
-# high-res canvas whose row r starts at 36 + 13r (12 cells + 1 newline: 48 is row 0's newline).
-# Qwen (168x112 image): 4x6 merged tokens.
+# are, by hand. LLaVA: 6x6 grid. NeXT and OneVision (150x100 image): 6x6 thumbnail (0..35),
+# then an 8x12 high-res canvas whose row r starts at 36 + 13r (12 cells + 1 newline: 48 is row
+# 0's newline). Qwen (168x112 image; Qwen3-VL / Qwen3.5: 192x128 at patch 16): 4x6 merged
+# tokens.
 FIXED = {
     "llava": ([0, 7, 20, 35], [("image", 0, 0), ("image", 1, 1), ("image", 3, 2),
                                 ("image", 5, 5)]),
@@ -32,6 +33,12 @@ FIXED = {
                     ("high-res", 0, 11), ("high-res", 7, 11)]),
     "qwen2_vl": ([1, 6, 23], [("image", 0, 1), ("image", 1, 0), ("image", 3, 5)]),
     "qwen2_5_vl": ([0, 11, 12], [("image", 0, 0), ("image", 1, 5), ("image", 2, 0)]),
+    "qwen3_vl": ([2, 7, 21], [("image", 0, 2), ("image", 1, 1), ("image", 3, 3)]),
+    "qwen3_vl_moe": ([0, 5, 18], [("image", 0, 0), ("image", 0, 5), ("image", 3, 0)]),
+    "qwen3_5": ([4, 13, 23], [("image", 0, 4), ("image", 2, 1), ("image", 3, 5)]),
+    "llava_onevision": ([0, 20, 36 + 13 * 2 + 5, 36 + 13 * 4 + 12, 36 + 13 * 7],
+                        [("thumbnail", 0, 0), ("thumbnail", 3, 2), ("high-res", 2, 5),
+                         ("high-res", 7, 0)]),
 }
 
 
@@ -130,6 +137,9 @@ def _rope_rows(model, inputs, layer: int) -> torch.Tensor:
     ("llava_next", "todre", {"tau": 1.0}),
     ("qwen2_vl", "flowcut", {}),
     ("qwen2_5_vl", "fastv", {}),
+    ("qwen3_vl", "fastv", {}),  # decoder cut before the last DeepStack layer
+    ("qwen3_5", "fastv", {}),  # decoder cut reaching a linear-attention layer
+    ("llava_onevision", "flowcut", {}),  # SigLIP encoder cut (global query), then the LLM step
 ])
 def test_cuts_keep_the_rows_of_the_last_layer(family, method, options):
     """Kept tokens = the image positions whose rotary embedding (unique per original position:
@@ -149,6 +159,53 @@ def test_cuts_keep_the_rows_of_the_last_layer(family, method, options):
         assert stats.kept_tokens == [0, 0]
     else:
         assert all(0 < n < stats.visual_tokens[0] for n in stats.kept_tokens)
+
+
+def _onevision_run(aspect_ratio: str, texts: list[str], images: list, indices: list[int]):
+    """Kept images of ``fixed`` on a tiny OneVision model and processor set to
+    ``aspect_ratio``."""
+    model = tiny_model("llava_onevision", vision_aspect_ratio=aspect_ratio)
+    processor = tiny_processor("llava_onevision")
+    processor.vision_aspect_ratio = aspect_ratio
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    with vlprune.patch(model, "fixed", budget=100, indices=indices) as handle, torch.no_grad():
+        model(**inputs)
+        return handle.kept_images()
+
+
+def test_onevision_downsampled_canvas():
+    """``anyres_max_1`` downsamples the 8x12 patch canvas of a 150x100 image to 4x7 tokens
+    (row r starts at 36 + 8r, its newline last): the high-res view is that token canvas,
+    stretched over the image like the thumbnail. 150x100 px: token (0, 0) covers x < 150/7, y
+    < 25 (21 x 25 pixel centres), token (1, 6) x ≥ 6·150/7, 25 ≤ y < 50 (21 x 25)."""
+    (image,) = _onevision_run("anyres_max_1", ["<s> <image> w1 w2"],
+                              [tiny_image(0, (150, 100))], [1, 36, 36 + 8 + 6, 36 + 8 * 3 + 7])
+    assert image.layout.highres_source == (8, 12)
+    assert [(v.name, tuple(v.kept.shape)) for v in image.views] == [
+        ("thumbnail", (6, 6)), ("high-res", (4, 7))]
+    assert _cells(image) == {("thumbnail", 0, 1), ("high-res", 0, 0), ("high-res", 1, 6)}
+    assert image.n_kept == 4  # the newline counts, on no cell
+    mask = image.pixel_masks(150, 100)["high-res"]
+    expected = torch.zeros(100, 150, dtype=torch.bool)
+    expected[:25, :21] = True
+    expected[25:50, 129:] = True
+    assert torch.equal(mask, expected)
+
+
+def test_onevision_multi_image_prompt():
+    """Sample 0 holds two images (each a 6x6 thumbnail + one newline, index 36), sample 1 one
+    AnyRes 96x96 image (6x6 thumbnail, then a 12x12 canvas from index 36): every image keeps
+    indices 0, 35 and 36, on cells listed by hand; the multi-image newline is on no cell."""
+    images = [[tiny_image(0, (150, 100)), tiny_image(1, (100, 150))], [tiny_image(2, (96, 96))]]
+    kept = _onevision_run("anyres_max_9", ["<s> <image> w1 <image> w2", "<s> <image> w3 w4"],
+                          images, [0, 35, 36])
+    assert [image.sample for image in kept] == [0, 0, 1]
+    assert [image.n_tokens for image in kept] == [37, 37, 36 + 12 * 13]
+    for image in kept[:2]:
+        assert [view.name for view in image.views] == ["image"]
+        assert _cells(image) == {("image", 0, 0), ("image", 5, 5)}
+    assert _cells(kept[2]) == {("thumbnail", 0, 0), ("thumbnail", 5, 5), ("high-res", 0, 0)}
+    assert all(image.kept.tolist() == [0, 35, 36] for image in kept)
 
 
 def test_fixed_layer_on_merged_tokens():
@@ -236,6 +293,8 @@ def test_processor_fit():
     assert processor_fit(tiny_processor("llava").image_processor) == "crop"
     assert processor_fit(tiny_processor("llava_next").image_processor) == "stretch"
     assert processor_fit(tiny_processor("qwen2_vl").image_processor) == "stretch"
+    assert processor_fit(tiny_processor("llava_onevision").image_processor) == "stretch"
+    assert processor_fit(tiny_processor("qwen3_vl").image_processor) == "stretch"
     assert processor_fit(LlavaImageProcessorPil(do_pad=True)) == "pad"
     odd = CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224,
                                                                         "width": 224})

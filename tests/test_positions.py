@@ -42,14 +42,17 @@ def test_renumber_by_hand() -> None:
 
 # (method, family, prompt seed, patch keyword arguments, renumbering changes the kept tokens):
 # decoder cuts (three, one), a vision-side cut before a decoder cut (FlowCut's LLaVA-NeXT path),
-# vision-side cuts alone. Where the kept tokens change, a later cut scored on original
-# positions would keep the original-position run's tokens, not the oracle's.
+# vision-side cuts alone; LLaVA-OneVision (Qwen2 language model, 1-D RoPE) with both. Where the
+# kept tokens change, a later cut scored on original positions would keep the original-position
+# run's tokens, not the oracle's.
 CASES = [
     ("transprune", "llava", 1, {"budget": 11, "layers": (1, 2, 3)}, True),
     ("fastv", "llava", 0, {"budget": 4}, False),
     ("flowcut", "llava_next", 0, {"budget": 12}, True),
     ("hiprune", "llava", 0, {"budget": 7}, False),
     ("flowcut", "llava", 0, {"budget": 6}, False),
+    ("flowcut", "llava_onevision", 0, {"budget": 12}, True),  # Qwen2 LM, SigLIP encoder cut
+    ("fastv", "llava_onevision", 1, {"budget": 5}, False),
 ]
 
 
@@ -248,12 +251,21 @@ def test_keep_all_equals_unpatched(method: str, family: str) -> None:
         assert torch.equal(generate(model, inputs), ref_tokens)
 
 
-def test_bad_positions_raise_before_any_hook() -> None:
-    """An unknown value, or renumbering a model with M-RoPE positions, raises ``ValueError``
-    naming ``positions``; nothing is installed."""
+def test_unknown_positions_raise_before_any_hook() -> None:
+    """An unknown value raises ``ValueError`` naming ``positions``; nothing is installed."""
+    model = cached_model("llava")
     with pytest.raises(ValueError, match="positions"):
-        vlprune.patch(cached_model("llava"), "fastv", budget=4, positions="contiguous")
-    qwen = cached_model("qwen2_vl")
+        vlprune.patch(model, "fastv", budget=4, positions="contiguous")
+    assert vlprune.get_handle(model) is None
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                                    "qwen3_5"])
+def test_renumber_refuses_mrope_before_any_hook(family: str) -> None:
+    """Renumbering a model with M-RoPE positions (Qwen-VL, Qwen3.5) raises ``ValueError``
+    naming ``positions``; nothing is installed."""
+    qwen = cached_model(family)
+    assert get_adapter(qwen).rope == "mrope"
     with pytest.raises(ValueError, match=r"positions='renumber'.*M-RoPE"):
-        vlprune.patch(qwen, "transprune", budget=4, positions="renumber")
+        vlprune.patch(qwen, "fastv", budget=4, positions="renumber")
     assert vlprune.get_handle(qwen) is None

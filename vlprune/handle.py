@@ -2,7 +2,8 @@
 
 :class:`PatchHandle` builds the cuts a method needs (``vlprune.hooks``), installs them, turns
 their records into :class:`PruneStats` and removes them again. :func:`registered` /
-:func:`register` keep the one active handle of each patched model.
+:func:`register` keep the one active handle of each patched model, and
+:func:`check_not_patched` refuses a second one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ def registered(model: nn.Module) -> PatchHandle | None:
 def register(handle: PatchHandle) -> None:
     """Make ``handle`` the one of its model."""
     _PATCHED[handle.model] = weakref.ref(handle)
+
+
+class AlreadyPatchedError(RuntimeError):
+    """Raised when patching a model that vlprune already patched."""
+
+
+def check_not_patched(model: nn.Module) -> None:
+    """:class:`AlreadyPatchedError` if ``model`` has an active patch (every ``patch`` path runs
+    this check)."""
+    existing = registered(model)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched ({existing!r}); call "
+            "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
+        )
 
 
 @dataclass
@@ -111,7 +127,8 @@ class PatchHandle(PatchPart):
         self._encoder: EncoderCut | None = None
         encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
         if encoder_layers:
-            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
+            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder,
+                                       method.check_encoder_layouts)
             self._calls.encoder = self._encoder
         self._needs_encode = self._encoder is not None or any(
             getattr(probe, "vision", False) for probe in self._probes.values()

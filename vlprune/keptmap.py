@@ -6,18 +6,21 @@ inside the vision encoder, or in the decoder: what the last decoder layer sees),
 :class:`KeptView` per token grid of the image, read from the adapter's
 :class:`~vlprune.adapters.base.ImageLayout` alone:
 
-- ``grid`` (``frames`` of them): the whole image (LLaVA-1.5), the thumbnail (LLaVA-NeXT), one
-  frame of merged 2×2 patches (Qwen2-VL / Qwen2.5-VL);
-- ``highres`` (LLaVA-NeXT): the unpadded high-res canvas; its newline tokens (one per row) and
-  any prefix token (CLS under the ``full`` strategy) have no place on the image: they count as
-  kept tokens but belong to no view.
+- ``grid`` (``frames`` of them): the whole image (LLaVA-1.5; an image of a LLaVA-OneVision
+  multi-image prompt), the thumbnail (LLaVA-NeXT, LLaVA-OneVision), one frame of merged 2×2
+  patches (Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5);
+- ``highres`` (LLaVA-NeXT, LLaVA-OneVision): the unpadded high-res canvas of tokens (OneVision's
+  ``anyres_max`` canvas after its downsampling; it still spans the unpadded image). Newline
+  tokens (one per canvas row, or one after a multi-image thumbnail) and any prefix token (CLS
+  under the ``full`` strategy) have no place on the image: they count as kept tokens but belong
+  to no view.
 
 :meth:`KeptView.pixel_mask` maps a grid onto image pixels. How a grid covers the image is the
-processor's doing (``fit``): ``"stretch"`` (the grid spans the whole image: LLaVA-NeXT thumbnail
-and unpadded canvas, Qwen's resize), ``"crop"`` (the centred square of side ``min(W, H)``:
-CLIP's resize-shortest-edge + centre crop, the Hugging Face LLaVA-1.5 default) or ``"pad"``
-(the image padded to a centred square, the original LLaVA-1.5 code); :func:`processor_fit`
-reads it off an image processor.
+processor's doing (``fit``): ``"stretch"`` (the grid spans the whole image: LLaVA-NeXT /
+OneVision thumbnail and unpadded canvas, Qwen's resize), ``"crop"`` (the centred square of side
+``min(W, H)``: CLIP's resize-shortest-edge + centre crop, the Hugging Face LLaVA-1.5 default) or
+``"pad"`` (the image padded to a centred square, the original LLaVA-1.5 code);
+:func:`processor_fit` reads it off an image processor.
 """
 
 from __future__ import annotations

@@ -225,17 +225,24 @@ def test_next_layer_probe_equals_the_layers_own_attention(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
     """Kept visual tokens after the last cut == the budget; batch-2 greedy generation runs; a
-    budget above the visual count equals the unpatched model (logits atol 1e-5, tokens)."""
+    budget above the visual count equals the unpatched model (logits atol 1e-5, tokens).
+    Qwen3.5 (hybrid decoder) refuses the official schedule scaled to 4 layers (cuts at 1, 2:
+    not after its first full-attention layer) and runs one stage at layer 2."""
     model = cached_model(family)
     inputs = tiny_inputs(family, batch=2)
+    options: dict = {}
+    if get_adapter(model).recurrent_layers:
+        with pytest.raises(ValueError, match="after layer 1"):
+            vlprune.patch(model, "transprune", budget=4)
+        options = {"layers": (2,), "ratios": (0.5,)}
     with torch.no_grad():
         ref_logits = model(**inputs).logits
         ref_tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    with vlprune.patch(model, "transprune", budget=4) as handle:
+    with vlprune.patch(model, "transprune", budget=4, **options) as handle:
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=5, do_sample=False)
         assert handle.stats.kept_tokens == [4, 4]
-    with vlprune.patch(model, "transprune", budget=BIG), torch.no_grad():
+    with vlprune.patch(model, "transprune", budget=BIG, **options), torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)

@@ -3,12 +3,14 @@
 Runs one prefill per method on one image and prompt, reads the tokens alive after the method's
 last cut (:meth:`vlprune.PatchHandle.kept_images`) and writes a PNG: one cell per method, titled
 with the kept count, the image with kept patches in full colour and pruned ones dimmed (one panel
-per token grid: LLaVA-NeXT shows its thumbnail and its high-res canvas).
+per token grid: LLaVA-NeXT and LLaVA-OneVision show their thumbnail and their high-res
+canvas).
 
 Models (:func:`~vlprune.eval.showcase.load_showcase`): ``toy`` (the shipped trained toy LLaVA), a
 profiler preset (random weights; a full-size preset runs as its ``-mini`` twin, which has the
-same token geometry and depths), or a local directory / hub id of a LLaVA-1.5, LLaVA-NeXT,
-Qwen2-VL or Qwen2.5-VL checkpoint.
+same token geometry and depths), or a local directory / hub id of a checkpoint of a supported
+family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+Qwen3.5).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 import vlprune
 from vlprune.budget import Budget
+from vlprune.cli_args import (
+    CommandError,
+    SplitList,
+    budget_value,
+    int_at_least,
+    method_name,
+    torch_device,
+)
+from vlprune.eval.profiler.cli import model_source
 from vlprune.eval.showcase import Showcase, load_showcase
 from vlprune.keptmap import FITS, KeptImage
 from vlprune.registry import get_method
@@ -48,8 +59,9 @@ def keep_maps(
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, KeptImage | str]:
     """Per method, the :class:`~vlprune.keptmap.KeptImage` of ``image`` after one prefill of
-    ``text`` (default: the showcase's), or why the method could not run on the model.
-    ``options[method]``: that method's keyword options."""
+    ``text`` (default: the showcase's), or why the method could not run on the model or on this
+    image (its ``TypeError`` / ``ValueError`` at patch, its ``NotImplementedError`` in the
+    prefill). ``options[method]``: that method's keyword options."""
     Budget(tokens=budget, ratio=ratio)  # bad values raise here, not once per method
     for name in methods:
         get_method(name)
@@ -65,11 +77,15 @@ def keep_maps(
         try:
             handle = vlprune.patch(model, name, budget=budget, ratio=ratio,
                                    **(options or {}).get(name, {}))
-        except ValueError as err:  # the method does not support this model family
+        except (TypeError, ValueError) as err:  # the method does not support this model
             out[name] = str(err)
             continue
         with handle:
-            model(**inputs)
+            try:
+                model(**inputs)
+            except NotImplementedError as err:  # nor this image (FlowCut, OneVision anyres_max)
+                out[name] = str(err)
+                continue
             out[name] = handle.kept_images()[0]
     return out
 
@@ -158,57 +174,91 @@ def _shown(kept: dict[str, KeptImage | str]) -> dict[str, KeptImage]:
     return {name: result for name, result in kept.items() if not isinstance(result, str)}
 
 
-def _methods(values: Sequence[str] | None) -> list[str]:
-    if not values:
-        return vlprune.list_methods()
-    return [name for value in values for name in value.split(",") if name]
+def _image_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no image file {text!r}")
+    return path
+
+
+def _ratio(text: str) -> float:
+    value = budget_value(text)
+    if not isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"--ratio is a kept fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _model(text: str) -> str:
+    if text.startswith("timm:"):
+        raise argparse.ArgumentTypeError("vlprune show draws what a VLM keeps; timm models are "
+                                         "patched from Python (handle.kept_indices)")
+    return "toy" if text == "toy" else model_source(text)
+
+
+def _png(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"--out {text!r} is a folder; give a .png file name")
+    return path
+
+
+DESCRIPTION = """\
+What each pruning method keeps of one image, drawn on the image: one prefill per method, then a
+PNG with one cell per method, titled with the kept count; kept patches in full colour, pruned
+ones dimmed (LLaVA-NeXT shows its thumbnail and its high-res canvas). For decoder-side methods
+the tokens alive after the last cut are shown. --model: toy (the shipped trained toy LLaVA), a
+profiler preset (random weights; a full-size preset runs as its -mini twin, same token geometry
+and depths), or a checkpoint folder / hub id. Lists take spaces or commas."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``vlprune show`` on the ``vlprune`` sub-command parser."""
+    """Register ``vlprune show`` on the ``vlprune`` sub-command parser; every argument is
+    checked while parsing."""
     show = sub.add_parser(
         "show", help="draw the image patches each method keeps (one PNG, one cell per method)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
-    show.add_argument("image", type=Path, help="image file")
-    show.add_argument("--model", default="toy",
-                      help="toy (default), a profiler preset, or a checkpoint path / hub id")
-    show.add_argument("--methods", nargs="+", default=None,
-                      help="methods, space- or comma-separated (default: all registered)")
+    show.add_argument("image", type=_image_file, help="image file")
+    show.add_argument("--model", type=_model, default="toy",
+                      help="toy (default), a profiler preset, or a checkpoint folder / hub id")
+    show.add_argument("--methods", action=SplitList, item=method_name, default=None,
+                      help="methods to draw (default: every registered method)")
     amount = show.add_mutually_exclusive_group()
-    amount.add_argument("--budget", type=int, default=None, help="tokens kept (default 64)")
-    amount.add_argument("--ratio", type=float, default=None, help="kept fraction instead")
+    amount.add_argument("--budget", type=int_at_least(1), default=None,
+                        help="visual tokens kept per image (default 64)")
+    amount.add_argument("--ratio", type=_ratio, default=None,
+                        help="kept fraction in (0, 1] instead of --budget")
     show.add_argument("--prompt", default=None, help="the text after the image")
     show.add_argument("--fit", choices=("auto", *FITS), default="auto",
                       help="how the processor lays the image onto the token grid "
                            "(default: read from the processor)")
-    show.add_argument("--size", type=int, default=336, help="longer side of a panel in px")
-    show.add_argument("--columns", type=int, default=5, help="cells per row")
+    show.add_argument("--size", type=int_at_least(8), default=336,
+                      help="longer side of a panel in px (default 336)")
+    show.add_argument("--columns", type=int_at_least(1), default=5,
+                      help="cells per row (default 5)")
     show.add_argument("--split", action="store_true",
                       help="also write one PNG per method (OUT_<method>.png)")
-    show.add_argument("--device", default="cpu")
-    show.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    show.add_argument("--out", type=Path, default=Path("vlprune_show.png"),
+    show.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    show.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
+    show.add_argument("--out", type=_png, default=Path("vlprune_show.png"),
                       help="PNG to write (default ./vlprune_show.png)")
     show.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> None:
-    """Run ``vlprune show`` from parsed arguments."""
-    if not args.image.is_file():
-        raise SystemExit(f"no image file {args.image}")
-    if args.size < 8 or args.columns < 1:
-        raise SystemExit("--size must be ≥ 8 and --columns ≥ 1")
+def main(args: argparse.Namespace) -> int:
+    """Run ``vlprune show`` from parsed arguments; 0 on success."""
     budget = 64 if args.budget is None and args.ratio is None else args.budget
     image = Image.open(args.image).convert("RGB")
     showcase = load_showcase(args.model, device=args.device, dtype=args.dtype)
     fit = showcase.fit if args.fit == "auto" else args.fit
-    kept = _shown(keep_maps(showcase, image, _methods(args.methods), text=args.prompt,
-                            budget=budget, ratio=args.ratio))
+    kept = _shown(keep_maps(showcase, image, args.methods or vlprune.list_methods(),
+                            text=args.prompt, budget=budget, ratio=args.ratio))
     if not kept:
-        raise SystemExit(f"no method could run on {args.model}")
+        raise CommandError(f"no method could run on {args.model}")
     written = write_pictures(image, kept, args.out, fit=fit, size=args.size,
                              columns=args.columns, split=args.split)
     for name, result in kept.items():
         print(f"{name}: kept {result.n_kept} of {result.n_tokens} tokens")
     print("saved " + ", ".join(map(str, written)))
+    return 0

@@ -3,7 +3,7 @@
 :func:`load_showcase` takes ``toy`` (the shipped trained toy LLaVA), a profiler preset name
 (random weights; a full-size preset runs as its ``-mini`` twin, which has the same token
 geometry and depths, with a processor built for it) or a local directory / hub id of a
-checkpoint (its own processor; Qwen without torchvision through
+checkpoint (its own processor; Qwen and LLaVA-OneVision without torchvision through
 :func:`vlprune.eval.processors.load_processor`).
 """
 
@@ -79,11 +79,20 @@ def _preset_processor(config: Any, family: str) -> Any:
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil,
     )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
-    from vlprune.testing import Qwen2_5_VLProcessorNoVideo, Qwen2VLProcessorNoVideo, tiny_tokenizer
+    from vlprune.testing.processors import (
+        LlavaOnevisionProcessorNoVideo,
+        Qwen2_5_VLProcessorNoVideo,
+        Qwen2VLProcessorNoVideo,
+        Qwen3VLProcessorNoVideo,
+        tiny_tokenizer,
+    )
 
     vision = config.vision_config
     if family in ("llava", "llava_next"):
@@ -97,12 +106,23 @@ def _preset_processor(config: Any, family: str) -> Any:
         images = LlavaNextImageProcessorPil(**sizes,
                                             image_grid_pinpoints=config.image_grid_pinpoints)
         return LlavaNextProcessor(image_processor=images, **common)
+    if family == "llava_onevision":
+        side = vision.image_size
+        images = LlavaOnevisionImageProcessorPil(
+            size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints)
+        return LlavaOnevisionProcessorNoVideo(
+            image_processor=images, tokenizer=tiny_tokenizer(),
+            num_image_tokens=(side // vision.patch_size) ** 2,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio, video_token="<|video_pad|>")
+    factor = (vision.patch_size * vision.spatial_merge_size) ** 2  # pixels of a merged token
     images = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1024},
+        size={"shortest_edge": 4 * factor, "longest_edge": 1024 * factor},
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
     )
-    cls = Qwen2VLProcessorNoVideo if family == "qwen2_vl" else Qwen2_5_VLProcessorNoVideo
+    cls = {"qwen2_vl": Qwen2VLProcessorNoVideo,
+           "qwen2_5_vl": Qwen2_5_VLProcessorNoVideo}.get(family, Qwen3VLProcessorNoVideo)
     return cls(image_processor=images, tokenizer=tiny_tokenizer())
 
 

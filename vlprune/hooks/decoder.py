@@ -30,6 +30,13 @@ padding slots exist (sdpa's ``is_causal`` fast path), is rebuilt for the rows th
 which of those rows are real: in prefill the cut rows, in decode the layer's cache slots
 ``cat(kept_index, arange(L, kv_len))`` read from the 2-D mask the language model got. So no
 layer gets a mask of the uncut length.
+
+Two kinds of model need more (``hooks/deepstack.py``, ``hooks/recurrent.py``): Qwen3-VL adds
+DeepStack features at the image rows after its first decoder layers, so a
+:class:`~vlprune.hooks.calls.Shadow` of ``_deepstack_process`` gathers them to the rows alive
+there; a hybrid decoder's linear-attention layers (Qwen3.5) get a gathered 2-D padding mask in
+prefill and nothing in decode (their recurrent state already holds the kept rows only), whatever
+the attention implementation of its full-attention layers.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter
 from vlprune.compat import layer_cache, output_cache
+from vlprune.hooks.calls import Shadow
+from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.hooks.gather import gather_positions, gather_rows
 from vlprune.hooks.masks import (
     cache_keys,
@@ -53,6 +62,7 @@ from vlprune.hooks.masks import (
     mask_slots,
 )
 from vlprune.hooks.positions import renumber
+from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
 from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
 
@@ -154,16 +164,19 @@ class DecoderCut(PatchPart):
             raise ValueError(
                 f"cut layers {bad} outside 1..{n_layers - 1} (the model has {n_layers})"
             )
+        check_recurrent_cut(adapter, layers)
         self.adapter = adapter
         self.layers = sorted(set(layers))
         self.chooser = chooser
         self.vision = vision
         self.positions = positions
         self.records = CacheRecords("decoder")
+        self.recurrent = adapter.recurrent_layers
 
-    def install(self) -> list[RemovableHandle]:
-        """Register the language-model hooks and one pre-hook per layer ≥ the first cut; no
-        hooks at all when there is no cut layer."""
+    def install(self) -> list[RemovableHandle | Shadow]:
+        """Register the language-model hooks and one pre-hook per layer ≥ the first cut (and,
+        with DeepStack, the shadow of ``_deepstack_process``); no hooks at all when there is no
+        cut layer."""
         if not self.layers:
             return []
         lm = self.adapter.language_model
@@ -175,6 +188,8 @@ class DecoderCut(PatchPart):
             layer = self.adapter.decoder_layers[i]
             hook = partial(self._layer, i)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.adapter.deepstack_mergers:
+            handles.append(Shadow(lm, "_deepstack_process", self._deepstack))
         return handles
 
     @eager_hook
@@ -252,7 +267,7 @@ class DecoderCut(PatchPart):
             counts = state.slots.sum(1).tolist()
         for row, count in zip(state.layer_tokens, counts):
             row[i] = count
-        return self._gather_prefill(args, kwargs, hidden, state)
+        return self._gather_prefill(args, kwargs, hidden, state, i in self.recurrent)
 
     def _choose(self, i: int, state: DecoderState, hidden: torch.Tensor) -> Any:
         """The chooser's answer at cut layer ``i``, or the replayed prefill's, extended by the
@@ -297,7 +312,7 @@ class DecoderCut(PatchPart):
         state.rope = self.adapter.rotary_embedding(hidden, state.positions)
 
     def _gather_prefill(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
-                        state: DecoderState) -> tuple[tuple, dict]:
+                        state: DecoderState, recurrent: bool) -> tuple[tuple, dict]:
         index = state.index
         kwargs = dict(kwargs)
         if args:
@@ -316,7 +331,9 @@ class DecoderCut(PatchPart):
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if recurrent:
+            kwargs["attention_mask"] = recurrent_mask(mask, index, state.slots)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = gather_mask_4d(mask, index, index)
             if state.slots is not None:
                 mask = mask_slots(mask, state.slots, state.slots)
@@ -342,6 +359,8 @@ class DecoderCut(PatchPart):
         return mask
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if i in self.recurrent:
+            return None
         state = self.current
         shift = state.layer_shift.get(i)
         mask = self._decode_mask(i, args, kwargs)
@@ -391,6 +410,25 @@ class DecoderCut(PatchPart):
         else:
             return None
         return mask
+
+    def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Shadow of the text model's ``_deepstack_process``: run it on the DeepStack inputs
+        of the rows alive after the layer that just ran."""
+        return original(*self._deepstack_inputs(*args, **kwargs))
+
+    @eager_hook
+    def _deepstack_inputs(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                          visual_embeds: torch.Tensor) -> tuple[Any, ...]:
+        """``_deepstack_process``'s arguments with the mask (B, L) and features (V, D) of the
+        LM input narrowed to this prefill's current rows (unchanged outside a prefill)."""
+        state = self.current
+        if state is None or not self._prefill:
+            return hidden_states, visual_pos_masks, visual_embeds
+        alive = state.slots if state.slots is not None else torch.ones_like(state.valid)
+        mask, (embeds,) = gather_deepstack(
+            visual_pos_masks.to(state.index.device), [visual_embeds], state.index, alive
+        )
+        return hidden_states, mask, embeds
 
 
 def _position_ids(kwargs: dict) -> torch.Tensor:

@@ -5,7 +5,8 @@
 real rows of each sequence are numbered ``p0, p0 + 1, …`` in order (``p0``: the position of the
 sequence's first real row, 0 under ``generate``), and every later token (decode steps, follow-up
 turns) continues right after the renumbered prompt: its position moves down by the sequence's
-``shift``, how far the last prompt token moved. 1-D RoPE positions only (LLaMA / Vicuna):
+``shift``, how far the last prompt token moved. 1-D RoPE positions only (LLaMA / Vicuna, and
+LLaVA-OneVision's Qwen2):
 ``vlprune.patch`` refuses ``"renumber"`` on M-RoPE (Qwen) models.
 """
 

@@ -3,9 +3,10 @@
 A pre-hook on the language model. In a prefill it asks the selector which image tokens to keep
 and gathers ``inputs_embeds``, the 2-D ``attention_mask`` and ``position_ids`` (original
 positions, 1-D or M-RoPE; with ``positions="renumber"``, 1-D positions renumbered contiguously,
-``hooks/positions.py``); rows of a batch that keep different counts are left-padded (masked)
-to the longest row. Where the images are comes from the call tracker (``hooks/calls.py``):
-``input_ids``, or the placeholder embeddings of ``inputs_embeds``.
+``hooks/positions.py``), and Qwen3-VL's DeepStack inputs with them (``hooks/deepstack.py``);
+rows of a batch that keep different counts are left-padded (masked) to the longest row. Where
+the images are comes from the call tracker (``hooks/calls.py``): ``input_ids``, or the
+placeholder embeddings of ``inputs_embeds``.
 
 What a prefill decided is a :class:`PrefillRecord`: the running forward's record (read by the
 decoder cut, the loss and ``handle.stats``) and its KV cache's record. Every later forward on
@@ -40,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.adapters.base import Adapter
 from vlprune.compat import CACHE_KWARG, layer_cache, output_cache
 from vlprune.hooks.calls import CallTracker, Encode, ForwardInputs
+from vlprune.hooks.deepstack import gather_deepstack_inputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
 from vlprune.hooks.images import ImageTokens, kept_rows, prompt_layouts, split_images
 from vlprune.hooks.positions import renumber
@@ -265,7 +267,7 @@ class VisionCut(PatchPart):
         if self.positions == "renumber":
             kwargs["position_ids"], record.shift = renumber(kwargs["position_ids"],
                                                             record.mask.bool())
-        return kwargs
+        return gather_deepstack_inputs(kwargs, record.index, record.valid)
 
     @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:

@@ -16,6 +16,7 @@ import torch
 from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, Method, keep_rows, last_rows
+from vlprune.options import IntOption, declare
 from vlprune.registry import register_method
 
 
@@ -32,11 +33,10 @@ class FastV(Method):
     scope = "request"
     paper = "FastV, ECCV 2024 (arXiv 2403.06764)"
     repo = "https://github.com/pkunlp-icler/FastV"
-
-    def __init__(self, *, layer: int = 2) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"`layer` must be an int ≥ 1, got {layer!r}")
-        self.layer = layer
+    options = declare(
+        layer=IntOption(2, "decoder layer K (0-based) at whose input visual tokens are cut; "
+                        "the last token's attention at layer K-1 ranks them", minimum=1),
+    )
 
     def cut_layers(self, n_layers: int) -> list[int]:
         """[K]."""

@@ -54,7 +54,11 @@ FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: an
 Qwen: the global query attends within each image (the official flattens all images together) and
 whole 2×2 merge groups are dropped (the official drops single patches, so its merger
 concatenates four unrelated survivors); the count formula runs in merge groups. Qwen2.5-VL (no
-official code) is handled in window order with remapped window boundaries. Any batch size, left
+official code) is handled in window order with remapped window boundaries. Encoders without CLS
+(Qwen, LLaVA-OneVision's SigLIP) take the Qwen rules: global query, no semantic term, cut
+through the last layer. Qwen3-VL: a unit cut in the ViT also leaves every later DeepStack
+feature (zeros, never reaching the LLM). LLaVA-OneVision canvases downsampled by ``anyres_max``
+raise ``NotImplementedError`` (a token mixes several cut-or-kept patches). Any batch size, left
 padding, sdpa and eager. An image nothing was pruned from keeps every token (newlines included),
 so a budget above every image's size equals the unpatched model.
 """
@@ -67,7 +71,7 @@ from typing import Any
 
 import torch
 
-from vlprune.adapters.base import Adapter
+from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.signals import TextQKV, VisionQKV, masked_softmax
 from vlprune.kernels import select_topk
@@ -80,6 +84,7 @@ from vlprune.methods.base import (
     keep_rows_padded,
     last_rows,
 )
+from vlprune.options import FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 QWEN_ENTROPY_EPS = 1e-7
@@ -105,15 +110,18 @@ def prune_count(n: int, target: int, remaining: int, relevance: torch.Tensor, ep
 def clip_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut scores of one CLIP crop from its (H, 1 + n, d) q, k, v (CLS first).
+    """FlowCut scores of one CLIP crop from its q (H, 1 + n, d), k and v (H, 1 + n + c, d): CLS
+    first, then the patches, then any context rows (timm register tokens: in both softmaxes,
+    never scored).
 
     Returns the (n,) patch scores ``(a/Σa + sem/Σsem) · ‖mean_h v‖₁`` and the (n,) CLS
     attention ``a`` over the patches (head mean, softmax over all rows).
     """
     q, k, v = q.float(), k.float(), v.float()
-    attention = ((q[:, :1] @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:]
-    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:]
-    density = v.mean(0)[1:].abs().sum(-1)
+    rows = q.shape[1]
+    attention = ((q[:, :1] @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:rows]
+    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:rows]
+    density = v[:, 1:rows].mean(0).abs().sum(-1)
     score = (attention / attention.sum() + semantic / semantic.sum()) * density
     return score, attention
 
@@ -121,15 +129,17 @@ def clip_scores(
 def global_query_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut-Qwen scores of one frame from its (H, R, d) q, k, v (R = group · n rows).
+    """FlowCut-Qwen scores of one frame from its q (H, R, d), k and v (H, R + c, d) (R = group ·
+    n rows, then any context rows: timm register tokens, in the softmax, never scored).
 
     Returns the (n,) merge-group scores (mean over the group's rows of
     ``attention · ‖mean_h v‖₁``) and the (R,) global-query attention (head mean).
     """
     q, k, v = q.float(), k.float(), v.float()
+    n_rows = q.shape[1]
     query = q.mean(dim=1, keepdim=True)
-    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0]
-    rows = attention * v.mean(0).abs().sum(-1)
+    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, :n_rows]
+    rows = attention * v[:, :n_rows].mean(0).abs().sum(-1)
     return rows.view(-1, group).mean(1), attention
 
 
@@ -163,27 +173,28 @@ class FlowCut(Method):
     scope = "image"
     paper = "FlowCut, NeurIPS 2025 (arXiv 2505.19536)"
     repo = "https://github.com/TungChintao/FlowCut"
+    options = declare(
+        llm_layer=IntOption(1, "decoder layer whose attention scores the LLM step and whose "
+                            "output is cut (checked on every model; unused on LLaVA-1.5, "
+                            "whose encoder cut reaches the budget)", minimum=0),
+        history=FloatOption(0.5, "weight of the running score carried between encoder "
+                            "layers", low=0, high=1, high_open=True),
+        stride=IntOption(2, "encoder layers between two prune steps", minimum=1),
+    )
 
-    def __init__(self, *, llm_layer: int = 1, history: float = 0.5, stride: int = 2) -> None:
-        if isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or llm_layer < 0:
-            raise ValueError(f"`llm_layer` must be an int ≥ 0, got {llm_layer!r}")
-        if isinstance(history, bool) or not isinstance(history, (int, float)) or not (
-            0.0 <= history < 1.0
-        ):
-            raise ValueError(f"`history` must be a float in [0, 1), got {history!r}")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"`stride` must be an int ≥ 1, got {stride!r}")
-        self.llm_layer = llm_layer
-        self.history = float(history)
-        self.stride = stride
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
-        """LLaVA-1.5's encoder already reaches the budget: no LLM step there."""
+        """LLaVA-1.5's encoder already reaches the budget: no LLM step there, nor on a timm ViT
+        (one sequence per image, no language model)."""
         super().check_model(adapter)
-        self._llm_step = adapter.family != "llava"
+        self._llm_step = adapter.family not in ("llava", "timm")
+        if adapter.family == "timm":
+            return
         n_layers = len(adapter.decoder_layers)
-        if self._llm_step and self.llm_layer + 1 >= n_layers:
+        if self.llm_layer + 1 >= n_layers:
             raise ValueError(
                 f"`llm_layer`={self.llm_layer} leaves no later layer to cut in a "
                 f"{n_layers}-layer language model"
@@ -221,6 +232,15 @@ class FlowCut(Method):
                 target = kept - layout.prefix
             targets.append(min(max(target, 1), size))
         return targets if batch.packed else [max(targets)] * len(targets)
+
+    def check_encoder_layouts(self, layouts: list[ImageLayout]) -> None:
+        """``NotImplementedError`` for a LLaVA-OneVision canvas downsampled by ``anyres_max``."""
+        if any(layout.highres_source is not None for layout in layouts):
+            raise NotImplementedError(
+                "flowcut cannot prune inside the vision encoder when LLaVA-OneVision downsamples "
+                "the AnyRes canvas (`vision_aspect_ratio` anyres_max): each token mixes several "
+                "crop patches; use a smaller image or another method"
+            )
 
     def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
         """Steps 1–6 after encoder layer ``batch.layer``."""

@@ -67,6 +67,7 @@ from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
 from vlprune.hooks.signals import NextLayerAttentionProbe, TokenTransitionProbe
 from vlprune.methods.base import DecoderBatch, Method, keep_rows, trailing_text
+from vlprune.options import ChoiceOption, CustomOption, FloatOption, as_float, as_int, declare
 from vlprune.registry import register_method
 
 OFFICIAL_LAYERS = (7, 9, 12)
@@ -130,18 +131,16 @@ def transprune_score(
 
 
 def _checked_ratios(ratios: Any) -> tuple[float, ...]:
-    values = tuple(ratios) if isinstance(ratios, (list, tuple)) else ()
-    fractions = all(
-        isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in values
-    )
+    values = tuple(map(as_float, ratios)) if isinstance(ratios, (list, tuple)) else ()
+    fractions = all(r is not None and 0 < r < 1 for r in values)
     if not values or not fractions or any(b > a for a, b in itertools.pairwise(values)):
         raise ValueError(f"`ratios` must be non-increasing fractions in (0, 1), got {ratios!r}")
-    return tuple(float(r) for r in values)
+    return values
 
 
 def _checked_layers(layers: Any) -> tuple[int, ...]:
-    values = tuple(layers) if isinstance(layers, (list, tuple)) else ()
-    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in values)
+    values = tuple(map(as_int, layers)) if isinstance(layers, (list, tuple)) else ()
+    ints = all(x is not None for x in values)
     if not values or not ints or any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"`layers` must be increasing int layer indices, got {layers!r}")
     return values
@@ -165,34 +164,32 @@ class TransPrune(Method):
     scope = "request"
     paper = "TransPrune, CVPR 2026 (arXiv 2507.20630)"
     repo = "https://github.com/liaolea/TransPrune"
+    options = declare(
+        layers=CustomOption(None, "0-based decoder cut layers, one per stage; None: the "
+                            "official 7, 9, 12 (of 32) scaled to the depth",
+                            check_value=_checked_layers, none=True,
+                            domain="increasing int layer indices"),
+        ratios=CustomOption(OFFICIAL_RATIOS, "kept fraction after each stage; the budget "
+                            "rescales their shape", check_value=_checked_ratios,
+                            domain="non-increasing fractions in (0, 1)"),
+        counts=ChoiceOption("official", "per-stage counts before the last stage: 'official' "
+                            "(int(N*r_s), as the official code) or 'proportional' (the "
+                            "budget rescales every stage)", choices=COUNTS),
+        direction=ChoiceOption("signed", "token transition variation: 'signed' (official "
+                               "code, 1 - cos) or 'abs' (paper, 1 - |cos|)",
+                               choices=DIRECTIONS),
+        alpha=FloatOption(0.5, "weight of the token transition variation against the "
+                          "instruction-guided attention", low=0, high=1),
+    )
 
-    def __init__(
-        self,
-        *,
-        layers: tuple[int, ...] | None = None,
-        ratios: tuple[float, ...] = OFFICIAL_RATIOS,
-        counts: str = "official",
-        direction: str = "signed",
-        alpha: float = 0.5,
-    ) -> None:
-        ratios = _checked_ratios(ratios)
-        if layers is not None:
-            layers = _checked_layers(layers)
-            if len(layers) != len(ratios):
-                raise ValueError(f"`layers` has {len(layers)} stages but `ratios` {len(ratios)}")
-        elif len(ratios) != len(OFFICIAL_LAYERS):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.layers is not None and len(self.layers) != len(self.ratios):
+            raise ValueError(
+                f"`layers` has {len(self.layers)} stages but `ratios` {len(self.ratios)}"
+            )
+        if self.layers is None and len(self.ratios) != len(OFFICIAL_LAYERS):
             raise ValueError("custom `ratios` with other than 3 stages need explicit `layers`")
-        if counts not in COUNTS:
-            raise ValueError(f"`counts` must be one of {COUNTS}, got {counts!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"`direction` must be one of {DIRECTIONS}, got {direction!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        self.layers = layers
-        self.ratios = ratios
-        self.counts = counts
-        self.direction = direction
-        self.alpha = float(alpha)
         self._stage_at: dict[int, int] = {}
 
     def check_model(self, adapter: Adapter) -> None:
@@ -208,6 +205,7 @@ class TransPrune(Method):
     def probes(self, adapter: Adapter) -> dict[str, Any]:
         """Transitions of the accumulation layers; each cut layer's attention on its input."""
         cuts = sorted(plan_layers(self.layers, len(adapter.decoder_layers)))
+        adapter.check_attention_layers([*range(cuts[0] - 1, cuts[-1]), *cuts])
         layers = adapter.decoder_layers
         probes: dict[str, Any] = {
             f"ttv{layer}": TokenTransitionProbe(layers[layer])

@@ -8,6 +8,7 @@ keeps running its own attention backend (sdpa, eager or flash) untouched.
 - ``vision_probes``: vision-encoder layers (CLIP, Qwen), their reductions, patch → token maps;
 - ``text_probes``: decoder attention rows, values, token transitions;
 - ``module_probes``: the :class:`Probe` base class, a module-input probe, handle groups;
+- ``text_qk``: decoder queries and keys as each text attention projects them;
 - ``recompute``: RoPE and the fp32 masked softmax they share.
 """
 

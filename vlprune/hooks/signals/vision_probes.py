@@ -5,6 +5,11 @@ image (Qwen full-attention blocks) or per window (Qwen2.5-VL windowed blocks, in
 A probe sits on one attention module as a pre-hook, keeps references to that call's inputs and
 recomputes only what a method asks for from the module's own projections and RoPE; the wrappers
 below reduce it without holding a whole (H, n, n) map.
+
+A sequence's n rows are what methods see and index. A layer may also attend to *context* rows
+that no method selects (a timm ViT's register tokens): their keys and values follow the n rows
+in ``k`` / ``v`` (``n + c`` rows; ``c`` = 0 for CLIP and Qwen), take part in every softmax, as
+in the model, and are never reported: probabilities over the n rows do not sum to 1 then.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ class VisionAttentionProbe(Probe):
     def qkv(
         self, bounds: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order.
+        """Per sequence: q (H, n, d), k (after any RoPE) and v (H, n + c, d: the n rows, then
+        any context rows, see the module doc), in the layer's row order.
 
         ``bounds`` (cumulative row boundaries) splits packed rows differently from the layer's
         own sequences; batched rows are their own sequences and take none.
@@ -66,19 +72,21 @@ class VisionAttentionProbe(Probe):
         raise NotImplementedError
 
     def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sequence: (q, k), each (H, n, d), after any RoPE."""
+        """Per sequence: q (H, n, d) and k (H, n + c, d), after any RoPE."""
         return [(q, k) for q, k, _ in self.qkv()]
 
     @torch.no_grad()
     def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per sequence, float32 probabilities (H, Q, n) of query rows ``queries`` (local
-        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None."""
+        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None; context keys are in
+        the softmax, not in the result."""
         self.checked_inputs()
         out = []
         for q, k in self.query_key():
+            n = q.shape[1]
             if queries is not None:
                 q = q[:, queries.to(q.device)]
-            out.append(((q @ k.transpose(1, 2)) * self.scale).float().softmax(-1))
+            out.append(((q @ k.transpose(1, 2)) * self.scale).float().softmax(-1)[..., :n])
         return out
 
     @property
@@ -161,27 +169,28 @@ class VisionAttentionScores(Probe):
     @torch.no_grad()
     def received(self) -> list[torch.Tensor]:
         """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
-        column sums of the head-mean attention map; queries run in chunks of at most
-        ``max_elements`` probabilities."""
+        column sums of the head-mean attention map over the sequence's n rows (context keys in
+        the softmax); queries run in chunks of at most ``max_elements`` probabilities."""
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
             heads, n = q.shape[:2]
             step = max(1, self.max_elements // (heads * k.shape[1]))
-            total = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
+            total = torch.zeros(n, dtype=torch.float32, device=k.device)
             for start in range(0, n, step):
                 scores = (q[:, start:start + step] @ k.transpose(1, 2)) * self.probe.scale
-                total += scores.float().softmax(-1).sum(dim=(0, 1))
+                total += scores.float().softmax(-1)[..., :n].sum(dim=(0, 1))
             out.append(total / heads)
         return out
 
     @torch.no_grad()
     def logits(self, queries: torch.Tensor) -> list[torch.Tensor]:
         """Per sequence, float32 pre-softmax scores ``q·kᵀ·scale`` (H, Q, n) of query rows
-        ``queries`` (local indices, e.g. ``[0]`` for CLIP's CLS)."""
+        ``queries`` (local indices, e.g. ``[0]`` for CLIP's CLS) over the n rows."""
         self.probe.checked_inputs()
         return [
-            ((q[:, queries.to(q.device)] @ k.transpose(1, 2)) * self.probe.scale).float()
+            ((q[:, queries.to(q.device)] @ k[:, :q.shape[1]].transpose(1, 2))
+             * self.probe.scale).float()
             for q, k in self.probe.query_key()
         ]
 
@@ -191,7 +200,8 @@ class GlobalQueryAttention(Probe):
     one (FlowCut's Qwen2-VL "global query", see ``vlprune.methods.flowcut``).
 
     Wraps a :class:`VisionAttentionProbe` (``install`` / ``clear`` delegated). :meth:`rows`:
-    per sequence, (n,) float32 ``mean_h softmax_j(mean_i q_{h,i} · k_{h,j} · scale)``.
+    per sequence, (n,) float32 ``mean_h softmax_j(mean_i q_{h,i} · k_{h,j} · scale)`` (the mean
+    over the n rows' queries; context keys in the softmax, not in the result).
     """
 
     vision = True
@@ -215,7 +225,7 @@ class GlobalQueryAttention(Probe):
         for q, k in self.probe.query_key():
             query = q.float().mean(dim=1, keepdim=True)
             scores = (query @ k.float().transpose(1, 2)) * self.probe.scale
-            out.append(scores.softmax(-1).mean(dim=0)[0])
+            out.append(scores.softmax(-1).mean(dim=0)[0, :q.shape[1]])
         return out
 
 
@@ -249,8 +259,8 @@ class VisionQKV(Probe):
     def qkv(
         self, bounds: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order
-        (see :meth:`VisionAttentionProbe.qkv`)."""
+        """Per sequence: q (H, n, d), k (after any RoPE) and v (H, n + c, d, context rows last),
+        in the layer's row order (see :meth:`VisionAttentionProbe.qkv`)."""
         return self.probe.qkv(bounds)
 
 

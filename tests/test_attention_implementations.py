@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import vlprune
 from tests.flash_like import use_flash_like
 from tests.flex_like import use_flex_like
-from tests.helpers import method_families
+from tests.helpers import attention_output_index, method_families, pair_options
 from vlprune.adapters import get_adapter
 from vlprune.registry import get_method
 from vlprune.testing import (
@@ -92,6 +92,7 @@ def _padded_batch_equals_single_runs(attn: str, method: str, family: str,
                                      options: dict) -> list:
     """A patched left-padded batch of 3 under ``attn`` equals each prompt alone and the same
     patch under sdpa; returns the run's ``layer_tokens``."""
+    options = {**pair_options(method, family), **options}
     model, sdpa = _model(family, attn), _model(family, "sdpa")
     batch = _inputs(family, 3, N_WORDS)
     with vlprune.patch(sdpa, method, **options) as handle:
@@ -118,6 +119,7 @@ def _text_only_row_equals_alone(attn: str, method: str, family: str,
                                 options: dict) -> list[int]:
     """A batch of a text-only prompt and an image prompt under ``attn``: each row equals its
     prompt alone; returns the batch's ``kept_tokens``."""
+    options = {**pair_options(method, family), **options}
     model = _model(family, attn)
     processor = tiny_processor(family)
     image = tiny_image(1, DEFAULT_IMAGE_SIZE[family])
@@ -193,9 +195,11 @@ def test_text_probe_reads_each_implementations_mask(family: str, attn: str) -> N
     finally:
         handle.remove()
     with torch.no_grad():
-        eager = tiny_model(family, attn_implementation="eager")(**inputs, output_attentions=True)
+        eager_model = tiny_model(family, attn_implementation="eager")
+        eager = eager_model(**inputs, output_attentions=True)
     rows = torch.arange(2)[:, None]
-    want = eager.attentions[1][rows, :, queries].transpose(1, 2)
+    want = eager.attentions[attention_output_index(eager_model, 1)][rows, :, queries]
+    want = want.transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     padded = ~inputs["attention_mask"].bool()
     assert padded.any() and bool((got.sum(2).sum(1)[padded] == 0).all())

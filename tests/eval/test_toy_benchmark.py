@@ -14,8 +14,8 @@ from transformers import LlavaForConditionalGeneration
 import vlprune
 from vlprune.eval.toy import data
 from vlprune.eval.toy.benchmark import predict, run_benchmark
+from vlprune.eval.toy.diagnostics import evaluate
 from vlprune.eval.toy.model import CHECKPOINT_DIR, load_toy_model, toy_processor
-from vlprune.eval.toy.train import evaluate
 
 RECORD = json.loads((CHECKPOINT_DIR / "accuracy.json").read_text())
 INFORMED = ("fastv", "flowcut", "globalcom2", "hiprune", "hired", "mmtok", "todre", "transprune")

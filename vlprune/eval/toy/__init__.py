@@ -6,7 +6,8 @@
   per image) and its processor, whose chat template is the trained prompt format;
   ``load_toy_model()`` loads the shipped checkpoint offline;
 - :mod:`~vlprune.eval.toy.train`: ``python -m vlprune.eval.toy.train`` retrains it from scratch
-  (stages in :mod:`~vlprune.eval.toy.vision_stage` and :mod:`~vlprune.eval.toy.language_stage`);
+  (stages in :mod:`~vlprune.eval.toy.vision_stage` and :mod:`~vlprune.eval.toy.language_stage`,
+  held-out accuracy and CLS attention on objects in :mod:`~vlprune.eval.toy.diagnostics`);
 - :mod:`~vlprune.eval.toy.benchmark`: accuracy of every method × budget (``vlprune demo``);
 - :mod:`~vlprune.eval.toy.lmms_task`: the held-out questions as lmms-eval tasks
   (``vlprune eval ... --tasks vlprune_toy,vlprune_toy_mc``).

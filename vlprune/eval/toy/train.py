@@ -4,9 +4,9 @@ Two stages, as CLIP-based VLMs are built:
 
 1. **Vision pretraining** (:mod:`~vlprune.eval.toy.vision_stage`): the ViT learns a CLS
    multi-label objective ("which colour / shape pairs are in the image", so CLS attention
-   concentrates on objects, as in CLIP; :func:`cls_attention_on_objects` measures it) and dense
-   patch objectives on LLaVA's feature layer (each patch's object pair, and its side of the
-   image).
+   concentrates on objects, as in CLIP; measured by
+   :func:`~vlprune.eval.toy.diagnostics.cls_attention_on_objects`) and dense patch objectives
+   on LLaVA's feature layer (each patch's object pair, and its side of the image).
 2. **Projector + language model** (:mod:`~vlprune.eval.toy.language_stage`) on the QA data with
    the ViT frozen: its features are computed once for a pool of training scenes; most steps
    feed the LLM the object patches plus a random share of the background, the last steps full
@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vlprune.adapters import get_adapter
 from vlprune.eval.toy import data
-from vlprune.eval.toy.benchmark import accuracy, accuracy_by_kind, predict
+from vlprune.eval.toy.diagnostics import cls_attention_on_objects, evaluate
 from vlprune.eval.toy.language_stage import (
     FeaturePool,
     answer_accuracy,
@@ -47,7 +46,6 @@ from vlprune.eval.toy.language_stage import (
 )
 from vlprune.eval.toy.model import (
     CHECKPOINT_DIR,
-    PATCH_SIZE,
     load_toy_model,
     toy_model,
     toy_processor,
@@ -62,14 +60,10 @@ from vlprune.eval.toy.vision_stage import (
 
 __all__ = [
     "TrainConfig",
-    "cls_attention_on_objects",
-    "evaluate",
     "export",
     "main",
     "train",
 ]
-
-CLS_LAYERS = (-2, -1)
 
 
 @dataclass
@@ -169,47 +163,6 @@ def _language_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     opt.step()
     run.answers.append(answer_accuracy(correct))
     return loss.item()
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(model: LlavaForConditionalGeneration, split: str, n: int) -> dict[str, float]:
-    """Accuracy on the first ``n`` samples of ``split``: overall and per question kind."""
-    model.eval()
-    samples = data.samples(split, n)
-    answers = predict(model, toy_processor(), samples)
-    return {"all": accuracy(answers, samples), **accuracy_by_kind(answers, samples)}
-
-
-@torch.no_grad()
-def cls_attention_on_objects(
-    model: LlavaForConditionalGeneration, n: int = 64, layers: tuple[int, ...] = CLS_LAYERS
-) -> dict[str, float]:
-    """Share of the CLS token's attention (head mean, over the 576 patch keys) that falls on
-    patches touching an object, at each of ``layers``, over ``n`` test images; ``"patches"`` is
-    the share of such patches (what uniform attention would give)."""
-    adapter = get_adapter(model)
-    depth = len(adapter.vision_layers)
-    probes = {layer: adapter.vision_probe(layer % depth) for layer in layers}
-    handles = [p.install() for p in probes.values()]
-    processor = toy_processor()
-    shares: dict[int, list[float]] = {layer: [] for layer in layers}
-    patch_share = []
-    try:
-        for s in data.samples("test", n):
-            on = data.touched_patches(s.scene, PATCH_SIZE)
-            on_t = torch.from_numpy(on)
-            model.model.vision_tower(pixels([s.image], processor))
-            for layer, probe in probes.items():
-                row = probe.rows(torch.tensor([0]))[0].mean(0)[0, 1:]
-                shares[layer].append(float(row[on_t].sum() / row.sum()))
-            patch_share.append(float(on.mean()))
-    finally:
-        for h in handles:
-            h.remove()
-    out = {f"layer{layer}": float(np.mean(v)) for layer, v in shares.items()}
-    return {**out, "patches": float(np.mean(patch_share))}
 
 
 # ----------------------------------------------------------------------------- driver

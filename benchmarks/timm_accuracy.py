@@ -38,7 +38,9 @@ from tqdm import tqdm
 
 import vlprune
 from vlprune.eval.toy import data
+from vlprune.eval.toy.drawing import patch_objects, render
 from vlprune.eval.toy.model import toy_processor
+from vlprune.eval.toy.scenes import COLORS, SHAPES, make_scene, pair_index, scene_labels
 from vlprune.eval.toy.vision_stage import pixels
 from vlprune.timm.toy import toy_vit
 
@@ -49,19 +51,19 @@ SETTINGS = {
 }
 METHODS = ["random", "uniform", "hiprune", "todre", "flowcut", "hired", "globalcom2"]
 RANDOM_SEEDS = (0, 1, 2)
-N_PAIRS = len(data.COLORS) * len(data.SHAPES)
+N_PAIRS = len(COLORS) * len(SHAPES)
 
 
 def scenes(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scenes 0..n-1 of ``split``: (n, 3, 336, 336) normalised pixels, (n, 24) multi-hot pair
     labels and (n, 576) pair of each patch's object (24: background)."""
-    drawn = [data.make_scene(data.generator(split, i)) for i in range(n)]
-    images = pixels([data.render(s) for s in drawn], toy_processor())
-    labels = torch.from_numpy(np.stack([data.scene_labels(s) for s in drawn]))
+    drawn = [make_scene(data.generator(split, i)) for i in range(n)]
+    images = pixels([render(s) for s in drawn], toy_processor())
+    labels = torch.from_numpy(np.stack([scene_labels(s) for s in drawn]))
     pairs = []
     for scene in drawn:
-        owner = data.patch_objects(scene)
-        pair = [data.pair_index(scene.objects[o]) if o >= 0 else N_PAIRS for o in owner]
+        owner = patch_objects(scene)
+        pair = [pair_index(scene.objects[o]) if o >= 0 else N_PAIRS for o in owner]
         pairs.append(pair)
     return images, labels, torch.tensor(pairs)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlprune.eval.toy import data
+from vlprune.eval.toy.drawing import render, shape_mask
 from vlprune.eval.toy.language_stage import (
     FeaturePool,
     build_pool,
@@ -28,6 +29,17 @@ from vlprune.eval.toy.model import (
     toy_model,
     toy_processor,
 )
+from vlprune.eval.toy.scenes import (
+    COLORS,
+    IMAGE_SIZE,
+    MARGIN,
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    SHAPES,
+    Scene,
+    Shape,
+    pair_index,
+)
 from vlprune.eval.toy.train import TrainConfig, small_share
 from vlprune.eval.toy.vision_stage import (
     IGNORE,
@@ -41,12 +53,12 @@ from vlprune.eval.toy.vision_stage import (
 # ----------------------------------------------------------------------------- data
 
 
-def _scene(*objects: tuple[str, str, int, int]) -> data.Scene:
+def _scene(*objects: tuple[str, str, int, int]) -> Scene:
     """A hand-made scene of (kind, colour, x, y) objects of size 40."""
-    return data.Scene((220, 220, 220), tuple(data.Shape(k, c, x, y, 40) for k, c, x, y in objects))
+    return Scene((220, 220, 220), tuple(Shape(k, c, x, y, 40) for k, c, x, y in objects))
 
 
-def _answers(scene: data.Scene, kind: str, draws: int = 40) -> set[tuple[str, str, str]]:
+def _answers(scene: Scene, kind: str, draws: int = 40) -> set[tuple[str, str, str]]:
     rng = np.random.default_rng(0)
     return {data.ask(scene, kind, rng) for _ in range(draws)}
 
@@ -117,10 +129,10 @@ def test_position_needs_a_unique_colour() -> None:
 def test_position_is_judged_in_the_full_frame() -> None:
     """A training window's objects are left or right of the full image's midline: an object at
     x=100 of a window starting at x0=140 is right of 168."""
-    shape = data.Shape("circle", "red", 100, 60, 40)
-    window = data.Scene((220, 220, 220), (shape,), size=168, x0=140)
+    shape = Shape("circle", "red", 100, 60, 40)
+    window = Scene((220, 220, 220), (shape,), size=168, x0=140)
     assert data.ask(window, "position", np.random.default_rng(0))[2] == "right"
-    assert data.ask(data.Scene((220, 220, 220), (shape,)), "position",
+    assert data.ask(Scene((220, 220, 220), (shape,)), "position",
                     np.random.default_rng(0))[2] == "left"
 
 
@@ -128,12 +140,12 @@ def test_objects_are_separate_and_inside_the_canvas() -> None:
     """Objects never overlap (centre distance ≥ mean size + margin) and stay on the canvas."""
     for i in range(30):
         objects = data.sample("train", i).scene.objects
-        assert data.MIN_OBJECTS <= len(objects) <= data.MAX_OBJECTS
+        assert MIN_OBJECTS <= len(objects) <= MAX_OBJECTS
         for a in objects:
-            assert a.size / 2 <= a.x <= data.IMAGE_SIZE - a.size / 2
+            assert a.size / 2 <= a.x <= IMAGE_SIZE - a.size / 2
             for b in objects:
                 if a is not b:
-                    assert np.hypot(a.x - b.x, a.y - b.y) >= (a.size + b.size) / 2 + data.MARGIN
+                    assert np.hypot(a.x - b.x, a.y - b.y) >= (a.size + b.size) / 2 + MARGIN
 
 
 # ----------------------------------------------------------------------------- model
@@ -187,7 +199,7 @@ def test_packed_training_sequence_and_positions() -> None:
     assert all(inv[ids[t - 2]] == "assistant" and inv[ids[t - 1]] == ":" for t in targets[::3])
     assert [at for at, _ in lookups] == targets[::3]
     for at, named in lookups:
-        one_object = inv[ids[at]] in {*data.SHAPES, *data.COLORS}  # colour / position subjects
+        one_object = inv[ids[at]] in {*SHAPES, *COLORS}  # colour / position subjects
         assert named == (data.referents(scene, inv[ids[at]]) if one_object else [])
     image = window_index(2, 0, 12)
     pos = positions(len(ids), image)
@@ -203,14 +215,14 @@ def test_vision_targets_pair_and_side() -> None:
     midline (a window's objects are judged in the full frame), background elsewhere."""
     scene = _scene(("circle", "red", 50, 50), ("square", "blue", 250, 250))
     cls, pair, side = vision_targets([scene])
-    red, blue = (data.pair_index(o) for o in scene.objects)
+    red, blue = (pair_index(o) for o in scene.objects)
     at = {name: (y // 14) * 24 + x // 14 for name, x, y in (("red", 50, 50), ("blue", 250, 250))}
     assert pair[0, at["red"]] == red and side[0, at["red"]] == 0
     assert pair[0, at["blue"]] == blue and side[0, at["blue"]] == 1
     assert pair[0, 0] == N_PAIRS and side[0, 0] == IGNORE
     assert int((side[0] != IGNORE).sum()) == int((pair[0] != N_PAIRS).sum()) > 0
     assert cls[0, red] == 1 and cls[0, blue] == 1 and cls[0, :N_PAIRS].sum() == 2
-    window = data.Scene((220, 220, 220), (data.Shape("circle", "red", 100, 60, 40),), 168, 140)
+    window = Scene((220, 220, 220), (Shape("circle", "red", 100, 60, 40),), 168, 140)
     _, pair, side = vision_targets([window])
     assert set(side[0][pair[0] != N_PAIRS].tolist()) == {1}
 
@@ -237,13 +249,13 @@ def test_feature_pool_is_the_vision_towers_feature_layer(pool: FeaturePool) -> N
     1–3-object scenes, even ones 3–6; `objects` marks the patches holding object pixels."""
     model = toy_model(seed=0).eval()
     with torch.no_grad():
-        states = model.model.vision_tower(pixels([data.render(s) for s in pool.scenes],
+        states = model.model.vision_tower(pixels([render(s) for s in pool.scenes],
                                                  toy_processor()), output_hidden_states=True)
     ref = states.hidden_states[model.config.vision_feature_layer][:, 1:]
     torch.testing.assert_close(pool.features.float(), ref, atol=2e-2, rtol=2e-3)
     assert all(1 <= len(s.objects) <= 3 for s in pool.scenes[1::2])
     assert all(3 <= len(s.objects) <= 6 for s in pool.scenes[0::2])
-    mask = data.shape_mask(pool.scenes[0]).reshape(24, 14, 24, 14).any(axis=(1, 3)).reshape(-1)
+    mask = shape_mask(pool.scenes[0]).reshape(24, 14, 24, 14).any(axis=(1, 3)).reshape(-1)
     assert pool.objects[0].tolist() == mask.tolist()
 
 
@@ -274,7 +286,7 @@ def test_language_batch_keeps_object_tokens_at_their_positions(pool: FeaturePool
                 continue
             subject = inv[batch.input_ids[b, at].item()]
             named = data.referents(pool.scenes[i], subject)
-            supervised = subject in {*data.SHAPES, *data.COLORS}
+            supervised = subject in {*SHAPES, *COLORS}
             expect = [3 + j for j, o in enumerate(owners.tolist()) if o in named and supervised]
             assert torch.nonzero(batch.lookup[b, q]).flatten().tolist() == expect
     answers = batch.input_ids[batch.target_rows, batch.target_cols][1::3].tolist()

@@ -1,7 +1,8 @@
 """A tiny trained VLM and an offline benchmark, so pruning methods are compared on accuracy.
 
-- :mod:`~vlprune.eval.toy.data`: synthetic shape / colour / count / position QA, rendered with
-  PIL, deterministic from ``(split, index)``;
+- :mod:`~vlprune.eval.toy.data`: synthetic shape / colour / count / position QA, deterministic
+  from ``(split, index)``, about the scenes of :mod:`~vlprune.eval.toy.scenes` rendered with PIL
+  by :mod:`~vlprune.eval.toy.drawing`;
 - :mod:`~vlprune.eval.toy.model`: the toy LLaVA (real transformers classes, 576 visual tokens
   per image) and its processor, whose chat template is the trained prompt format;
   ``load_toy_model()`` loads the shipped checkpoint offline;

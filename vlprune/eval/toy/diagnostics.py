@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from vlprune.adapters import get_adapter
 from vlprune.eval.toy import data
 from vlprune.eval.toy.benchmark import accuracy, accuracy_by_kind, predict
+from vlprune.eval.toy.drawing import touched_patches
 from vlprune.eval.toy.model import PATCH_SIZE, toy_processor
 from vlprune.eval.toy.vision_stage import pixels
 
@@ -47,7 +48,7 @@ def cls_attention_on_objects(
     patch_share = []
     try:
         for s in data.samples("test", n):
-            on = data.touched_patches(s.scene, PATCH_SIZE)
+            on = touched_patches(s.scene, PATCH_SIZE)
             on_t = torch.from_numpy(on)
             model.model.vision_tower(pixels([s.image], processor))
             for layer, probe in probes.items():

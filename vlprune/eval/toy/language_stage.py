@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlprune.eval.toy import data
+from vlprune.eval.toy.drawing import patch_objects, render, touched_patches
 from vlprune.eval.toy.model import PATCH_SIZE
+from vlprune.eval.toy.scenes import MAX_OBJECTS, MIN_OBJECTS, Scene, make_scene
 from vlprune.eval.toy.vision_stage import GRID, encode, pixels
 from vlprune.hooks.signals import TextAttentionProbe
 
@@ -68,9 +70,9 @@ SMALL_OBJECTS = (1, 3)
 class FeaturePool:
     """Training scenes with their frozen ViT features: ``features`` (N, 576, D) float16,
     ``objects`` (N, 576) bool: the patches that touch an object, ``owners`` (N, 576) long: the
-    object each patch shows (:func:`~vlprune.eval.toy.data.patch_objects`, -1 background)."""
+    object each patch shows (:func:`~vlprune.eval.toy.drawing.patch_objects`, -1 background)."""
 
-    scenes: list[data.Scene]
+    scenes: list[Scene]
     features: torch.Tensor
     objects: torch.Tensor
     owners: torch.Tensor
@@ -93,8 +95,8 @@ def build_pool(
     if size < 2:
         raise ValueError(f"`size` must be ≥ 2 (small and full scenes), got {size}")
     scenes = [
-        data.make_scene(data.generator("train", seed, 4, i),
-                        n_objects=SMALL_OBJECTS if i % 2 else (data.MIN_OBJECTS, data.MAX_OBJECTS))
+        make_scene(data.generator("train", seed, 4, i),
+                   n_objects=SMALL_OBJECTS if i % 2 else (MIN_OBJECTS, MAX_OBJECTS))
         for i in range(size)
     ]
     vit = model.model.vision_tower
@@ -102,10 +104,10 @@ def build_pool(
     features = torch.empty(size, GRID * GRID, vit.config.hidden_size, dtype=torch.float16)
     for start in tqdm(range(0, size, batch), desc="feature pool", disable=not progress):
         chunk = scenes[start : start + batch]
-        states = encode(vit, pixels([data.render(s) for s in chunk], processor))
+        states = encode(vit, pixels([render(s) for s in chunk], processor))
         features[start : start + len(chunk)] = states[layer][:, 1:].half()
-    objects = torch.from_numpy(np.stack([data.touched_patches(s, PATCH_SIZE) for s in scenes]))
-    owners = torch.from_numpy(np.stack([data.patch_objects(s, PATCH_SIZE) for s in scenes]))
+    objects = torch.from_numpy(np.stack([touched_patches(s, PATCH_SIZE) for s in scenes]))
+    owners = torch.from_numpy(np.stack([patch_objects(s, PATCH_SIZE) for s in scenes]))
     return FeaturePool(scenes, features, objects, owners.long())
 
 
@@ -128,7 +130,7 @@ class Packed(NamedTuple):
 
 
 def packed(
-    scene: data.Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int,
+    scene: Scene, rng: np.random.Generator, vocab: dict[str, int], n_image: int,
     per_kind: int = 1, kinds: tuple[str, ...] = data.KINDS,
 ) -> Packed:
     """The sequence asking ``per_kind`` questions of each of ``kinds`` about ``scene`` (in

@@ -24,6 +24,7 @@ from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
 from vlprune.eval.toy import data
+from vlprune.eval.toy.scenes import COLORS, MAX_OBJECTS
 
 __all__ = [
     "CHOICES",
@@ -36,8 +37,8 @@ __all__ = [
 ]
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "color": tuple(data.COLORS),
-    "count": tuple(str(n) for n in range(data.MAX_OBJECTS + 1)),
+    "color": tuple(COLORS),
+    "count": tuple(str(n) for n in range(MAX_OBJECTS + 1)),
     "presence": ("yes", "no"),
     "position": ("left", "right"),
 }

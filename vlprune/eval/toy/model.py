@@ -27,14 +27,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from vlprune.eval.toy.data import (
-    ANSWERS,
-    COLORS,
-    IMAGE_SIZE,
-    PAIR_WORDS,
-    PLURALS,
-    SHAPES,
-)
+from vlprune.eval.toy.data import ANSWERS, PLURALS
+from vlprune.eval.toy.scenes import COLORS, IMAGE_SIZE, PAIR_WORDS, SHAPES
 
 __all__ = [
     "CHAT_TEMPLATE",

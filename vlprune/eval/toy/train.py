@@ -37,6 +37,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlprune.eval.toy import data
 from vlprune.eval.toy.diagnostics import cls_attention_on_objects, evaluate
+from vlprune.eval.toy.drawing import render
 from vlprune.eval.toy.language_stage import (
     FeaturePool,
     answer_accuracy,
@@ -130,7 +131,7 @@ def _vision_step(run: _Run, opt: torch.optim.Optimizer, step: int) -> float:
     size = cfg.vision_full_batch if full else cfg.vision_batch
     scenes, row, col = training_scenes(cfg.seed, 1, step, size, full)
     vit = model.model.vision_tower
-    states = encode(vit, pixels([data.render(s) for s in scenes], run.processor), row, col)
+    states = encode(vit, pixels([render(s) for s in scenes], run.processor), row, col)
     loss = vision_loss(model, run.heads, states, scenes, cfg.side_weight, cfg.shape_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()

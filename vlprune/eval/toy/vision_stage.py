@@ -31,8 +31,19 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from vlprune.eval.toy import data
-from vlprune.eval.toy.data import IMAGE_SIZE
+from vlprune.eval.toy.drawing import patch_objects
 from vlprune.eval.toy.model import PATCH_SIZE
+from vlprune.eval.toy.scenes import (
+    COLORS,
+    IMAGE_SIZE,
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    SHAPES,
+    Scene,
+    make_scene,
+    pair_index,
+    scene_labels,
+)
 
 __all__ = [
     "GRID",
@@ -48,7 +59,7 @@ __all__ = [
 GRID = IMAGE_SIZE // PATCH_SIZE
 WINDOW = 12
 WINDOW_OBJECTS = (1, 3)
-N_PAIRS = len(data.COLORS) * len(data.SHAPES)
+N_PAIRS = len(COLORS) * len(SHAPES)
 IGNORE = -100
 
 
@@ -89,16 +100,16 @@ def encode(vit: nn.Module, pixel_values: torch.Tensor, row: int = 0, col: int = 
 
 def training_scenes(
     seed: int, stage: int, step: int, size: int, full: bool
-) -> tuple[list[data.Scene], int, int]:
+) -> tuple[list[Scene], int, int]:
     """``size`` training scenes of ``stage`` at ``step`` (full 336 px with 3–6 objects, or one
     168 px window with 1–3 objects) and the window's patch offset (row, col)."""
     rng = data.generator("train", seed, stage, step)
     row, col = (0, 0) if full else (int(v) for v in rng.integers(0, GRID - WINDOW + 1, 2))
     canvas = IMAGE_SIZE if full else WINDOW * PATCH_SIZE
-    n_objects = (data.MIN_OBJECTS, data.MAX_OBJECTS) if full else WINDOW_OBJECTS
+    n_objects = (MIN_OBJECTS, MAX_OBJECTS) if full else WINDOW_OBJECTS
     scenes = [
-        data.make_scene(data.generator("train", seed, stage, step, i),
-                        canvas=canvas, n_objects=n_objects, x0=col * PATCH_SIZE)
+        make_scene(data.generator("train", seed, stage, step, i),
+                   canvas=canvas, n_objects=n_objects, x0=col * PATCH_SIZE)
         for i in range(size)
     ]
     return scenes, row, col
@@ -112,22 +123,22 @@ class VisionHeads(nn.Module):
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.cls = nn.Linear(hidden, N_PAIRS + len(data.SHAPES) + len(data.COLORS))
+        self.cls = nn.Linear(hidden, N_PAIRS + len(SHAPES) + len(COLORS))
         self.pair = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, N_PAIRS + 1))
-        self.shape = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(data.SHAPES) + 1))
+        self.shape = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(SHAPES) + 1))
         self.side = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))
 
 
-def vision_targets(scenes: list[data.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vision_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, 34) float CLS targets, (B, n²) long pair targets (24 = background) and (B, n²) long
     side targets (0 left, 1 right of the full image's midline; ``IGNORE`` on background)."""
-    pairs = np.stack([data.scene_labels(s) for s in scenes])
-    grid = pairs.reshape(len(scenes), len(data.COLORS), len(data.SHAPES))
+    pairs = np.stack([scene_labels(s) for s in scenes])
+    grid = pairs.reshape(len(scenes), len(COLORS), len(SHAPES))
     cls = np.concatenate([pairs, grid.max(axis=1), grid.max(axis=2)], axis=1)
     pair_rows, side_rows = [], []
     for scene in scenes:
-        owner = data.patch_objects(scene, PATCH_SIZE)
-        pair = np.array([*(data.pair_index(o) for o in scene.objects), N_PAIRS])
+        owner = patch_objects(scene, PATCH_SIZE)
+        pair = np.array([*(pair_index(o) for o in scene.objects), N_PAIRS])
         side = np.array([*(int(o.x + scene.x0 >= IMAGE_SIZE / 2) for o in scene.objects), IGNORE])
         pair_rows.append(pair[owner])
         side_rows.append(side[owner])
@@ -139,7 +150,7 @@ def vision_loss(
     model: LlavaForConditionalGeneration,
     heads: VisionHeads,
     states: list[torch.Tensor],
-    scenes: list[data.Scene],
+    scenes: list[Scene],
     side_weight: float,
     shape_weight: float = 1.0,
 ) -> torch.Tensor:
@@ -151,7 +162,7 @@ def vision_loss(
     cls_logits = heads.cls(vit.post_layernorm(states[-1][:, 0]))
     feature = states[model.config.vision_feature_layer][:, 1:]
     ce = nn.functional.cross_entropy
-    n_shapes = len(data.SHAPES)
+    n_shapes = len(SHAPES)
     shape_target = torch.where(pair_target == N_PAIRS, n_shapes, pair_target % n_shapes)
     return (
         nn.functional.binary_cross_entropy_with_logits(cls_logits, cls_target)

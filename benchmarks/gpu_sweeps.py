@@ -93,7 +93,7 @@ def _vision_attention_calls(vision: Any, geometry: Any) -> int:
     (a Python loop over ``cu_seqlens``), CLIP once per layer."""
     if vision.kind == "clip":
         return vision.layers
-    from vlprune.eval.profiler.flops import qwen_window_sizes
+    from vlprune.eval.profiler.part_flops import qwen_window_sizes
 
     windows = (len(qwen_window_sizes(geometry.grid_thw, vision.window, vision.merge_side))
                if vision.window else 1)

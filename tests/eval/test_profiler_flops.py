@@ -12,16 +12,18 @@ import vlprune
 from tests.helpers import method_families
 from vlprune.eval.profiler.flops import (
     RunTokens,
-    TextArch,
     arch_from_config,
     count_flops,
     exact_flops,
     paper_macs,
+)
+from vlprune.eval.profiler.meta import MetaCounter
+from vlprune.eval.profiler.part_flops import (
+    TextArch,
     projector_flops,
     qwen_window_sizes,
     text_layer_flops,
 )
-from vlprune.eval.profiler.meta import MetaCounter
 from vlprune.eval.profiler.presets import (
     PRESETS,
     build_preset_model,

@@ -5,9 +5,10 @@ latency, memory").
   LLaVA-OneVision-7B, Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen3-VL-8B, Qwen3-VL-30B-A3B and ``-mini``
   twins; configs in :mod:`~vlprune.eval.profiler.configs`) with random weights, and synthetic
   inputs;
-- :mod:`~vlprune.eval.profiler.flops`: paper-compatible MACs, exact analytic FLOPs and
-  ``FlopCounterMode`` counting; :mod:`~vlprune.eval.profiler.meta`: counting full-size
-  modules on the ``meta`` device;
+- :mod:`~vlprune.eval.profiler.flops`: paper-compatible MACs, exact analytic FLOPs (summing
+  the per-part terms of :mod:`~vlprune.eval.profiler.part_flops`) and ``FlopCounterMode``
+  counting; :mod:`~vlprune.eval.profiler.meta`: counting full-size modules on the ``meta``
+  device;
 - :mod:`~vlprune.eval.profiler.timing`: prefill / decode / end-to-end latency, selection
   overhead and peak memory;
 - :mod:`~vlprune.eval.profiler.runner` and :mod:`~vlprune.eval.profiler.report`: the sweep

@@ -25,15 +25,8 @@ from transformers import DynamicCache
 
 from vlprune.adapters import get_adapter
 from vlprune.compat import call_cache
-from vlprune.eval.profiler.flops import (
-    FlopsBreakdown,
-    RunTokens,
-    arch_from_config,
-    deepstack_rows,
-    flop_counter,
-    projector_rows,
-    qwen_window_sizes,
-)
+from vlprune.eval.profiler.flops import FlopsBreakdown, RunTokens, arch_from_config, flop_counter
+from vlprune.eval.profiler.part_flops import deepstack_rows, projector_rows, qwen_window_sizes
 from vlprune.eval.profiler.presets import ImageGeometry
 
 __all__ = ["MetaCounter"]

@@ -1,22 +1,24 @@
 """Language-model signals: decoder attention rows, values and token transitions.
 
-A probe sits on one decoder layer (or its attention) as a hook and keeps references to that
-call's inputs; when a method asks, it recomputes ``softmax(q·kᵀ·scale + mask)`` for the
-requested query rows only, from the layer's own projections and RoPE. The model keeps running
-its own backend (sdpa, eager or flash) untouched.
+A probe sits on one decoder layer's attention as hooks: it keeps references to that call's inputs
+and to the outputs of its q / k (/ v) projections, so when a method asks for
+``softmax(q·kᵀ·scale + mask)`` of some query rows only RoPE and the product of those rows are
+computed (nothing is projected twice). A probe of the rows a layer *would* see before a cut
+(:class:`NextLayerAttentionProbe`) projects them itself. The model keeps running its own backend
+(sdpa, eager or flash) untouched.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.hooks.gather import gather_rows
-from vlprune.hooks.signals.module_probes import HandleGroup, Probe
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.state import ThreadLocal, eager_hook
 
@@ -25,18 +27,23 @@ class TextAttentionProbe(Probe):
     """Attention rows of one decoder layer's self-attention, recomputed on request.
 
     Works for LLaMA (LLaVA, LLaVA-NeXT) and Qwen2-VL / Qwen2.5-VL text attention (GQA, 1-D or
-    M-RoPE): both expose ``q_proj``, ``k_proj``, ``head_dim``, ``scaling`` and
-    ``num_key_value_groups``, and receive ``position_embeddings=(cos, sin)``.
+    M-RoPE): both expose ``q_proj``, ``k_proj``, ``v_proj``, ``head_dim``, ``scaling`` and
+    ``num_key_value_groups``, and receive ``position_embeddings=(cos, sin)``. The outputs of
+    ``projections`` are kept from the layer's own call (``kept``).
     """
 
+    projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj")
     inputs = ThreadLocal()
 
     def __init__(self, attention: nn.Module) -> None:
         self.attention = attention
+        self.kept = ProjectionOutputs(attention, self.projections)
 
-    def install(self) -> RemovableHandle:
-        """Register the pre-hook that remembers the layer's inputs."""
-        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+    def install(self) -> HandleGroup:
+        """Register the pre-hook that remembers the layer's inputs and the hooks that keep the
+        outputs of its q and k projections."""
+        remember = self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+        return HandleGroup([remember, self.kept.install()])
 
     @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -48,8 +55,9 @@ class TextAttentionProbe(Probe):
         }
 
     def clear(self) -> None:
-        """Drop the references to the last call's inputs."""
+        """Drop the references to the last call's inputs and projections."""
         self.inputs = None
+        self.kept.clear()
 
     def checked_inputs(self) -> dict[str, Any]:
         """The last call's inputs; ``RuntimeError`` if the layer has not run."""
@@ -77,15 +85,25 @@ class TextAttentionProbe(Probe):
         mask (autograd left on)."""
         inputs = self.checked_inputs()
         attn = self.attention
-        hidden = inputs["hidden"]
-        batch, length = hidden.shape[:2]
+        batch, length = inputs["hidden"].shape[:2]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in inputs["position_embeddings"])
-        q = attn.q_proj(gather_rows(hidden, queries))
+        q = self.projection("q_proj", queries)
         q = q.view(batch, queries.shape[1], -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = self.projection("k_proj").view(batch, length, -1, attn.head_dim).transpose(1, 2)
         q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
         k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return (q @ k.transpose(2, 3)) * attn.scaling
+
+    def projection(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, out) output of projection ``name`` at rows ``rows`` (B, R) (None: every row):
+        the layer's own, kept from its last call, or projected here where none was kept (a
+        compiled model does not run hooks on its projections)."""
+        out = self.kept.get(name)
+        if out is None:
+            hidden = self.checked_inputs()["hidden"]
+            project = getattr(self.attention, name)
+            return project(hidden if rows is None else gather_rows(hidden, rows))
+        return out if rows is None else gather_rows(out, rows)
 
     def _mask_rows(self, queries: torch.Tensor, length: int) -> torch.Tensor:
         mask = self.inputs["attention_mask"] if self.inputs else None
@@ -101,7 +119,8 @@ class NextLayerAttentionProbe(TextAttentionProbe):
     """Attention rows that decoder layer ``layer`` would compute on the output of ``previous``
     (the layer before it): ``layer``'s ``input_layernorm``, q/k projections and RoPE applied to
     ``previous``'s output, with the position embeddings and mask ``previous`` received. These
-    are the rows a decoder cut at ``layer`` sees before it cuts. A forward hook on ``previous``;
+    are the rows a decoder cut at ``layer`` sees before it cuts (``layer`` itself only sees the
+    rows that survive, so they are projected here, on request). A forward hook on ``previous``;
     :meth:`rows` as in :class:`TextAttentionProbe`.
     """
 
@@ -115,14 +134,20 @@ class NextLayerAttentionProbe(TextAttentionProbe):
         return self.previous.register_forward_hook(self._remember_output, with_kwargs=True)
 
     @eager_hook
-    @torch.no_grad()
     def _remember_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
         self.inputs = {
-            "hidden": self.norm(hidden),
+            "output": output[0] if isinstance(output, tuple) else output,
             "position_embeddings": kwargs["position_embeddings"],
             "attention_mask": kwargs.get("attention_mask"),
         }
+
+    def checked_inputs(self) -> dict[str, Any]:
+        """The last call's inputs, ``hidden`` (``layer``'s normed input) computed on first use."""
+        inputs = super().checked_inputs()
+        if "hidden" not in inputs:
+            with torch.no_grad():
+                inputs["hidden"] = self.norm(inputs["output"])
+        return inputs
 
 
 class TextQKV(Probe):
@@ -135,9 +160,9 @@ class TextQKV(Probe):
     def __init__(self, probe: TextAttentionProbe) -> None:
         self.probe = probe
 
-    def install(self) -> RemovableHandle:
-        """Install the wrapped probe."""
-        return self.probe.install()
+    def install(self) -> HandleGroup:
+        """Install the wrapped probe, keeping the value projection's output too."""
+        return HandleGroup([self.probe.install(), self.probe.kept.keep("v_proj")])
 
     def clear(self) -> None:
         """Clear the wrapped probe."""
@@ -157,9 +182,9 @@ class TextQKV(Probe):
     @torch.no_grad()
     def values(self) -> torch.Tensor:
         """(B, H_kv, L, d) value vectors of every row."""
-        attn = self.probe.attention
         hidden = self.probe.checked_inputs()["hidden"]
-        return attn.v_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        values = self.probe.projection("v_proj")
+        return values.view(*hidden.shape[:2], -1, self.probe.attention.head_dim).transpose(1, 2)
 
 
 def transition_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

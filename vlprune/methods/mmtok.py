@@ -48,7 +48,7 @@ from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.gather import gather_rows
 from vlprune.kernels import select_topk
-from vlprune.methods._vision_common import newline_tokens, partition_tokens
+from vlprune.methods._vision_common import newline_tokens, partition_tokens, unit_rows
 from vlprune.methods.base import Method, VisionBatch
 from vlprune.registry import register_method
 
@@ -151,7 +151,7 @@ def coverage_matrix(
     ``valid`` (G, N) bool candidates (n = its count): other columns and their Q rows are 0 and
     take no part in the softmaxes. ``F(S) = Σ_r max_{j∈S} C[r, j]``.
     """
-    t, v, w = (_normalized(x) for x in (text, vision, vision_pre))
+    t, v, w = (unit_rows(x, eps=1e-8) for x in (text, vision, vision_pre))
     rows = text.shape[1]
     cover = t.new_empty(t.shape[0], rows + v.shape[1], v.shape[1])
     m = text_mask.sum(1, keepdim=True).clamp_min(1)
@@ -160,12 +160,6 @@ def coverage_matrix(
     torch.mul(_masked_softmax(w @ w.transpose(1, 2), vv_temperature, valid),
               (valid * alpha / valid.sum(1, keepdim=True))[..., None], out=cover[:, rows:])
     return cover
-
-
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of ``x`` (..., D) with unit rows (``F.normalize``, eps 1e-8, in place)."""
-    x = x.to(torch.float32, copy=True)
-    return x.div_(x.norm(2, -1, keepdim=True).clamp_min(1e-8))
 
 
 def _masked_softmax(sim: torch.Tensor, temperature: float, valid: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,7 @@ class VisionAttentionScores(Probe):
 
     vision = True
 
-    def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 25) -> None:
+    def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 20) -> None:
         self.probe = probe
         self.max_elements = max_elements
 
@@ -177,16 +177,18 @@ class VisionAttentionScores(Probe):
     @torch.no_grad()
     def received(self) -> list[torch.Tensor]:
         """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
-        column sums of the head-mean attention map; queries run in chunks of at most
-        ``max_elements`` probabilities."""
+        column sums of the head-mean attention map. Queries run in chunks of at most
+        ``max_elements`` probabilities (default 2²⁰: a few MiB, cache-sized), so time and memory
+        stay those of the map's rows, never the whole (H, n, n) map."""
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
             heads, n = q.shape[:2]
-            step = max(1, self.max_elements // (heads * k.shape[1]))
-            total = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
+            keys = k.transpose(1, 2).contiguous()
+            step = max(1, self.max_elements // (heads * keys.shape[2]))
+            total = torch.zeros(keys.shape[2], dtype=torch.float32, device=k.device)
             for start in range(0, n, step):
-                scores = (q[:, start:start + step] @ k.transpose(1, 2)) * self.probe.scale
+                scores = (q[:, start:start + step] @ keys).mul_(self.probe.scale)
                 total += scores.float().softmax(-1).sum(dim=(0, 1))
             out.append(total / heads)
         return out
@@ -229,7 +231,7 @@ class GlobalQueryAttention(Probe):
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
-            query = q.float().mean(dim=1, keepdim=True)
+            query = q.mean(dim=1, keepdim=True, dtype=torch.float32)
             scores = (query @ k.float().transpose(1, 2)) * self.probe.scale
             out.append(scores.softmax(-1).mean(dim=0)[0])
         return out

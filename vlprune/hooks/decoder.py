@@ -117,6 +117,9 @@ class DecoderCut(PatchPart):
     last = ThreadLocal()
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
+    _memo = ThreadLocal()
+    """The running decode step's masks: (state, the step's 4-D mask or None, kv length,
+    {id(rows): (rows, mask)}), so layers holding the same rows build their mask once per step."""
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
                  vision: VisionCut) -> None:
@@ -306,22 +309,36 @@ class DecoderCut(PatchPart):
         mask = kwargs.get("attention_mask")
         state = self.current
         slots = state.layer_slots.get(i)
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 4) and slots is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kv_len = mask.shape[-1] if mask is not None else (
+            kwargs["cache"].get_seq_length(i) + hidden.shape[1])
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = self._step_mask(state, i, mask, kv_len, hidden)
+        return args, kwargs
+
+    def _step_mask(self, state: DecoderState, i: int, mask: torch.Tensor | None, kv_len: int,
+                   hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s mask in a decode step: the step's 4-D mask on the columns its cache
+        holds, ``cat(index, arange(L, kv_len))`` (padding slots masked), or a materialised one
+        where the step has none. Layers that hold the same rows share one per step (memo)."""
         index = state.layer_index[i]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            kv_len = mask.shape[-1]
+        memo = self._memo
+        if memo is None or memo[0] is not state or memo[1] is not mask or memo[2] != kv_len:
+            memo = self._memo = (state, mask, kv_len, {})
+        hit = memo[3].get(id(index))
+        if hit is not None:
+            return hit[1]
+        slots = state.layer_slots.get(i)
+        if mask is not None:
             new = torch.arange(state.input_len, kv_len, device=mask.device)
             new = new.expand(index.shape[0], -1)
-            mask = gather_mask_4d(mask, None, torch.cat([index, new], 1))
+            out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
             if slots is not None:
-                mask = mask_slots(mask, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
-        elif slots is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            n_queries = hidden.shape[1]
-            kv_len = kwargs["cache"].get_seq_length(i) + n_queries
-            keys = torch.cat([slots, slots.new_ones(slots.shape[0], kv_len - slots.shape[1])], 1)
-            mask = self._new_mask(mask, keys, n_queries, hidden)
+                out = mask_slots(out, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
         else:
-            return None
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = mask
-        return args, kwargs
+            keys = torch.cat([slots, slots.new_ones(slots.shape[0], kv_len - slots.shape[1])], 1)
+            out = self._new_mask(mask, keys, hidden.shape[1], hidden)
+        memo[3][id(index)] = (index, out)
+        return out

@@ -22,10 +22,13 @@ class Probe(PatchPart):
     """Base class: ``install()`` registers the hook(s), ``clear()`` drops what was captured.
 
     ``vision``: the probe reads the image encoder (or what it produced), so it only means
-    something for a prefill whose images were encoded in the same call.
+    something for a prefill whose images were encoded in the same call. ``work``: names of the
+    methods that compute inside the forward's hooks rather than when a method asks (the
+    profiler times them as part of the method's selection).
     """
 
     vision: ClassVar[bool] = False
+    work: ClassVar[tuple[str, ...]] = ()
 
     def install(self) -> RemovableHandle | HandleGroup:
         """Register the hook(s); the caller keeps the handle."""

@@ -205,6 +205,7 @@ class TokenTransitionProbe(Probe):
     saw (empty before it ran).
     """
 
+    work = ("reduce",)
     _value = ThreadLocal()
 
     def __init__(self, layer: nn.Module) -> None:
@@ -230,7 +231,11 @@ class TokenTransitionProbe(Probe):
                   output: Any) -> None:
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
         y = output[0] if isinstance(output, tuple) else output
-        self._value = {**self.value, key: transition_terms(x, y)}
+        self._value = {**self.value, key: self.reduce(x, y)}
+
+    def reduce(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sub-module call's :func:`transition_terms`."""
+        return transition_terms(x, y)
 
     def clear(self) -> None:
         """Drop the last call's values."""

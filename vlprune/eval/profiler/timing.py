@@ -94,11 +94,15 @@ class SelectionMeter:
 
     Shadows them on the method and probe *instances* of one patch handle (nothing global) and
     restores them in :meth:`remove`; a call inside another timed call is not counted twice.
-    ``ms`` / ``flops`` accumulate until :meth:`reset`.
+    ``ms`` / ``flops`` accumulate until :meth:`reset`. On CPU, ``clock`` (seconds) is
+    ``time.perf_counter``; ``time.thread_time`` counts only this thread's CPU time (steadier on
+    a busy machine when torch runs one thread).
     """
 
-    def __init__(self, method: Any, device: torch.device, probes: Iterable[Any] = ()) -> None:
+    def __init__(self, method: Any, device: torch.device, probes: Iterable[Any] = (),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.device = device
+        self.clock = clock
         self.count = False
         self.flops = 0.0
         self._events: list[tuple[Any, Any]] = []
@@ -136,9 +140,9 @@ class SelectionMeter:
             end.record()
             self._events.append((start, end))
             return result
-        start_s = time.perf_counter()
+        start_s = self.clock()
         result = fn(*args, **kwargs)
-        self._host_ms += (time.perf_counter() - start_s) * 1e3
+        self._host_ms += (self.clock() - start_s) * 1e3
         return result
 
     @property

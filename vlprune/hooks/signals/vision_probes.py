@@ -140,10 +140,11 @@ class QwenVisionAttentionProbe(VisionAttentionProbe):
         inputs = self.checked_inputs()
         attn = self.attention
         hidden = inputs["hidden"]
-        fused = self.projection("qkv")
-        q, k, v = fused.reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        fused = self.projection("qkv").reshape(hidden.shape[0], 3 * attn.num_heads, -1)
         cos, sin = inputs["position_embeddings"]
-        q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+        # q and k are adjacent in the fused output: one RoPE call rotates both
+        qk = apply_vision_rope(fused[:, : 2 * attn.num_heads], cos, sin)
+        (q, k), v = qk.chunk(2, dim=1), fused[:, 2 * attn.num_heads:]
         cuts = bounds if bounds is not None else inputs["cu_seqlens"].tolist()
         return [
             tuple(x[a:b].transpose(0, 1) for x in (q, k, v))

@@ -187,12 +187,19 @@ class TextQKV(Probe):
         return values.view(*hidden.shape[:2], -1, self.probe.attention.head_dim).transpose(1, 2)
 
 
-def transition_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def transition_terms(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """How a sub-module moves each token: its input ``x`` and output ``y`` (B, L, D), before any
-    residual add, give ``‖y‖₂ / ‖x‖₂`` and ``cos(x, y)``, each (B, L) float32."""
-    x, y = x.float(), y.float()
-    ratio = y.norm(dim=-1) / x.norm(dim=-1)
-    return ratio, torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    residual add, give ``‖y‖₂ / ‖x‖₂`` and ``cos(x, y)``, each (B, L) float32.
+
+    The cosine is ``torch.nn.functional.cosine_similarity``'s arithmetic (rows divided by their
+    norms clamped at ``eps``, then the product summed), on float32 copies with each norm
+    computed once."""
+    x, y = x.to(torch.float32, copy=True), y.to(torch.float32, copy=True)
+    norm_x, norm_y = x.norm(dim=-1, keepdim=True), y.norm(dim=-1, keepdim=True)
+    ratio = (norm_y / norm_x)[..., 0]
+    x.div_(norm_x.clamp_min(eps)).mul_(y.div_(norm_y.clamp_min(eps)))
+    return ratio, x.sum(-1)
 
 
 class TokenTransitionProbe(Probe):

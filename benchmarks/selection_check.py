@@ -87,7 +87,12 @@ def record_all() -> dict[str, Any]:
         family = vlprune.adapters.get_adapter(model).family
         if families is not None and family not in families:
             continue
-        with vlprune.patch(model, method, budget=budget) as handle:
+        try:
+            handle = vlprune.patch(model, method, budget=budget)
+        except (TypeError, ValueError) as error:  # refused on this model: record the refusal
+            results[f"{name}/{method}/{budget}"] = {"refused": str(error)}
+            continue
+        with handle:
             logits = model(**inputs).logits
             results[f"{name}/{method}/{budget}"] = _record(handle, logits)
     return results

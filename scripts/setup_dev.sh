@@ -5,16 +5,14 @@
 # lmms-eval is installed with --no-deps: its declared dependencies include torchvision and timm,
 # which replace CPU torch by CUDA wheels or break `import transformers` model classes on
 # CPU-only machines. The few packages its CLI needs with our model are installed instead
-# (versions pinned in constraints.txt).
+# (scripts/lmms-eval-runtime.txt; versions pinned in constraints.txt).
 # Usage: bash scripts/setup_dev.sh   (PYTHON=python3.11 to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LMMS_EVAL_RUNTIME=(loguru pytz evaluate sacrebleu tenacity pytablewriter)
-
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip_install=(.venv/bin/pip install -q -c constraints.txt)
-"${pip_install[@]}" -e ".[dev]" "${LMMS_EVAL_RUNTIME[@]}"
+"${pip_install[@]}" -e ".[dev]" -r scripts/lmms-eval-runtime.txt
 "${pip_install[@]}" --no-deps lmms-eval
 
 .venv/bin/python - <<'PY'

@@ -34,13 +34,34 @@ def method_families() -> list[tuple[str, str]]:
     ]
 
 
+PAIR_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("transprune", "qwen3_5"): {"layers": (2,), "ratios": (0.5,)},
+}
+"""Method options for (method, family) pairs whose defaults the model refuses at ``patch``.
+TransPrune's default schedule needs full-attention layers for its whole accumulation window and
+cuts after a hybrid decoder's first full-attention layer: Qwen3.5 refuses it with a
+``ValueError`` (tested in ``test_text_signals`` / ``test_transprune``); one stage at layer 2 (a
+full-attention layer after the first one, 1) is what it runs in the method × family tests."""
+
+
+def pair_options(method: str, family: str) -> dict[str, Any]:
+    """Options to patch ``family`` with ``method`` in the (method × family) tests."""
+    return dict(PAIR_OPTIONS.get((method, family), {}))
+
+
 def method_one_family() -> list[tuple[str, str]]:
-    """(method, family) for every registered method, each with one family it supports,
-    rotating through the families (for tests too slow to run on every pair)."""
+    """(method, family) for every registered method, each with one family it supports (for
+    tests too slow to run on every pair): the family tested least so far, ties broken by
+    rotating through the families, so every family is covered once there are enough methods."""
+    pairs = method_families()
+    count = dict.fromkeys(FAMILIES, 0)
     out = []
     for i, method in enumerate(list_methods()):
-        families = [f for m, f in method_families() if m == method]
-        out.append((method, families[i % len(families)]))
+        families = [f for m, f in pairs if m == method]
+        family = min(families,
+                     key=lambda f: (count[f], (FAMILIES.index(f) - i) % len(FAMILIES)))
+        count[family] += 1
+        out.append((method, family))
     return out
 
 
@@ -160,11 +181,44 @@ def gather_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.stack([p.expand(index.shape[0], -1).gather(1, index) for p in pos])
 
 
+def kept_lm_extras(lm_kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """The language model's DeepStack inputs (Qwen3-VL ``visual_pos_masks`` and
+    ``deepstack_visual_embeds``, as captured from an unpatched forward) for the kept sequence
+    positions ``index`` (B, Lp); ``{}`` for models without them.
+
+    Built independently of ``vlprune.hooks``: every feature tensor is scattered onto the full
+    (B, L) sequence, then the kept positions are read back in order.
+    """
+    mask = lm_kwargs.get("visual_pos_masks")
+    embeds = lm_kwargs.get("deepstack_visual_embeds")
+    if mask is None or embeds is None:
+        return {}
+    rows = torch.arange(index.shape[0])[:, None]
+    kept = mask[rows, index]
+    out = []
+    for feature in embeds:
+        full = feature.new_zeros(*mask.shape, feature.shape[-1])
+        full[mask] = feature
+        out.append(full[rows, index][kept])
+    return {"visual_pos_masks": kept, "deepstack_visual_embeds": out}
+
+
+def attention_output_index(model: PreTrainedModel, layer: int) -> int:
+    """Index of decoder layer ``layer`` in ``output.attentions`` (``output_attentions=True``):
+    hybrid decoders (Qwen3.5) return the attentions of their full-attention layers only."""
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    if not types:
+        return layer
+    attention = [i for i, kind in enumerate(types) if kind != "linear_attention"]
+    return attention.index(layer)
+
+
 def oracle_inputs(
     model: PreTrainedModel, inputs: Any, local: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kept embeddings, original positions and 2-D mask, gathered by hand from the unpatched
-    model's language-model inputs (image rows ``local`` of each row's image kept)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Kept embeddings, original positions, 2-D mask and extra inputs (DeepStack), gathered by
+    hand from the unpatched model's language-model inputs (image rows ``local`` of each row's
+    image kept)."""
     kw = capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
     batch, length = embeds.shape[:2]
@@ -176,28 +230,32 @@ def oracle_inputs(
         mask = torch.ones(batch, length, dtype=torch.long)
     index = keep_index(inputs["input_ids"], model.config.image_token_id, local)
     rows = torch.arange(batch)[:, None]
-    return embeds[rows, index], gather_positions(pos, index), mask.gather(1, index)
+    extras = kept_lm_extras(kw, index)
+    return embeds[rows, index], gather_positions(pos, index), mask.gather(1, index), extras
 
 
 def oracle_logits(model: PreTrainedModel, embeds: torch.Tensor, pos: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """Logits of the unpatched language model (and head) on the given rows."""
+                  mask: torch.Tensor, extras: dict[str, Any] | None = None) -> torch.Tensor:
+    """Logits of the unpatched language model (and head) on the given rows (``extras``: the
+    kept rows' DeepStack inputs)."""
     with torch.no_grad():
         hidden = model.model.language_model(
-            inputs_embeds=embeds, position_ids=pos, attention_mask=mask
+            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **(extras or {})
         ).last_hidden_state
         return model.lm_head(hidden)
 
 
 def oracle_generate(
     model: PreTrainedModel, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-    steps: int = MAX_NEW, follow_up: torch.Tensor | None = None, follow_steps: int = 0,
+    extras: dict[str, Any] | None = None, steps: int = MAX_NEW,
+    follow_up: torch.Tensor | None = None, follow_steps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy loop on the language model with a DynamicCache: prefill the kept rows at their
-    original positions; each new token sits at the next position after the last one fed (all
-    M-RoPE rows), as ``generate`` advances positions. With ``follow_up`` (B, T) token ids (a
-    second chat turn): after ``steps`` tokens, the last one and ``follow_up`` are fed, then
-    ``follow_steps`` more tokens are generated. Returns (tokens, follow-up tokens or None)."""
+    original positions (with their DeepStack ``extras``); each new token sits at the next
+    position after the last one fed (all M-RoPE rows), as ``generate`` advances positions.
+    With ``follow_up`` (B, T) token ids (a second chat turn): after ``steps`` tokens, the last
+    one and ``follow_up`` are fed, then ``follow_steps`` more tokens are generated. Returns
+    (tokens, follow-up tokens or None)."""
     lm = model.model.language_model
     cache = DynamicCache(config=lm.config)
     embed = model.get_input_embeddings()
@@ -224,7 +282,7 @@ def oracle_generate(
 
     with torch.no_grad():
         hidden = lm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, cache=cache,
-                    use_cache=True).last_hidden_state
+                    use_cache=True, **(extras or {})).last_hidden_state
         first, hidden = greedy(hidden, steps, follow_up)
         second = greedy(hidden, follow_steps, None)[0] if follow_up is not None else None
     return first, second

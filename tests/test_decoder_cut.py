@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 import vlprune
 from tests.helpers import (
@@ -23,8 +23,10 @@ from tests.helpers import (
     forward,
     gather_positions,
     generate,
+    kept_lm_extras,
     trim,
 )
+from vlprune.adapters import get_adapter
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 K = 2
@@ -42,8 +44,11 @@ def _keep_rows(is_image: torch.Tensor, ordinals: list[int]) -> torch.Tensor:
 
 def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[torch.Tensor, ...]:
     """Run the language model's layers by hand, mirroring ``LlamaModel.forward`` /
-    ``Qwen2VLTextModel.forward``: full sequence for layers < ``layer``, then only the kept rows
-    (fresh causal mask over them, RoPE of their original positions) for the rest."""
+    ``Qwen2VLTextModel.forward`` / ``Qwen3VLTextModel.forward`` / ``Qwen3_5TextModel.forward``:
+    full sequence for layers < ``layer``, then only the kept rows (fresh causal mask over them,
+    RoPE of their original positions; linear-attention layers: the 2-D padding mask of those
+    rows, their recurrence over them alone) for the rest; DeepStack features are added after
+    layer i < their count at the visual positions alive there."""
     lm = model.model.language_model
     kw = capture_lm_kwargs(model, inputs)
     embeds = kw["inputs_embeds"]
@@ -57,28 +62,40 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
         pos = torch.arange(length).expand(batch, length)
     if mrope:
         assert pos.shape == (3, batch, length)
-        assert set(lm.config.layer_types) == {"full_attention"}
+        layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+        assert set(layer_types) <= {"full_attention", "linear_attention"}
     is_image = inputs["input_ids"] == model.config.image_token_id
     keep = _keep_rows(is_image, ordinals)
     rows = torch.arange(batch)[:, None]
 
-    def run(hidden, mask2d, positions, layers):
+    types = getattr(lm.config, "layer_types", None) or []
+
+    def run(hidden, mask2d, positions, layers, extras):
         causal = create_causal_mask(
             config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
             position_ids=None if mrope else positions,
         )
+        recurrent = create_recurrent_attention_mask(lm.config, hidden, mask2d)
         cos_sin = lm.rotary_emb(hidden, positions)
-        for decoder_layer in layers:
-            hidden = decoder_layer(
-                hidden, attention_mask=causal, position_embeddings=cos_sin,
+        deepstack = extras.get("deepstack_visual_embeds", [])
+        for i in layers:
+            linear = i < len(types) and types[i] == "linear_attention"
+            hidden = lm.layers[i](
+                hidden, attention_mask=recurrent if linear else causal,
+                position_embeddings=cos_sin,
                 position_ids=None if mrope else positions, cache=None, use_cache=False,
             )
+            if i < len(deepstack):
+                hidden = hidden.clone()
+                hidden[extras["visual_pos_masks"]] += deepstack[i]
         return hidden
 
+    everything = torch.arange(length).expand(batch, length)
+    n_layers = len(lm.layers)
     with torch.no_grad():
-        hidden = run(embeds, mask, pos, lm.layers[:layer])
+        hidden = run(embeds, mask, pos, range(layer), kept_lm_extras(kw, everything))
         hidden = run(hidden[rows, keep], mask.gather(1, keep), gather_positions(pos, keep),
-                     lm.layers[layer:])
+                     range(layer, n_layers), kept_lm_extras(kw, keep))
         logits = model.lm_head(lm.norm(hidden))
     return logits, mask.gather(1, keep).bool()
 
@@ -134,6 +151,23 @@ def test_fixed_layer_generate_cache_equals_no_cache(family: str, attn: str, batc
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
+def test_cut_at_a_linear_attention_layer_equals_hand_run_layers(attn: str) -> None:
+    """Qwen3.5, cut at layer 3 (Gated DeltaNet): its recurrence runs over the kept rows only,
+    as the hand-run reference feeds it; a padded batch of 2 and cached == uncached decoding."""
+    model, inputs = cached_model("qwen3_5", attn), cached_inputs("qwen3_5", batch=2)
+    assert 3 in get_adapter(model).recurrent_layers
+    ref, valid = _reference_logits(model, inputs, ORDINALS, 3)
+    with vlprune.patch(model, "fixed_layer", budget=BIG, indices=ORDINALS, layer=3) as handle:
+        logits = forward(model, inputs).logits
+        assert handle.stats.layer_tokens[0][2:] == [inputs["input_ids"].shape[1],
+                                                    logits.shape[1]]
+        cached = generate(model, inputs)
+        uncached = generate(model, inputs, use_cache=False)
+    torch.testing.assert_close(logits[valid], ref[valid], atol=1e-5, rtol=0)
+    assert torch.equal(cached, uncached)
+
+
 # ------------------------------------------------------------------- layer tokens, cache
 
 
@@ -152,8 +186,11 @@ def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
     assert stats.kept_tokens == [5, 5]
     assert stats.layer_tokens == [[length, length, short, short]] * 2
     assert out.logits.shape[1] == short
-    cache_lengths = [layer.keys.shape[2] for layer in out.cache.layers]
-    assert cache_lengths == [length, length, short, short]
+    recurrent = get_adapter(model).recurrent_layers  # Qwen3.5: no KV cache there
+    cache_lengths = [layer.keys.shape[2] for i, layer in enumerate(out.cache.layers)
+                     if i not in recurrent]
+    assert cache_lengths == [n for i, n in enumerate([length, length, short, short])
+                             if i not in recurrent]
     assert out.cache.get_seq_length() == length  # layer 0: generate's bookkeeping
 
 

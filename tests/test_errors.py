@@ -90,12 +90,12 @@ def test_exactly_one_of_budget_and_ratio(kwargs: dict) -> None:
 
 @pytest.mark.parametrize("method", ["nope", "FastV", "", None])
 def test_unknown_method_lists_available(method: object) -> None:
-    """An unknown method name is a ValueError whose message lists every available method."""
+    """An unknown method name is a ValueError whose message lists exactly the public methods
+    (not the internal test helpers ``fixed`` / ``fixed_layer``)."""
     info = _assert_rejected(cached_model("llava"), ValueError, "unknown `method`", method, budget=4)
-    message = str(info.value)
-    for name in ("random", "uniform", "fastv", "fixed"):
-        assert name in message
-    assert set(list_methods()) <= {n.strip() for n in message.split(":")[-1].split(",")}
+    listed = {n.strip() for n in str(info.value).split("available:")[-1].split(",")}
+    assert listed == set(list_methods())
+    assert {"random", "fastv"} <= listed and not {"fixed", "fixed_layer"} & listed
 
 
 def test_unknown_option_names_it_and_the_allowed_ones() -> None:

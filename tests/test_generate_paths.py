@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,7 @@ from tests.helpers import (
     method_families,
     oracle_generate,
     oracle_inputs,
+    pair_options,
     right_padded,
 )
 from vlprune.testing import (
@@ -64,7 +66,7 @@ def test_expanded_rows_equal_their_prompt_alone(method: str, family: str) -> Non
     prompt's images are encoded once; its selection is repeated, never recomputed on another
     prompt's signals or a raster prefix)."""
     model = cached_model(family)
-    with vlprune.patch(model, method, ratio=RATIO), torch.no_grad():
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)), torch.no_grad():
         alone = [_last_logits(model, _alone(family, row))[0] for row in range(2)]
         beams = model.generate(**cached_inputs(family, batch=2), num_beams=3, max_new_tokens=1,
                                do_sample=False, output_logits=True,
@@ -91,7 +93,7 @@ def test_right_padded_rows_equal_their_prompt_alone(method: str, family: str) ->
     inputs = right_padded(cached_inputs(family, batch=2))
     pads = (inputs["attention_mask"] == 0).sum(1).tolist()
     assert max(pads) > 0
-    with vlprune.patch(model, method, ratio=RATIO):
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)):
         logits = forward(model, inputs).logits
         for row in range(2):
             last = logits.shape[1] - 1 - pads[row]  # padding stays at the end of the row
@@ -105,19 +107,32 @@ def _text_prompt(family: str) -> str:
 
 @pytest.mark.parametrize(("method", "family"), PAIRS)
 def test_text_only_row_beside_image_row_equals_each_alone(method: str, family: str) -> None:
-    """A batch of a text-only prompt and an image prompt: each row equals its prompt alone
-    (TransPrune's padding slots no longer mark another row's token 0 invalid)."""
+    """A batch of a text-only prompt and an image prompt: each row equals its prompt alone,
+    in prefill and in decode steps (TransPrune's padding slots no longer mark another row's
+    token 0 invalid; the text-only row keeps the batch's whole width, yet the image row's
+    padding slots stay masked in decode)."""
     model = cached_model(family)
     processor = tiny_processor(family)
     image = tiny_image(1, DEFAULT_IMAGE_SIZE[family])
     mixed = processor(text=[_text_prompt(family), tiny_prompt(family, 9, seed=1)], images=[image],
                       padding=True, return_tensors="pt")
     text_only = processor(text=[_text_prompt(family)], return_tensors="pt")
-    with vlprune.patch(model, method, ratio=RATIO):
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)):
         logits = _last_logits(model, mixed)
         torch.testing.assert_close(logits[0], _last_logits(model, text_only)[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(logits[1], _last_logits(model, _alone(family, 1))[0],
                                    atol=ATOL, rtol=0)
+        steps = _step_logits(model, mixed)
+        torch.testing.assert_close(steps[1], _step_logits(model, _alone(family, 1))[0],
+                                   atol=ATOL, rtol=0)
+
+
+def _step_logits(model, inputs, steps: int = 3) -> torch.Tensor:
+    """(B, steps, V) logits of greedy ``generate``'s first ``steps`` steps."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits, 1)
 
 
 # ------------------------------------------------------------------------ use_cache=False
@@ -129,7 +144,7 @@ def test_uncached_generate_equals_cached(method: str, family: str) -> None:
     once: it keeps the first step's selection (no probe is needed again, no re-ranking by the
     newest token), so its greedy tokens equal the cached run's."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
-    with vlprune.patch(model, method, ratio=RATIO) as handle:
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)) as handle:
         cached = generate(model, inputs, max_new_tokens=4)
         kept = handle.stats.kept_tokens
         uncached = generate(model, inputs, max_new_tokens=4, use_cache=False)
@@ -159,7 +174,7 @@ def test_inputs_embeds_prune_like_input_ids(method: str, family: str) -> None:
     from embeddings equals generation from ids."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
     embeds = _as_embeds(model, inputs, family)
-    with vlprune.patch(model, method, ratio=RATIO) as handle:
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)) as handle:
         ref = forward(model, inputs).logits
         kept = handle.stats.kept_tokens
         got = forward(model, embeds).logits
@@ -181,13 +196,14 @@ def test_mmtok_stopwords_need_input_ids() -> None:
         forward(model, _as_embeds(model, inputs, "llava"))
 
 
-IMAGE_KEYS = {"llava": ("pixel_values",), "llava_next": ("pixel_values", "image_sizes")}
 SIGNAL_FREE = {"random", "uniform", "fastv", "transprune"}
 """Methods that need no signal of the vision encoder."""
 
 
-def _image_inputs(family: str, inputs) -> dict:
-    return {k: inputs[k] for k in IMAGE_KEYS.get(family, ("pixel_values", "image_grid_thw"))}
+def _image_inputs(model, inputs) -> dict:
+    """The entries of ``inputs`` that ``get_image_features`` takes (pixels, layout inputs)."""
+    names = inspect.signature(model.model.get_image_features).parameters
+    return {k: v for k, v in inputs.items() if k in names}
 
 
 @pytest.mark.parametrize(("method", "family"), PAIRS)
@@ -197,11 +213,11 @@ def test_precomputed_image_features_prune_or_raise(method: str, family: str) -> 
     clear RuntimeError before the language model runs, never a selection from stale signals."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
     with torch.no_grad():
-        features = model.model.get_image_features(**_image_inputs(family, inputs),
+        features = model.model.get_image_features(**_image_inputs(model, inputs),
                                                   return_dict=True)
     precomputed = {k: v for k, v in inputs.items() if k != "pixel_values"}
     precomputed["mm_encoder_outputs"] = {"image": features}
-    with vlprune.patch(model, method, ratio=RATIO):
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)):
         ref = forward(model, inputs).logits
         if method in SIGNAL_FREE:
             torch.testing.assert_close(forward(model, precomputed).logits, ref, atol=1e-6, rtol=0)
@@ -215,7 +231,7 @@ def test_direct_get_image_features_is_never_pruned(family: str) -> None:
     """FlowCut cuts inside the vision encoder only for a prefill: a direct
     ``model.model.get_image_features(...)`` returns the unpatched features, no zero rows."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
-    image_inputs = _image_inputs(family, inputs)
+    image_inputs = _image_inputs(model, inputs)
     with torch.no_grad():
         ref = torch.cat(model.model.get_image_features(**image_inputs).pooler_output)
         with vlprune.patch(model, "flowcut", budget=4):
@@ -255,8 +271,8 @@ def test_follow_up_turn_equals_oracle(family: str) -> None:
     turn 1's kept rows at their original positions, then the new text."""
     model, inputs = cached_model(family), cached_inputs(family)
     follow_up = _follow_up_ids()
-    embeds, pos, mask = oracle_inputs(model, inputs, INDICES)
-    ref_first, ref_second = oracle_generate(model, embeds, pos, mask, steps=STEPS,
+    embeds, pos, mask, extras = oracle_inputs(model, inputs, INDICES)
+    ref_first, ref_second = oracle_generate(model, embeds, pos, mask, extras, steps=STEPS,
                                             follow_up=follow_up, follow_steps=STEPS)
     with vlprune.patch(model, "fixed", budget=BIG, indices=INDICES):
         first, second = _two_turns(model, inputs, follow_up)
@@ -283,7 +299,7 @@ def test_follow_up_generate_feeds_only_new_tokens(method: str, family: str) -> N
     turn 1's cache; nothing of turn 1 is fed again."""
     model, inputs = cached_model(family), cached_inputs(family)
     follow_up = _follow_up_ids()
-    with vlprune.patch(model, method, ratio=RATIO), torch.no_grad():
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)), torch.no_grad():
         first = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
                                return_dict_in_generate=True, eos_token_id=None)
         saved = copy.deepcopy(first.cache)
@@ -337,7 +353,9 @@ def test_static_cache_is_refused_before_compute(method: str, family: str) -> Non
     """``generate(cache_implementation="static")`` raises one NotImplementedError naming the
     static cache before any module runs."""
     model, inputs = cached_model(family), cached_inputs(family)
-    with vlprune.patch(model, method, ratio=RATIO), _no_module_runs(model), pytest.raises(
-        NotImplementedError, match="static"
+    with (
+        vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)),
+        _no_module_runs(model),
+        pytest.raises(NotImplementedError, match="static"),
     ):
         generate(model, inputs, max_new_tokens=2, cache_implementation="static")

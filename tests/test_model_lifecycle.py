@@ -22,6 +22,7 @@ from tests.helpers import (
     keep_index,
     method_families,
     method_one_family,
+    pair_options,
     vlprune_hook_count,
 )
 from vlprune.adapters import get_adapter
@@ -76,7 +77,7 @@ def test_two_threads_equal_serial_runs(method: str, family: str) -> None:
     prompts = [cached_inputs(family, batch=1, n_words=(5,), seed=0),
                cached_inputs(family, batch=2, n_words=(7, 3), seed=1)]
     calls = 15
-    with vlprune.patch(model, method, ratio=RATIO):
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)):
         serial = [generate(model, p, max_new_tokens=3) for p in prompts]
         results: list[list[torch.Tensor]] = [[], []]
         errors: list[BaseException] = []
@@ -110,7 +111,7 @@ def test_deep_copy_is_patched_with_its_own_handle(method: str, family: str) -> N
     of the copy is refused; with both unpatched, both equal the unpatched model."""
     model, inputs = tiny_model(family), cached_inputs(family, batch=2)
     unpatched = forward(model, inputs).logits
-    handle = vlprune.patch(model, method, ratio=RATIO)
+    handle = vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family))
     pruned = forward(model, inputs).logits
     twin = copy.deepcopy(model)
     twin_handle = vlprune.get_handle(twin)
@@ -194,7 +195,7 @@ def test_every_method_gives_a_loss(method: str, family: str) -> None:
     token gives transformers' own loss."""
     model, inputs = cached_model(family), cached_inputs(family, batch=2)
     labels = _labels(inputs, model.config.image_token_id)
-    with vlprune.patch(model, method, ratio=RATIO):
+    with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)):
         assert torch.isfinite(forward(model, inputs, labels=labels).loss)
 
 

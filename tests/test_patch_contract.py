@@ -67,8 +67,8 @@ def test_keep_all_vision_equals_unpatched(family: str, attn: str) -> None:
 def test_fixed_forward_equals_hand_built_oracle(family: str, attn: str, batch: int) -> None:
     """``fixed`` logits == unpatched LM fed only text + chosen image rows at original positions."""
     model, inputs = cached_model(family, attn), cached_inputs(family, batch=batch)
-    embeds, pos, mask = oracle_inputs(model, inputs, INDICES)
-    ref = oracle_logits(model, embeds, pos, mask)
+    embeds, pos, mask, extras = oracle_inputs(model, inputs, INDICES)
+    ref = oracle_logits(model, embeds, pos, mask, extras)
     with vlprune.patch(model, "fixed", budget=BIG, indices=INDICES) as handle:
         logits = forward(model, inputs).logits
         stats = handle.stats
@@ -83,8 +83,8 @@ def test_fixed_forward_equals_hand_built_oracle(family: str, attn: str, batch: i
 def test_fixed_generate_equals_hand_written_greedy_loop(family: str, attn: str) -> None:
     """Patched greedy generate == a cached greedy loop on the kept rows (original positions)."""
     model, inputs = cached_model(family, attn), cached_inputs(family, batch=1)
-    embeds, pos, mask = oracle_inputs(model, inputs, INDICES)
-    ref, _ = oracle_generate(model, embeds, pos, mask)
+    embeds, pos, mask, extras = oracle_inputs(model, inputs, INDICES)
+    ref, _ = oracle_generate(model, embeds, pos, mask, extras)
     with vlprune.patch(model, "fixed", budget=BIG, indices=INDICES):
         tokens = generate(model, inputs)
     eos = model.generation_config.eos_token_id

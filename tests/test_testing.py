@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import BatchFeature, PreTrainedModel
 
+from tests.helpers import cached_model
+from vlprune.adapters import ADAPTERS, get_adapter
 from vlprune.testing import (
     DEFAULT_IMAGE_SIZE,
     FAMILIES,
@@ -20,12 +22,18 @@ from vlprune.testing import (
 )
 
 # Visual tokens per image for the default image size, and the image-feature input keys.
-EXPECTED_VISUAL_TOKENS = {"llava": 36, "llava_next": 140, "qwen2_vl": 24, "qwen2_5_vl": 24}
+EXPECTED_VISUAL_TOKENS = {"llava": 36, "llava_next": 140, "qwen2_vl": 24, "qwen2_5_vl": 24,
+                          "qwen3_vl": 24, "qwen3_vl_moe": 24, "llava_onevision": 140,
+                          "qwen3_5": 24}
 IMAGE_KEYS = {
     "llava": ("pixel_values",),
     "llava_next": ("pixel_values", "image_sizes"),
     "qwen2_vl": ("pixel_values", "image_grid_thw"),
     "qwen2_5_vl": ("pixel_values", "image_grid_thw"),
+    "qwen3_vl": ("pixel_values", "image_grid_thw"),
+    "qwen3_vl_moe": ("pixel_values", "image_grid_thw"),
+    "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
+    "qwen3_5": ("pixel_values", "image_grid_thw"),
 }
 
 
@@ -36,7 +44,7 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def models(family: str) -> dict[str, PreTrainedModel]:
-    return {impl: tiny_model(family, attn_implementation=impl) for impl in ("sdpa", "eager")}
+    return {impl: cached_model(family, impl) for impl in ("sdpa", "eager")}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,8 @@ def test_config_ids_match_tokenizer(family: str) -> None:
         assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
         assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
         head_dim = text.hidden_size // text.num_attention_heads
-        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        rotary = head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0)
+        assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
 
 
 def test_prompt_and_image_are_deterministic(family: str) -> None:
@@ -144,5 +153,22 @@ def test_same_seed_same_weights(family: str) -> None:
 def test_processor_class_has_no_video(family: str) -> None:
     processor = tiny_processor(family)
     assert processor.tokenizer.padding_side == "left"
-    if family.startswith("qwen"):
-        assert getattr(processor, "video_processor", None) is None
+    assert getattr(processor, "video_processor", None) is None
+
+
+def test_every_adapter_family_has_a_tiny_model() -> None:
+    """A new adapter family joins every family-parametrised test through FAMILIES."""
+    assert sorted(FAMILIES) == sorted(adapter.family for adapter in ADAPTERS)
+    for family in FAMILIES:
+        assert get_adapter(tiny_model(family)).family == family
+
+
+def test_package_keeps_its_import_path() -> None:
+    """``vlprune.testing`` is a package (configs, processors, inputs) that re-exports every
+    public name from the module defining it."""
+    import vlprune.testing as testing
+    from vlprune.testing import configs, inputs, processors
+
+    for name in testing.__all__:
+        assert any(getattr(module, name, None) is getattr(testing, name)
+                   for module in (configs, processors, inputs)), name

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vlprune.options import as_float, as_int
+
 
 @dataclass(frozen=True)
 class Budget:
     """A validated budget: exactly one of ``tokens`` (kept per unit) or ``ratio`` (kept
-    fraction)."""
+    fraction). Python or NumPy scalars are accepted and stored as ``int`` / ``float``."""
 
     tokens: int | None = None
     ratio: float | None = None
@@ -26,15 +28,15 @@ class Budget:
                 f"ratio={self.ratio!r}"
             )
         if self.tokens is not None:
-            if isinstance(self.tokens, bool) or not isinstance(self.tokens, int):
+            tokens = as_int(self.tokens)
+            if tokens is None or tokens <= 0:
                 raise ValueError(f"`budget` must be an int > 0, got {self.tokens!r}")
-            if self.tokens <= 0:
-                raise ValueError(f"`budget` must be an int > 0, got {self.tokens}")
+            object.__setattr__(self, "tokens", tokens)
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-                raise ValueError(f"`ratio` must be a float in (0, 1], got {self.ratio!r}")
-            if not 0.0 < float(self.ratio) <= 1.0:
-                raise ValueError(f"`ratio` must be in (0, 1], got {self.ratio}")
+            ratio = as_float(self.ratio)
+            if ratio is None or not 0.0 < ratio <= 1.0:
+                raise ValueError(f"`ratio` must be a number in (0, 1], got {self.ratio!r}")
+            object.__setattr__(self, "ratio", ratio)
 
     def kept(self, n_tokens: int) -> int:
         """Kept count for a unit (image, crop or request) of ``n_tokens`` visual tokens."""

@@ -2,7 +2,8 @@
 
 :class:`PatchHandle` builds the cuts a method needs (``vlprune.hooks``), installs them, turns
 their records into :class:`PruneStats` and removes them again. :func:`registered` /
-:func:`register` keep the one active handle of each patched model.
+:func:`register` keep the one active handle of each patched model, and
+:func:`check_not_patched` refuses a second one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vlprune.hooks.images import ImageTokens
 from vlprune.hooks.loss import KeptRowsLoss
 from vlprune.hooks.state import PatchPart, eager_hook
 from vlprune.hooks.vision import VisionCut
+from vlprune.keptmap import KeptImage, kept_images
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
 
 # model -> weak reference to its handle: the model's hooks keep the handle alive, and neither
@@ -45,6 +47,21 @@ def registered(model: nn.Module) -> PatchHandle | None:
 def register(handle: PatchHandle) -> None:
     """Make ``handle`` the one of its model."""
     _PATCHED[handle.model] = weakref.ref(handle)
+
+
+class AlreadyPatchedError(RuntimeError):
+    """Raised when patching a model that vlprune already patched."""
+
+
+def check_not_patched(model: nn.Module) -> None:
+    """:class:`AlreadyPatchedError` if ``model`` has an active patch (every ``patch`` path runs
+    this check)."""
+    existing = registered(model)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched ({existing!r}); call "
+            "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
+        )
 
 
 @dataclass
@@ -80,13 +97,17 @@ class PruneStats:
 class PatchHandle(PatchPart):
     """A patched model: ``.stats`` of the last prefill, ``.unpatch()`` and context-manager use.
 
+    ``positions``: "original" (kept rows keep their RoPE positions) or "renumber" (renumbered
+    contiguously after every cut, as most official LLaVA code does; ``vlprune.hooks.positions``).
+
     The model's hooks hold the handle (a dropped handle keeps pruning: get it back with
     ``vlprune.get_handle(model)``, or call ``vlprune.unpatch(model)``). ``copy.deepcopy(model)``
     gives a copy patched with its own handle; a patched model cannot be pickled
     (``torch.save(model)``).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, budget: Budget,
+                 positions: str = "original") -> None:
         self.model = model
         self.adapter = adapter
         self.method = method
@@ -95,17 +116,18 @@ class PatchHandle(PatchPart):
         self._calls = CallTracker(adapter)
         has_vision = "vision" in method.stage
         self._vision = VisionCut(adapter, self._calls,
-                                 self._select_vision if has_vision else None)
+                                 self._select_vision if has_vision else None, positions)
         self._decoder: DecoderCut | None = None
         if "decoder" in method.stage:
             n_layers = len(adapter.decoder_layers)
             self._decoder = DecoderCut(adapter, method.cut_layers(n_layers), self._choose_rows,
-                                       self._vision)
+                                       self._vision, positions)
         self._probes: dict[str, Any] = method.probes(adapter)
         self._encoder: EncoderCut | None = None
         encoder_layers = method.encoder_layers(adapter.vision_output_layer) if has_vision else []
         if encoder_layers:
-            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder)
+            self._encoder = EncoderCut(adapter, encoder_layers, self._choose_encoder,
+                                       method.check_encoder_layouts)
             self._calls.encoder = self._encoder
         self._needs_encode = self._encoder is not None or any(
             getattr(probe, "vision", False) for probe in self._probes.values()
@@ -113,7 +135,8 @@ class PatchHandle(PatchPart):
         self._loss = KeptRowsLoss(model, self._kept_positions)
         self._calls.generate_checks.append(self._check_generate)
         self._calls.forward_checks.append(self._check_forward)
-        self._settings = {"method": method.name, **budget.as_dict(), **method.settings()}
+        self._settings = {"method": method.name, **budget.as_dict(), "positions": positions,
+                          **method.settings()}
 
     @property
     def active(self) -> bool:
@@ -149,6 +172,12 @@ class PatchHandle(PatchPart):
             stats.kept_tokens = state.is_image.sum(1).tolist()
             stats.layer_tokens = [list(row) for row in state.layer_tokens]
         return stats
+
+    def kept_images(self) -> list[KeptImage]:
+        """Per image of the last prefill in the calling thread, the visual tokens alive after
+        the last cut, with their token grids and pixel masks (:func:`vlprune.keptmap.kept_images`;
+        empty before the first forward with images)."""
+        return kept_images(self)
 
     def _install(self) -> None:
         """Install every hook, or none: a failure removes what was installed and re-raises."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
+import textwrap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from vlprune.options import REQUIRED, describe_options, options_signature
 
 if TYPE_CHECKING:
     from vlprune.methods.base import Method
@@ -15,13 +17,24 @@ _METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator registering a :class:`~vlprune.methods.base.Method` under ``name``."""
+    """Class decorator registering a :class:`~vlprune.methods.base.Method` under ``name``.
+
+    The class's ``options`` declarations are checked (each default must be one of its own
+    allowed values) and become its signature and the options section of its docstring.
+    """
 
     def decorator(cls: M) -> M:
         if name in _METHODS and _METHODS[name] is not cls:
             owner = _METHODS[name].__qualname__
             raise ValueError(f"method {name!r} is already registered by {owner}")
+        for option, declared in cls.options.items():
+            if declared.default is not REQUIRED:
+                declared.check(option, declared.default)
         cls.name = name
+        cls.__signature__ = options_signature(cls.options)  # type: ignore[attr-defined]
+        if cls.options:
+            lines = textwrap.indent(describe_options(cls.options), "    ")
+            cls.__doc__ = f"{(cls.__doc__ or '').rstrip()}\n\n    Options:\n\n{lines}\n"
         _METHODS[name] = cls
         return cls
 
@@ -34,33 +47,14 @@ def list_methods(*, include_internal: bool = False) -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    """The method class registered as ``name``; ``ValueError`` listing the names otherwise."""
+    """The method class registered as ``name``; ``ValueError`` listing the public methods
+    otherwise."""
     if not isinstance(name, str) or name not in _METHODS:
-        raise ValueError(
-            f"unknown `method` {name!r}; available: "
-            f"{', '.join(list_methods(include_internal=True))}"
-        )
+        raise ValueError(f"unknown `method` {name!r}; available: {', '.join(list_methods())}")
     return _METHODS[name]
 
 
-def method_options(cls: type[Method]) -> dict[str, Any]:
-    """Keyword options a method accepts, with their defaults."""
-    params = inspect.signature(cls.__init__).parameters
-    return {
-        p.name: p.default
-        for p in params.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-
-
 def build_method(name: str, options: dict[str, Any]) -> Method:
-    """Instantiate method ``name`` with ``options``; unknown options raise ``ValueError``."""
-    cls = get_method(name)
-    allowed = method_options(cls)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r}; "
-            f"allowed: {', '.join(allowed) or '(none)'}"
-        )
-    return cls(**options)
+    """Instantiate method ``name`` with ``options``; an unknown option or a value outside its
+    allowed values raises ``ValueError`` naming it."""
+    return get_method(name)(**options)

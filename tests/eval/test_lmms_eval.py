@@ -1,6 +1,6 @@
 """lmms-eval integration: ``--model vlprune`` end to end on tiny random-weight checkpoints, offline.
 
-The module writes four tiny checkpoints (model + processor, one per family), a JSON-lines dataset
+The module writes one tiny checkpoint per family (model + processor), a JSON-lines dataset
 with PNG images and the task YAMLs of ``tests/eval/lmms_task`` into a temp dir, then:
 
 - runs the real ``lmms-eval`` CLI in subprocesses on LLaVA-1.5 for ``method=none``, ``random``
@@ -8,7 +8,7 @@ with PNG images and the task YAMLs of ``tests/eval/lmms_task`` into a temp dir, 
   document, multiple choice = loglikelihood requests), one of them through ``vlprune eval``,
   plus a two-process data-parallel run (``torchrun``, gloo on CPU);
 - runs ``simple_evaluate`` in-process with a :class:`VLPrune` instance for the other families
-  (the Qwen checkpoints load their processors without torchvision).
+  (the Qwen and LLaVA-OneVision checkpoints load their processors without torchvision).
 """
 
 from __future__ import annotations
@@ -31,14 +31,9 @@ from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 
 from vlprune.eval import lmms_cli
-from vlprune.eval.lmms import (
-    IMAGES_ONLY_PROCESSORS,
-    VLPrune,
-    build_prompt,
-    model_family,
-    prompt_segments,
-    truncate_at,
-)
+from vlprune.eval.lmms import VLPrune
+from vlprune.eval.lmms_load import IMAGES_ONLY_PROCESSORS, model_family
+from vlprune.eval.lmms_prompts import build_prompt, prompt_segments, truncate_at
 from vlprune.testing import FAMILIES, tiny_image, tiny_model, tiny_processor
 
 TASK_FILES = Path(__file__).parent / "lmms_task"
@@ -107,13 +102,31 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in FAMILIES:
         target = root / family
         tiny_model(family).save_pretrained(target)
-        processor = tiny_processor(family)
-        if family in IMAGES_ONLY_PROCESSORS:
-            processor.image_processor.save_pretrained(target)
-            processor.tokenizer.save_pretrained(target)
-        else:
-            processor.save_pretrained(target)
+        _save_processor(tiny_processor(family), family, target)
     return root
+
+
+def _save_processor(processor: Any, family: str, target: Path) -> None:
+    """As a hub checkpoint stores it: LLaVA processors whole; Qwen as parts (image processor,
+    tokenizer); LLaVA-OneVision with its processor config (placeholder counts) and a video
+    processor config (which, without torchvision, makes ``AutoProcessor`` fail)."""
+    if family == "llava_onevision":
+        kwargs = {k: getattr(processor, k) for k in (
+            "num_image_tokens", "vision_feature_select_strategy", "video_token",
+            "vision_aspect_ratio")}
+        IMAGES_ONLY_PROCESSORS[family](image_processor=processor.image_processor,
+                                       tokenizer=processor.tokenizer, **kwargs
+                                       ).save_pretrained(target)
+        config = json.loads((target / "processor_config.json").read_text())
+        config["processor_class"] = "LlavaOnevisionProcessor"
+        (target / "processor_config.json").write_text(json.dumps(config))
+        video = {"video_processor_type": "LlavaOnevisionVideoProcessor"}
+        (target / "video_preprocessor_config.json").write_text(json.dumps(video))
+    elif family in IMAGES_ONLY_PROCESSORS:
+        processor.image_processor.save_pretrained(target)
+        processor.tokenizer.save_pretrained(target)
+    else:
+        processor.save_pretrained(target)
 
 
 def _lmms_eval() -> list[str]:
@@ -304,8 +317,9 @@ def _evaluate(lm: VLPrune, task_manager: TaskManager) -> dict[str, Any]:
 def test_family_generations(
     workspace: Path, task_manager: TaskManager, family: str, method: str
 ) -> None:
-    """LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: the family comes from the checkpoint, kept tokens
-    match the budget, and batch 2 generates what batch 1 does."""
+    """Every family but LLaVA-1.5 (the CLI runs above): the family comes from the checkpoint,
+    kept tokens match the budget, and batch 2 generates what batch 1 does. LLaVA-OneVision
+    encodes the images of the two-image task as thumbnails (``batch_num_images``)."""
     outputs, records = [], []
     for batch in (1, 2):
         lm = VLPrune(pretrained=str(workspace / family), batch_size=batch,
@@ -318,6 +332,9 @@ def test_family_generations(
     assert records[0] == records[1]
     for row in records[0]:
         assert row["kept_tokens"] == expected_kept(method, row["images"], row["visual_tokens"])
+    if family == "llava_onevision":
+        multi = [r for r in records[0] if r["task"] == "vlprune_tiny_multi"]
+        assert multi and all(r["visual_tokens"] == 2 * 37 for r in multi)
 
 
 def test_chat_template_prompt(workspace: Path, task_manager: TaskManager) -> None:
@@ -370,12 +387,13 @@ def test_truncate_at() -> None:
 
 
 def test_wrapper_arguments() -> None:
-    """``vlprune eval`` adds ``--model vlprune`` and a stats path under ``--output_path``."""
+    """``vlprune eval`` adds ``--model vlprune``, a stats path under ``--output_path`` and,
+    unless given, the include path of the shipped toy tasks."""
     argv = lmms_cli.lmms_eval_argv(["--model_args", "pretrained=x", "--output_path", "o"])
     assert argv == ["--model", "vlprune", "--model_args",
                     f"pretrained=x,stats_path={os.path.join('o', 'vlprune_stats')}",
-                    "--output_path", "o"]
-    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o"]
+                    "--output_path", "o", "--include_path", str(lmms_cli.TOY_TASKS)]
+    argv = ["--model_args=pretrained=x,stats_path=s", "--output_path=o", "--include_path=t"]
     assert lmms_cli.lmms_eval_argv(argv) == ["--model", "vlprune", *argv]
     with pytest.raises(SystemExit, match="preselected"):
         lmms_cli.lmms_eval_argv(["--model", "llava_hf"])
@@ -394,3 +412,32 @@ def test_errors(workspace: Path, tmp_path: Path) -> None:
         VLPrune(pretrained=str(workspace / "llava"), batch_size="auto")
     with pytest.raises(ValueError, match="unknown `method`"):
         VLPrune(pretrained=str(workspace / "llava"), method="nope", budget=BUDGET)
+
+
+def test_model_args_are_read_as_each_option_means() -> None:
+    """lmms-eval parses ``-2`` as ``-2.0``, ``None`` as a string and ``[1,2]`` as text;
+    ``check_model_args`` reads them as the method's declared options mean them, and refuses
+    bad loading arguments before anything loads."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from vlprune.eval.lmms_load import check_model_args
+    from vlprune.eval.toy.model import CHECKPOINT_DIR
+
+    def check(text: str) -> dict[str, Any]:
+        return check_model_args(**simple_parse_args_string(f"pretrained={CHECKPOINT_DIR},{text}"))
+
+    options = check("method=hiprune,budget=64,object_layer=None,deep_layer=-1,alpha=0.25")
+    assert options == {"object_layer": None, "deep_layer": -1, "alpha": 0.25}
+    assert type(options["deep_layer"]) is int
+    assert check("method=transprune,ratio=0.25,layers=[1,2],ratios=[0.5,0.25]") == {
+        "layers": [1, 2], "ratios": [0.5, 0.25]}
+    assert check("method=none") == {}
+    for text, match in [("method=hiprune,budget=64,deep_layer=-1.5", "deep_layer"),
+                        ("method=fixed,budget=4,indices=[0]", "unknown `method`"),
+                        ("method=none,batch_size=auto", "batch_size"),
+                        ("method=none,dtype=float8", "dtype"),
+                        ("method=none,attn_implementation=flex", "attn_implementation")]:
+        with pytest.raises(ValueError, match=match):
+            check(text)
+    with pytest.raises(ValueError, match="neither a local checkpoint"):
+        check_model_args(pretrained="./no/such/folder")

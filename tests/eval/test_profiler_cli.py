@@ -94,9 +94,26 @@ def test_local_checkpoint_path(tmp_path: Path) -> None:
     assert pruned["counted_vs_analytic"] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_unknown_method_fails_early() -> None:
-    with pytest.raises(SystemExit, match="unknown `method` 'nope'"):
+def test_hybrid_decoder_checkpoint_exits_1_with_one_line(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A Qwen3.5 checkpoint (no preset; linear-attention layers the profiler does not model)
+    ends ``vlprune profile`` with exit code 1 and one line naming why, before any run."""
+    tiny_model("qwen3_5").save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()
+    code = main(["profile", "--model", str(tmp_path / "ckpt"), "--methods", "random",
+                 "--budgets", "4", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    assert code == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("vlprune")]
+    assert line.startswith("vlprune profile: ") and "linear-attention layers of qwen3_5" in line
+    assert not (tmp_path / "profile.json").exists()
+
+
+def test_unknown_method_fails_early(capsys: pytest.CaptureFixture) -> None:
+    """An unknown method is a usage error (exit 2, one line) before any model is built."""
+    with pytest.raises(SystemExit) as info:
         main(["profile", "--model", "llava-1.5-7b", "--methods", "nope"])
+    assert info.value.code == 2
+    assert "unknown `method` 'nope'" in capsys.readouterr().err
 
 
 def test_help_lists_presets(capsys: pytest.CaptureFixture) -> None:

@@ -6,14 +6,12 @@ accuracy than `random`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
 import vlprune
-from vlprune.cli import main as cli_main
 from vlprune.eval.toy import data
 from vlprune.eval.toy.benchmark import predict, run_benchmark
 from vlprune.eval.toy.model import CHECKPOINT_DIR, load_toy_model, toy_processor
@@ -91,19 +89,3 @@ def test_informed_methods_beat_random_at_64_tokens(model: LlavaForConditionalGen
         assert row.error is None, row.error
         assert row.tokens == 64, name
         assert row.accuracy >= random.accuracy + MARGIN, (name, row.accuracy, random.accuracy)
-
-
-def test_demo_command_prints_table_and_saves_plot(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`vlprune demo` on a small sample prints the method × budget table and writes demo.json
-    and demo.png."""
-    cli_main(["demo", "--samples", "8", "--methods", "random", "fastv", "--budgets", "64",
-              "--seeds", "0", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "| method | budget | accuracy |" in out
-    assert "| fastv | 64 |" in out and "| none | all (576) |" in out
-    rows = json.loads((tmp_path / "demo.json").read_text())
-    assert [(r["method"], r["budget"]) for r in rows] == [("none", None), ("random", 64),
-                                                          ("fastv", 64)]
-    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlprune
-from tests.helpers import cached_model
+from tests.helpers import attention_output_index, cached_model
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, keep_rows
@@ -143,7 +143,8 @@ def test_real_model_selection_follows_eager_attention(family: str) -> None:
     inputs = tiny_inputs(family, batch=1)
     is_image = inputs["input_ids"][0] == model.config.image_token_id
     with torch.no_grad():
-        attn = model(**inputs, output_attentions=True).attentions[1]
+        attn = model(**inputs, output_attentions=True).attentions[
+            attention_output_index(model, 1)]
     scores = attn[0, :, -1].mean(0)[is_image]
     top = scores.topk(6).values
     assert float(top[4] - top[5]) > 1e-7, "near-tie (fp noise is ~1e-9): pick another seed"

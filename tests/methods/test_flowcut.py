@@ -31,7 +31,8 @@ from vlprune.testing import (
     tiny_processor,
 )
 
-BUDGET = {"llava": 10, "llava_next": 16, "qwen2_vl": 6, "qwen2_5_vl": 6}
+BUDGET = {"llava": 10, "llava_next": 16, "qwen2_vl": 6, "qwen2_5_vl": 6, "qwen3_vl": 6,
+          "qwen3_vl_moe": 6, "llava_onevision": 16, "qwen3_5": 6}
 # The tiny LLaVA-NeXT image: thumbnail 6×6, 2×2 crops of 6×6, unpadded canvas 8×12 at row
 # offset 2 (crop rows 0-1 of the top crops and 4-5 of the bottom crops are letterbox), a
 # newline after each of the 8 canvas rows: 36 + 8·13 = 140 tokens.
@@ -294,6 +295,9 @@ def test_kept_count_equals_budget_forward_and_generate(family: str) -> None:
     elif family == "llava_next":
         assert all(k <= 5 * budget // 2 for k in stats.kept_per_image)
         assert rows == [[5 * 37] + [5 * (budget // 2 + 1)] * 2] * 2
+    elif family == "llava_onevision":  # no CLS: FlowCut-Qwen's schedule, cut after the last
+        assert all(k <= 5 * budget // 2 for k in stats.kept_per_image)
+        assert all(row[0] == 5 * 36 and row[-1] > 5 * (budget // 2) for row in rows)
     else:
         assert stats.kept_per_image == [2 * budget] * 2
         assert all(row[2] == row[1] - budget for row in stats.layer_tokens)

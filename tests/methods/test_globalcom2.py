@@ -18,7 +18,7 @@ from vlprune.hooks.signals import VisionAttentionScores
 from vlprune.methods._vision_common import fill_budget, partition_tokens
 from vlprune.methods.base import VisionBatch
 from vlprune.methods.globalcom2 import GlobalCom2, crop_ratios, guidance, holistic_scores
-from vlprune.testing import tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 # 4×4 thumbnail, 1×2 crops, no padding: 16 thumbnail tokens, then 4 rows of 8 + newline.
 NEXT_WIDE = ImageLayout(
@@ -195,10 +195,18 @@ def test_keep_all_equals_unpatched(family, model, inputs) -> None:
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
 
 
-def test_qwen_is_rejected() -> None:
-    """No CLS token and no thumbnail: ``patch`` refuses Qwen models with a clear error."""
-    with pytest.raises(ValueError, match="supports llava, llava_next"):
-        vlprune.patch(tiny_model("qwen2_5_vl"), "globalcom2", budget=4)
+NO_CLS = [f for f in FAMILIES if f not in ("llava", "llava_next")]
+
+
+@pytest.mark.parametrize("family", NO_CLS)
+def test_families_without_cls_are_rejected(family: str) -> None:
+    """No CLS token and no thumbnail (Qwen2/2.5/3-VL) or no CLS token
+    (LLaVA-OneVision's SigLIP): ``patch`` refuses the model with a ``TypeError`` before
+    installing anything."""
+    model = tiny_model(family)
+    with pytest.raises(TypeError, match="supports llava, llava_next"):
+        vlprune.patch(model, "globalcom2", budget=4)
+    assert not any(module._forward_pre_hooks for module in model.modules())
 
 
 @pytest.mark.parametrize(

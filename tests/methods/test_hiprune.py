@@ -110,6 +110,21 @@ def test_scale_layer_keeps_official_layers_at_reference_depth() -> None:
     assert scale_layer(8, 24, 3) == 1 and scale_layer(15, 32, 4) == 1
 
 
+# Default (object, deep) layers of the tiny encoders, by hand. CLIP (3 layers, feature layer -2
+# = 1): object floor(8·3/24) = 1, deep -2 = 1. SigLIP (3 layers, feature layer -1 = 2): CLIP's
+# object rule, deep = its feature layer 2. Qwen ViTs (depth d): floor(15·d/32), the last block.
+DEFAULT_LAYERS = {"llava": (1, 1), "llava_next": (1, 1), "llava_onevision": (1, 2),
+                  "qwen2_vl": (0, 1), "qwen2_5_vl": (1, 3), "qwen3_vl": (1, 3),
+                  "qwen3_vl_moe": (1, 3), "qwen3_5": (1, 3)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_layers_per_encoder(family: str) -> None:
+    """The official layers where they exist (CLIP, Qwen2.5-VL); the CLIP rule on a batched
+    encoder without CLS (SigLIP: deep = its own feature layer); Qwen2.5-VL's elsewhere."""
+    assert HiPrune().layers(get_adapter(cached_model(family))) == DEFAULT_LAYERS[family]
+
+
 # ------------------------------------------------------------------ select on planted probes
 
 # 4×4 thumbnail + 1×2 crops whose padded 4×8 canvas loses column 0 and column 7 (offset 1):
@@ -259,6 +274,10 @@ SIZES = {
     "llava_next": [(150, 100), (80, 160), (100, 150)],
     "qwen2_vl": [(168, 112), (224, 280), (112, 112)],
     "qwen2_5_vl": [(168, 112), (224, 280), (112, 112)],
+    "qwen3_vl": [(192, 128), (256, 320), (128, 128)],
+    "qwen3_vl_moe": [(192, 128), (256, 320), (128, 128)],
+    "llava_onevision": [(150, 100), (80, 160), (100, 150)],
+    "qwen3_5": [(192, 128), (256, 320), (128, 128)],
 }
 
 

@@ -15,7 +15,7 @@ from vlprune.adapters.base import ImageLayout
 from vlprune.methods._vision_common import apportion, partition_tokens
 from vlprune.methods.base import VisionBatch
 from vlprune.methods.hired import HiRED, crop_content, crop_regions, hired_split
-from vlprune.testing import tiny_inputs, tiny_model
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 # 4×4 thumbnail, 2×2 crops, no padding: 16 thumbnail tokens, then 8 rows of 8 + newline.
 NEXT_2X2 = ImageLayout(
@@ -188,10 +188,18 @@ def test_keep_all_equals_unpatched(family, model, inputs) -> None:
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
 
 
-def test_qwen_is_rejected() -> None:
-    """No CLS token and no crops: ``patch`` refuses Qwen models with a clear error."""
-    with pytest.raises(ValueError, match="supports llava, llava_next"):
-        vlprune.patch(tiny_model("qwen2_vl"), "hired", budget=4)
+NO_CLS = [f for f in FAMILIES if f not in ("llava", "llava_next")]
+
+
+@pytest.mark.parametrize("family", NO_CLS)
+def test_families_without_cls_are_rejected(family: str) -> None:
+    """No CLS token and no crops (Qwen2/2.5/3-VL) or no CLS token
+    (LLaVA-OneVision's SigLIP): ``patch`` refuses the model with a ``TypeError`` before
+    installing anything."""
+    model = tiny_model(family)
+    with pytest.raises(TypeError, match="supports llava, llava_next"):
+        vlprune.patch(model, "hired", budget=4)
+    assert not any(module._forward_pre_hooks for module in model.modules())
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import torch
 import vlprune
 import vlprune.methods.todre as todre_module
 from tests.helpers import cached_model
+from vlprune.adapters import get_adapter
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.signals import GlobalQueryAttention, VisionAttentionProbe
@@ -88,6 +89,15 @@ def test_next_pivot_comes_from_the_thumbnail() -> None:
     assert ToDRE(newline="drop").select(batch)[0].tolist() == [0, 1, 2]
     batch = _vision_batch([layout], [4], [feats], {"cls": _cls_probe(scores)})
     assert ToDRE(newline="drop").select(batch)[0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_pivot_layer(family: str) -> None:
+    """-2 with [CLS] (tiny CLIP: 3 layers, layer 1); without, the encoder's feature layer (tiny
+    SigLIP: its last of 3, layer 2; the Qwen ViTs' last block)."""
+    adapter = get_adapter(cached_model(family))
+    expected = {"llava": 1, "llava_next": 1, "llava_onevision": 2, "qwen2_vl": 1}.get(family, 3)
+    assert ToDRE()._pivot_layer(adapter) == expected
 
 
 def test_global_query_attention_by_hand() -> None:

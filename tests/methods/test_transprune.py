@@ -100,40 +100,52 @@ def test_transition_probe_reads_submodule_input_and_output() -> None:
 # ------------------------------------------------------------------------------- schedule
 
 
-def test_official_schedule_on_llava_depth() -> None:
+@pytest.mark.parametrize("rule", ["official", "proportional"])
+def test_official_schedule_on_llava_depth(rule: str) -> None:
     """32 layers: cuts at the inputs of 0-based layers 7, 9, 12; ratio 0.125 of 576 tokens keeps
-    504, 360, 72 (spec §2.3 table); LLaVA-NeXT's 2880 keeps 2520, 1800, 360."""
+    504, 360, 72 (docs/methods/transprune.md#budget-and-stage-counts); LLaVA-NeXT's 2880 keeps
+    2520, 1800, 360 (both count rules)."""
     assert plan_layers(None, 32) == {7: 0, 9: 1, 12: 2}
-    assert stage_counts(576, Budget(ratio=0.125).kept(576), OFFICIAL_RATIOS) == [504, 360, 72]
-    assert stage_counts(2880, Budget(ratio=0.125).kept(2880), OFFICIAL_RATIOS) == [
+    assert stage_counts(576, Budget(ratio=0.125).kept(576), OFFICIAL_RATIOS, rule) == [
+        504, 360, 72]
+    assert stage_counts(2880, Budget(ratio=0.125).kept(2880), OFFICIAL_RATIOS, rule) == [
         2520, 1800, 360]
 
 
 def test_schedule_scales_with_depth_and_budget() -> None:
     """round(l·L/32) per cut, stages on one layer merge (later wins); the budget sets the last
-    count and the earlier drops keep the official 1 : 3 : 7 proportions."""
+    count; the earlier stages keep the official int(N·r_s) (never below the budget), or, with
+    the proportional rule, drop counts in the official 1 : 3 : 7 proportions."""
     assert plan_layers(None, 28) == {6: 0, 8: 1, 11: 2}
     assert plan_layers(None, 4) == {1: 1, 2: 2}
     assert plan_layers((1, 2, 3), 4) == {1: 0, 2: 1, 3: 2}
     with pytest.raises(ValueError, match="layers"):
         plan_layers((1, 4), 4)
-    assert stage_counts(576, 64, OFFICIAL_RATIOS) == [576 - 73, 576 - 219, 64]
-    assert stage_counts(576, 576, OFFICIAL_RATIOS) == [576, 576, 576]
+    assert stage_counts(576, 64, OFFICIAL_RATIOS) == [504, 360, 64]
+    assert stage_counts(576, 400, OFFICIAL_RATIOS) == [504, 400, 400]
+    assert stage_counts(577, 73, OFFICIAL_RATIOS) == [504, 360, 73]
+    assert stage_counts(576, 64, OFFICIAL_RATIOS, "proportional") == [576 - 73, 576 - 219, 64]
+    for rule in ("official", "proportional"):
+        assert stage_counts(576, 576, OFFICIAL_RATIOS, rule) == [576, 576, 576]
 
 
-def test_stats_follow_the_schedule() -> None:
+@pytest.mark.parametrize(("counts", "kept"), [("official", [31, 22, 5]),
+                                              ("proportional", [32, 23, 5])])
+def test_stats_follow_the_schedule(counts: str, kept: list[int]) -> None:
     """Explicit layers (1, 2, 3) on a 4-layer LLaVA: 36 visual tokens, ratio 0.125 → K = 5;
-    ``layer_tokens`` drops 4, then 13, then 31 visual rows in total."""
+    official counts int(36·0.875) = 31, int(36·0.625) = 22; proportional 32, 23; the cut
+    layers' ``layer_tokens`` drop the rest."""
     model = cached_model("llava")
     inputs = tiny_inputs("llava", batch=2)
     length = inputs["input_ids"].shape[1]
-    with vlprune.patch(model, "transprune", ratio=0.125, layers=(1, 2, 3)) as handle:
+    with vlprune.patch(model, "transprune", ratio=0.125, layers=(1, 2, 3),
+                       counts=counts) as handle:
         with torch.no_grad():
             model(**inputs)
         stats = handle.stats
-    assert stage_counts(36, 5, OFFICIAL_RATIOS) == [32, 23, 5]
+    assert stage_counts(36, 5, OFFICIAL_RATIOS, counts) == kept
     assert stats.kept_tokens == [5, 5]
-    assert stats.layer_tokens == [[length, length - 4, length - 13, length - 31]] * 2
+    assert stats.layer_tokens == [[length] + [length - 36 + k for k in kept]] * 2
 
 
 # ------------------------------------------------------------------------ IGA and scoring
@@ -213,17 +225,24 @@ def test_next_layer_probe_equals_the_layers_own_attention(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_models_count_generate_and_keep_all(family: str) -> None:
     """Kept visual tokens after the last cut == the budget; batch-2 greedy generation runs; a
-    budget above the visual count equals the unpatched model (logits atol 1e-5, tokens)."""
+    budget above the visual count equals the unpatched model (logits atol 1e-5, tokens).
+    Qwen3.5 (hybrid decoder) refuses the official schedule scaled to 4 layers (cuts at 1, 2:
+    not after its first full-attention layer) and runs one stage at layer 2."""
     model = cached_model(family)
     inputs = tiny_inputs(family, batch=2)
+    options: dict = {}
+    if get_adapter(model).recurrent_layers:
+        with pytest.raises(ValueError, match="after layer 1"):
+            vlprune.patch(model, "transprune", budget=4)
+        options = {"layers": (2,), "ratios": (0.5,)}
     with torch.no_grad():
         ref_logits = model(**inputs).logits
         ref_tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    with vlprune.patch(model, "transprune", budget=4) as handle:
+    with vlprune.patch(model, "transprune", budget=4, **options) as handle:
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=5, do_sample=False)
         assert handle.stats.kept_tokens == [4, 4]
-    with vlprune.patch(model, "transprune", budget=BIG), torch.no_grad():
+    with vlprune.patch(model, "transprune", budget=BIG, **options), torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
@@ -255,6 +274,7 @@ def test_options_are_validated() -> None:
         ({"layers": (3, 2), "ratios": (0.5, 0.25)}, "layers"),
         ({"layers": (1, 2)}, "layers"),
         ({"direction": "cos"}, "direction"),
+        ({"counts": "floor"}, "counts"),
         ({"alpha": 2}, "alpha"),
     ]:
         with pytest.raises(ValueError, match=name):

@@ -7,14 +7,22 @@ from torch import nn
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.adapters.llava import LlavaAdapter
 from vlprune.adapters.llava_next import LlavaNextAdapter
+from vlprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from vlprune.adapters.qwen2_vl import Qwen2VLAdapter
+from vlprune.adapters.qwen3_5 import Qwen3_5Adapter
+from vlprune.adapters.qwen3_vl import Qwen3VLAdapter
+from vlprune.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
     LlavaNextAdapter,
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    Qwen3VLMoeAdapter,
+    LlavaOnevisionAdapter,
+    Qwen3_5Adapter,
 )
 
 

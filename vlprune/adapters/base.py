@@ -25,10 +25,14 @@ class ImageLayout:
     - ``grid``: (rows, cols) of the main grid: the whole image for LLaVA-1.5, the thumbnail
       (base crop) for LLaVA-NeXT, the merged-patch grid of one frame for Qwen2-VL/2.5-VL
       (``frames`` grids follow each other).
-    - LLaVA-NeXT only: ``crop_grid`` (crops high, crops wide), ``highres`` (rows, cols) of the
-      unpadded high-res canvas, ``highres_offset`` (top, left) of that canvas inside the padded
-      ``crop_grid * grid`` canvas, and ``newline``: one learned newline token ends every
-      high-res row.
+    - LLaVA-NeXT / LLaVA-OneVision only: ``crop_grid`` (crops high, crops wide), ``highres``
+      (rows, cols) of the unpadded high-res canvas, ``highres_offset`` (top, left) of that canvas
+      inside the padded ``crop_grid * grid`` canvas, and ``newline``: one learned newline token
+      ends every high-res row.
+    - LLaVA-OneVision only: ``highres_source`` (rows, cols) of the unpadded canvas *before* the
+      ``anyres_max_N`` bilinear downsampling when it applied (``highres`` is then the smaller
+      token canvas), else None; ``suffix``: tokens after the grid that belong to no cell (the
+      newline closing a thumbnail-only image of a multi-image prompt).
     """
 
     num_tokens: int
@@ -39,6 +43,8 @@ class ImageLayout:
     highres: tuple[int, int] | None = None
     highres_offset: tuple[int, int] = (0, 0)
     newline: bool = False
+    highres_source: tuple[int, int] | None = None
+    suffix: int = 0
 
     @property
     def grid_tokens(self) -> int:
@@ -54,8 +60,9 @@ class Adapter:
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
-    rope: ClassVar[str]  # "1d" (LLaMA/Vicuna) or "mrope" (Qwen 3-D positions)
+    rope: ClassVar[str]  # "1d" (LLaMA/Vicuna, OneVision's Qwen2) or "mrope" (Qwen 3-D positions)
     has_cls: ClassVar[bool]
+    packed_vision: ClassVar[bool] = False  # True: Qwen-style packed rows, 2x2 merged tokens
     vision_path: ClassVar[str]
     vision_layers_path: ClassVar[str]
     projector_path: ClassVar[str]
@@ -90,6 +97,11 @@ class Adapter:
         return self._resolve("model.language_model.layers")
 
     @property
+    def rotary_embedding(self) -> nn.Module:
+        """The language model's rotary embedding: ``(x, position_ids) -> (cos, sin)``."""
+        return self._resolve("model.language_model.rotary_emb")
+
+    @property
     def vision_tower(self) -> nn.Module:
         """The vision encoder."""
         return self._resolve(self.vision_path)
@@ -112,9 +124,32 @@ class Adapter:
         """An attention probe on decoder layer ``layer``'s self-attention (not yet installed)."""
         return TextAttentionProbe(self.decoder_layers[layer].self_attn)
 
+    @property
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers without self-attention (linear attention / recurrent token mixers,
+        Qwen3.5's Gated DeltaNet): no attention map, a recurrent state instead of a KV cache."""
+        return frozenset()
+
+    def check_attention_layers(self, layers: list[int]) -> None:
+        """``ValueError`` if a method needs the attention of a recurrent decoder layer."""
+        bad = sorted(set(layers) & self.recurrent_layers)
+        if bad:
+            full = [i for i in range(len(self.decoder_layers)) if i not in self.recurrent_layers]
+            raise ValueError(
+                f"decoder layer(s) {bad} of this {self.family} model are linear-attention layers "
+                f"without attention maps; the method needs full-attention layers: {full}"
+            )
+
     def projector_probe(self) -> ModuleInputProbe:
         """Captures the projector / merger input: vision features before projection."""
         return ModuleInputProbe(self.projector, vision=True)
+
+    @property
+    def deepstack_mergers(self) -> list[nn.Module]:
+        """Qwen3-VL DeepStack mergers: projectors of intermediate vision layers whose outputs
+        are added to the language model's hidden states at the image positions; empty for
+        families without DeepStack."""
+        return []
 
     @property
     def image_token_id(self) -> int:

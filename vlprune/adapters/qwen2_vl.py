@@ -18,6 +18,7 @@ class Qwen2VLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
     rope = "mrope"
     has_cls = False
+    packed_vision = True
     vision_path = "model.visual"
     vision_layers_path = "model.visual.blocks"
     projector_path = "model.visual.merger"

@@ -9,22 +9,26 @@ lmms-eval 0.7 loads the group in ``lmms_eval/models/__init__.py``), so after ins
 
 Model arguments (``--model_args k=v,...``):
 
-- ``pretrained``: local directory or hub id of a LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL
-  checkpoint; the family comes from its ``config.json`` (``model_type``).
+- ``pretrained``: local directory or hub id of a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
+  Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE or Qwen3.5 checkpoint; the family comes from its
+  ``config.json`` (``model_type``).
 - ``method``: a registered vlprune method, or ``none`` for the unpruned baseline. Both run the same
   code below (prompting, batching, generation); ``none`` just installs no hooks.
 - ``budget`` / ``ratio``: as in :func:`vlprune.patch` (ignored with ``method=none``).
 - ``stats_path``: directory for per-sample pruning stats (``samples_rank<r>.jsonl``) and their
   summary (``summary.json``); ``vlprune eval`` fills it from ``--output_path``.
-- ``dtype`` (``auto``), ``attn_implementation`` (``sdpa``), ``device``, ``revision``,
-  ``chat_template`` (a Jinja string or file replacing the checkpoint's template).
+- ``dtype`` (``auto``: the checkpoint's dtype on CUDA, float32 on CPU, where half precision
+  is slow and its sums depend on the batch), ``attn_implementation`` (``sdpa``), ``device``,
+  ``revision``, ``chat_template`` (a Jinja string or file replacing the checkpoint's template).
 - any other key is a method option, e.g. ``layer=3`` for ``fastv``.
 
-Prompts: the checkpoint's processor chat template when it has one (``chat_template.jinja`` /
-``.json``), one user turn holding the request's images and text. Without a template (e.g. the tiny
-test checkpoints) the prompt is plain: one image placeholder per image, a newline, the task text.
-A ``<image>`` inside the task text marks where an image goes (lmms-eval's convention); images
-without a mark go first.
+Every argument is checked before anything loads (:func:`~vlprune.eval.lmms_load.check_model_args`).
+Prompts (:mod:`vlprune.eval.lmms_prompts`): the checkpoint's processor chat template when it has
+one (``chat_template.jinja`` / ``.json``; the shipped toy LLaVA has one), one user turn holding
+the request's images and text. Without a template (e.g. the tiny test checkpoints) the prompt
+is plain: one image placeholder per image, a newline, the task text. A ``<image>`` inside the
+task text marks where an image goes (lmms-eval's convention); images without a mark go first.
+Per-sample stats: :mod:`vlprune.eval.lmms_stats`.
 
 Multi-GPU data parallel: ``accelerate launch --num_processes N -m lmms_eval --model vlprune ...``;
 each process loads the model on its own device and lmms-eval shards the requests by rank.
@@ -33,10 +37,8 @@ each process loads the model on its own device and lmms-eval shards the requests
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,36 +47,23 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    ProcessorMixin,
-    Qwen2_5_VLProcessor,
-    Qwen2VLProcessor,
-)
 
 import vlprune
-from vlprune.api import PruneStats
+from vlprune.eval.lmms_load import MODEL_CLASSES, check_model_args, load_processor, model_family
+from vlprune.eval.lmms_prompts import build_prompt, truncate_at
+from vlprune.eval.lmms_stats import (
+    SampleStats,
+    llm_flops_fn,
+    log_to_lmms_eval,
+    sample_stats,
+    summarise,
+)
 
-MODEL_CLASSES: dict[str, str] = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
-"""``config.model_type`` → model class, for the families vlprune supports."""
+__all__ = ["VLPrune", "manifest"]
 
-IMAGE_MARK = "<image>"
-"""Where a task's prompt text places an image (lmms-eval convention)."""
-
-_QWEN_IMAGE = "<|vision_start|>{}<|vision_end|>"
-_PLAIN_IMAGE = {
-    "llava": "{}",
-    "llava_next": "{}",
-    "qwen2_vl": _QWEN_IMAGE,
-    "qwen2_5_vl": _QWEN_IMAGE,
-}
-"""Plain-prompt image placeholder per family; ``{}`` is the processor's ``image_token``."""
+NESTED_IMAGES = ("llava_onevision",)
+"""Families whose processor takes each prompt's images as one list (LLaVA-OneVision encodes an
+image of a multi-image prompt as a thumbnail only, ``batch_num_images``)."""
 
 
 def manifest() -> Any:
@@ -82,199 +71,6 @@ def manifest() -> Any:
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id="vlprune", simple_class_path="vlprune.eval.lmms.VLPrune")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-class _ImagesOnly:
-    """Processor mixin without the video processor.
-
-    Qwen2-VL/2.5-VL processors load a torchvision video processor, which fails where torchvision
-    is not installed; image tasks never use it. Dropping ``video_processor`` from the processor's
-    attributes lets ``from_pretrained`` and ``save_pretrained`` work without it
-    (``vlprune.testing``'s no-video processors only skip the constructor's class check).
-    """
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]  # type: ignore[misc]
-
-    def check_argument_for_proper_class(self, argument_name: str, argument: object) -> object:
-        if argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)  # type: ignore[misc]
-
-
-class Qwen2VLProcessorImagesOnly(_ImagesOnly, Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images (loads and saves without torchvision)."""
-
-
-class Qwen2_5_VLProcessorImagesOnly(_ImagesOnly, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` for images (loads and saves without torchvision)."""
-
-
-IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    "qwen2_vl": Qwen2VLProcessorImagesOnly,
-    "qwen2_5_vl": Qwen2_5_VLProcessorImagesOnly,
-}
-
-
-def load_processor(pretrained: str, family: str, **kwargs: Any) -> ProcessorMixin:
-    """``AutoProcessor.from_pretrained``; for Qwen without torchvision, an images-only processor.
-
-    The tokenizer pads on the left (batched generation).
-    """
-    try:
-        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
-    except ImportError as err:
-        if family not in IMAGES_ONLY_PROCESSORS:
-            raise
-        reason = str(err).strip().splitlines()[0]
-        logger.info(f"vlprune: loading the processor without its video part ({reason})")
-        processor = IMAGES_ONLY_PROCESSORS[family].from_pretrained(pretrained, **kwargs)
-    processor.tokenizer.padding_side = "left"
-    return processor
-
-
-def model_family(pretrained: str, **kwargs: Any) -> str:
-    """The checkpoint's family (``config.model_type``); ``ValueError`` if vlprune lacks it."""
-    model_type = AutoConfig.from_pretrained(pretrained, **kwargs).model_type
-    if model_type not in MODEL_CLASSES:
-        raise ValueError(
-            f"{pretrained!r} is a {model_type!r} model; the vlprune lmms-eval model supports "
-            f"{', '.join(MODEL_CLASSES)}"
-        )
-    return model_type
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-
-
-def prompt_segments(context: str, n_images: int) -> list[str | None]:
-    """The request as text segments and images (``None``), in prompt order.
-
-    The first ``n_images`` ``<image>`` marks in ``context`` become images, images without a mark
-    come first, surplus marks are dropped, empty text segments are left out.
-    """
-    parts = context.split(IMAGE_MARK)
-    inline = min(len(parts) - 1, n_images)
-    parts = [*parts[:inline], "".join(parts[inline:])]
-    segments: list[str | None] = [None] * (n_images - inline)
-    for i, part in enumerate(parts):
-        if i:
-            segments.append(None)
-        if part:
-            segments.append(part)
-    return segments
-
-
-def build_prompt(processor: ProcessorMixin, family: str, context: str, n_images: int) -> str:
-    """The prompt of one request: the processor's chat template if it has one, else plain.
-
-    Template: one user turn whose content lists the images and text segments in order, plus the
-    generation prompt. Plain (no template): each image's placeholder (``<image>`` for LLaVA,
-    ``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen) in place, leading images each
-    followed by a newline, text as given; no role markers.
-    """
-    segments = prompt_segments(context, n_images)
-    if getattr(processor, "chat_template", None):
-        content = [
-            {"type": "image"} if seg is None else {"type": "text", "text": seg.strip()}
-            for seg in segments
-            if seg is None or seg.strip()
-        ]
-        messages = [{"role": "user", "content": content}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    placeholder = _PLAIN_IMAGE[family].format(processor.image_token)
-    leading = next((i for i, seg in enumerate(segments) if seg is not None), len(segments))
-    return "".join(
-        seg if seg is not None else placeholder + ("\n" if i < leading else "")
-        for i, seg in enumerate(segments)
-    )
-
-
-def truncate_at(text: str, until: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
-
-
-# --------------------------------------------------------------------------------------------
-# Per-sample stats
-
-
-@dataclass
-class SampleStats:
-    """Token counts of one request's prefill, without padding.
-
-    ``prompt_tokens``: prompt length (image placeholders included); ``visual_tokens``: image
-    placeholders; ``kept_tokens``: visual tokens left after the last cut; ``llm_tokens``: tokens
-    into the first decoder layer; ``layer_tokens``: tokens entering each decoder layer.
-    """
-
-    images: int
-    prompt_tokens: int
-    visual_tokens: int
-    kept_tokens: int
-    llm_tokens: int
-    layer_tokens: list[int]
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def sample_stats(
-    config: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    images: Sequence[int],
-    stats: PruneStats | None,
-) -> list[SampleStats]:
-    """Per-sample counts of a left-padded batch from its inputs and the handle's ``stats``.
-
-    ``stats`` (``None`` = unpatched) reports padded widths: a row's padding is the batch width
-    after the vision cut (``kept_seq_len``) minus its own tokens, and stays the same in every
-    layer (decoder cuts drop visual rows only), so it is subtracted from ``layer_tokens``.
-    """
-    prompt = attention_mask.sum(1).tolist()
-    visual = (input_ids == config.image_token_id).sum(1).tolist()
-    n_layers = config.get_text_config().num_hidden_layers
-    if stats is None or not stats.visual_tokens:
-        return [SampleStats(n, p, v, v, p, [p] * n_layers)
-                for n, p, v in zip(images, prompt, visual)]
-    into_llm = list(visual)
-    if stats.kept_per_image:
-        per_image = iter(stats.kept_per_image)
-        into_llm = [sum(next(per_image) for _ in range(n)) for n in images]
-    rows = []
-    for b, (n, p, v) in enumerate(zip(images, prompt, visual)):
-        llm = p - v + into_llm[b]
-        pad = stats.kept_seq_len - llm
-        layers = [t - pad for t in stats.layer_tokens[b]]
-        rows.append(SampleStats(n, p, v, stats.kept_tokens[b], llm, layers))
-    return rows
-
-
-def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means over samples: visual, kept, LLM-input and per-layer tokens (and FLOPs if logged)."""
-    summary: dict[str, Any] = {"samples": len(records)}
-    for key in ("visual_tokens", "kept_tokens", "llm_tokens", "llm_prefill_flops"):
-        values = [r[key] for r in records if r.get(key) is not None]
-        if values:
-            summary[f"mean_{key}"] = statistics.fmean(values)
-    summary["mean_layer_tokens"] = statistics.fmean(
-        statistics.fmean(r["layer_tokens"]) for r in records
-    )
-    return summary
-
-
-# --------------------------------------------------------------------------------------------
-# The model
 
 
 def _batches(keys: Sequence[tuple[str, int]], size: int) -> list[list[int]]:
@@ -320,8 +116,10 @@ class VLPrune(lmms):
         **method_options: Any,
     ) -> None:
         super().__init__()
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"`batch_size` must be an int ≥ 1 (no 'auto'), got {batch_size!r}")
+        method_options = check_model_args(
+            pretrained, method, budget, ratio, batch_size, device, dtype, attn_implementation,
+            **method_options,
+        )
         self.batch_size_per_gpu = int(batch_size)
         self._setup_device(device)
         hub = {"revision": revision} if revision else {}
@@ -338,12 +136,10 @@ class VLPrune(lmms):
             self.handle = vlprune.patch(self._model, method, budget=budget, ratio=ratio,
                                         **method_options)
             self.settings = {"method": method, "budget": budget, "ratio": ratio, **method_options}
-        elif method_options:
-            raise ValueError(f"method=none takes no method options, got {sorted(method_options)}")
         self.stats_path = Path(stats_path) if stats_path else None
         self.records: list[dict[str, Any]] = []
         self._all_records: list[dict[str, Any]] = []
-        self._flops = _llm_flops_fn(self._model, self.family)
+        self._flops = llm_flops_fn(self._model, self.family)
         logger.info(f"vlprune: {self.family} {pretrained} on {self._device}, {self.settings}")
 
     # ---- setup ---------------------------------------------------------------------------
@@ -364,7 +160,10 @@ class VLPrune(lmms):
         import transformers
 
         cls = getattr(transformers, MODEL_CLASSES[self.family])
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype))
+        if dtype != "auto":
+            torch_dtype: Any = getattr(torch, str(dtype))
+        else:  # half precision on CPU is slow and batch-dependent
+            torch_dtype = "auto" if self._device.type == "cuda" else torch.float32
         model = cls.from_pretrained(pretrained, dtype=torch_dtype, attn_implementation=attn, **hub)
         return model.to(self._device).eval()
 
@@ -398,6 +197,8 @@ class VLPrune(lmms):
 
     def _encode(self, prompts: list[str], images: list[list[Image.Image]]) -> Any:
         flat = [img for row in images for img in row]
+        if flat and self.family in NESTED_IMAGES:
+            flat = [row for row in images if row]
         inputs = self.processor(text=prompts, images=flat or None, padding=True,
                                 return_tensors="pt")
         return inputs.to(self._device, self._model.dtype)
@@ -537,38 +338,4 @@ class VLPrune(lmms):
         logger.info(f"vlprune summary: {json.dumps(summary)}")
         if self.stats_path is not None:
             (self.stats_path / "summary.json").write_text(json.dumps(summary, indent=2))
-        _log_to_lmms_eval(summarise(new), seconds, sum(row["new_tokens"] for row in new))
-
-
-def _log_to_lmms_eval(summary: dict[str, Any], seconds: float, new_tokens: int) -> None:
-    """Report one call's means through lmms-eval's metric log, which its results JSON carries
-    as ``throughput["avg_vlprune_mean_*"]`` (averaged over calls, i.e. request types)."""
-    from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
-    extra = {f"vlprune_{k}": v for k, v in summary.items() if k.startswith("mean_")}
-    speed = new_tokens / seconds if seconds > 0 else 0.0
-    log_metrics(total_elapsed_time=seconds, total_gen_tokens=new_tokens, avg_speed=speed,
-                additional_metrics=extra)
-
-
-def _llm_flops_fn(model: torch.nn.Module, family: str) -> Callable[[SampleStats], float] | None:
-    """Exact analytic prefill FLOPs of the decoder layers for one sample's ``layer_tokens``
-    (``vlprune.eval.profiler``), or ``None`` where the profiler is not available."""
-    try:
-        from vlprune.eval.profiler.flops import RunTokens, arch_from_config, exact_flops
-    except ImportError:
-        return None
-    arch = arch_from_config(model.config, family)
-    return lambda st: exact_flops(arch, RunTokens(list(st.layer_tokens), images=[])).llm
-
-
-__all__ = [
-    "MODEL_CLASSES",
-    "SampleStats",
-    "VLPrune",
-    "build_prompt",
-    "load_processor",
-    "manifest",
-    "sample_stats",
-    "summarise",
-]
+        log_to_lmms_eval(summarise(new), seconds, sum(row["new_tokens"] for row in new))

@@ -6,6 +6,8 @@
   prefill are; ``gather``: the shared gather);
 - ``encoder`` / ``encoder_state``: the cut between vision-encoder layers;
 - ``decoder``: the cut at decoder layers (``masks``: the 4-D mask arithmetic);
+- ``deepstack``: Qwen3-VL's DeepStack inputs kept consistent with every cut;
+- ``recurrent``: decoder cuts through linear-attention layers (Qwen3.5);
 - ``loss``: the causal-LM loss over kept rows;
 - ``signals``: probes that recompute only the attention rows a method asks for;
 - ``state``: per-thread and per-cache state, deep copies and pickling of a patch.

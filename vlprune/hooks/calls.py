@@ -31,8 +31,9 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
-LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
-"""Keyword inputs that describe the images' token layouts."""
+LAYOUT_INPUTS = ("image_sizes", "image_grid_thw", "batch_num_images", "vision_aspect_ratio")
+"""Keyword inputs that describe the images' token layouts (LLaVA-OneVision: also how many images
+each prompt has, and its AnyRes downsampling rule)."""
 
 
 @dataclass

@@ -8,6 +8,10 @@ In decode, each layer's materialised mask keeps the columns of the keys its own 
 ``cat(kept_index, arange(L, kv_len))``. The cache's reported length stays layer 0's, which keeps
 ``generate``'s bookkeeping consistent.
 
+With ``positions="renumber"`` the rows alive after each cut are renumbered contiguously
+(``hooks/positions.py``): that layer and the later ones get the rotary embeddings of the new
+positions, in prefill and, shifted by the same amount, in every decode step.
+
 What a prefill decided is a :class:`DecoderState`: the running forward's state (per thread) and
 its KV cache's record, so decode steps and follow-up turns on that cache use it whatever ran in
 between; an uncached ``generate`` step replays the first step's choices, extended by the rows
@@ -22,6 +26,12 @@ convention of the attention implementation's own mask builder (transformers
 ``masking_utils``): bool (True = attend) for ``sdpa_mask``, additive float (0 or the dtype's
 minimum) for ``eager_mask``; other implementations (flash, flex) raise ``NotImplementedError``
 on that path. The mask arithmetic is in ``hooks/masks.py``.
+
+Two kinds of model need more (``hooks/deepstack.py``, ``hooks/recurrent.py``): Qwen3-VL adds
+DeepStack features at the image rows after its first decoder layers, so a
+:class:`~vlprune.hooks.calls.Shadow` of ``_deepstack_process`` gathers them to the rows alive
+there; a hybrid decoder's linear-attention layers (Qwen3.5) get a gathered 2-D padding mask in
+prefill and nothing in decode (their recurrent state already holds the kept rows only).
 """
 
 from __future__ import annotations
@@ -36,8 +46,12 @@ from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from vlprune.adapters.base import Adapter
+from vlprune.hooks.calls import Shadow
+from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.hooks.gather import gather_positions, gather_rows
 from vlprune.hooks.masks import causal_slot_mask, gather_mask_4d, mask_slots
+from vlprune.hooks.positions import renumber
+from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
 from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
 
@@ -53,6 +67,9 @@ class DecoderState:
     Per layer from the first cut on: ``layer_index`` / ``layer_valid`` / ``layer_slots`` of the
     rows entering it; ``choices[l]``: what the chooser answered at cut layer l and the row count
     it cut from (a replay extends it); ``replay``: (the replayed prefill's state, tokens added).
+    Renumbered positions only: ``positions`` (B, Lcur) of the current rows and their ``rope``
+    (cos, sin), ``shift`` (B, 1) of the last cut, ``layer_shift[l]`` of the rows entering layer l
+    (None before the first cut that cut).
     """
 
     index: torch.Tensor
@@ -68,6 +85,10 @@ class DecoderState:
     input_valid: torch.Tensor | None = None
     choices: dict[int, tuple[Any, int]] = field(default_factory=dict)
     replay: tuple[DecoderState, int] | None = None
+    positions: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    shift: torch.Tensor | None = None
+    layer_shift: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.valid is None:
@@ -109,7 +130,8 @@ Chooser = Callable[[CutContext], "torch.Tensor | tuple[torch.Tensor, torch.Tenso
 class DecoderCut(PatchPart):
     """Installs the layer pre-hooks; ``chooser`` returns kept rows (B, Lnext) at cut layers,
     or ``(index, slots)`` for padded rows (see the module docstring). ``vision`` tells which
-    language-model input rows are image tokens, and which prefill a forward replays."""
+    language-model input rows are image tokens, and which prefill a forward replays;
+    ``positions``: "original" or "renumber"."""
 
     current = ThreadLocal()
     """:class:`DecoderState` of the forward running in this thread (its prefill's state on a
@@ -120,24 +142,29 @@ class DecoderCut(PatchPart):
     _memo = ThreadLocal()
     """The running decode step's masks: (state, the step's 4-D mask or None, kv length,
     {id(rows): (rows, mask)}), so layers holding the same rows build their mask once per step."""
+    _rope = ThreadLocal()
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
-                 vision: VisionCut) -> None:
+                 vision: VisionCut, positions: str = "original") -> None:
         n_layers = len(adapter.decoder_layers)
         bad = [layer for layer in layers if not 0 < layer < n_layers]
         if bad:
             raise ValueError(
                 f"cut layers {bad} outside 1..{n_layers - 1} (the model has {n_layers})"
             )
+        check_recurrent_cut(adapter, layers)
         self.adapter = adapter
         self.layers = sorted(set(layers))
+        self.recurrent = adapter.recurrent_layers
         self.chooser = chooser
         self.vision = vision
+        self.positions = positions
         self.records = CacheRecords("decoder")
 
-    def install(self) -> list[RemovableHandle]:
-        """Register the language-model hooks and one pre-hook per layer ≥ the first cut; no
-        hooks at all when there is no cut layer."""
+    def install(self) -> list[RemovableHandle | Shadow]:
+        """Register the language-model hooks and one pre-hook per layer ≥ the first cut (and,
+        with DeepStack, the shadow of ``_deepstack_process``); no hooks at all when there is no
+        cut layer."""
         if not self.layers:
             return []
         lm = self.adapter.language_model
@@ -149,11 +176,14 @@ class DecoderCut(PatchPart):
             layer = self.adapter.decoder_layers[i]
             hook = partial(self._layer, i)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.adapter.deepstack_mergers:
+            handles.append(Shadow(lm, "_deepstack_process", self._deepstack))
         return handles
 
     @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.current = None
+        self._rope = None
         cache = kwargs.get("cache")
         self._prefill = cache is None or cache.get_seq_length() == 0
         if not self._prefill:
@@ -210,6 +240,9 @@ class DecoderCut(PatchPart):
             state.choices[i] = (chosen, state.index.shape[1])
             if chosen is not None:
                 hidden = self._cut(state, chosen, hidden)
+                if self.positions == "renumber":
+                    self._renumber(state, kwargs, hidden)
+        state.layer_shift[i] = state.shift
         state.layer_index[i] = state.index
         state.layer_slots[i] = state.slots
         state.layer_valid[i] = state.valid
@@ -218,7 +251,7 @@ class DecoderCut(PatchPart):
             counts = state.slots.sum(1).tolist()
         for row, count in zip(state.layer_tokens, counts):
             row[i] = count
-        return self._gather_prefill(args, kwargs, hidden, state)
+        return self._gather_prefill(args, kwargs, hidden, state, i in self.recurrent)
 
     def _choose(self, i: int, state: DecoderState, hidden: torch.Tensor) -> Any:
         """The chooser's answer at cut layer ``i``, or the replayed prefill's, extended by the
@@ -256,6 +289,12 @@ class DecoderCut(PatchPart):
         state.slots = slots
         return gather_rows(hidden, local)
 
+    def _renumber(self, state: DecoderState, kwargs: dict, hidden: torch.Tensor) -> None:
+        """Renumber the rows alive after a cut; their rotary embeddings for the next layers."""
+        original = gather_positions(_position_ids(kwargs), state.index)
+        state.positions, state.shift = renumber(original, state.valid)
+        state.rope = self.adapter.rotary_embedding(hidden, state.positions)
+
     def _mask_kind(self) -> str:
         """The 4-D mask convention of the language model's attention: "bool" or "float"."""
         name = self.adapter.language_model.config._attn_implementation
@@ -270,23 +309,28 @@ class DecoderCut(PatchPart):
         )
 
     def _gather_prefill(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
-                        state: DecoderState) -> tuple[tuple, dict]:
+                        state: DecoderState, recurrent: bool) -> tuple[tuple, dict]:
         index = state.index
         kwargs = dict(kwargs)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
-        cos, sin = kwargs["position_embeddings"]
-        batch = index.shape[0]
-        kwargs["position_embeddings"] = (
-            gather_rows(cos.expand(batch, *cos.shape[1:]), index),
-            gather_rows(sin.expand(batch, *sin.shape[1:]), index),
-        )
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
+        if state.rope is not None:
+            kwargs["position_embeddings"], kwargs["position_ids"] = state.rope, state.positions
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            batch = index.shape[0]
+            kwargs["position_embeddings"] = (
+                gather_rows(cos.expand(batch, *cos.shape[1:]), index),
+                gather_rows(sin.expand(batch, *sin.shape[1:]), index),
+            )
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if recurrent:
+            kwargs["attention_mask"] = recurrent_mask(mask, index, state.slots)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = gather_mask_4d(mask, index, index)
             if state.slots is not None:
                 mask = mask_slots(mask, state.slots, state.slots)
@@ -306,17 +350,45 @@ class DecoderCut(PatchPart):
         return causal_slot_mask(keys, n_queries, self._mask_kind(), hidden.dtype)
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if i in self.recurrent:
+            return None
+        state = self.current
+        shift = state.layer_shift.get(i)
+        mask = self._decode_mask(i, args, kwargs)
+        if mask is None and shift is None:
+            return None
+        kwargs = dict(kwargs)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if shift is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["position_ids"], kwargs["position_embeddings"] = self._shifted(
+                hidden, _position_ids(kwargs), shift)
+        return args, kwargs
+
+    def _shifted(self, hidden: torch.Tensor, position_ids: torch.Tensor, shift: torch.Tensor
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Positions of tokens after a renumbered prompt and their rotary embeddings; computed
+        once per forward for all layers that share ``shift``."""
+        memo = self._rope
+        if memo is None or memo[0] is not position_ids or memo[1] is not shift:
+            moved = position_ids - shift
+            memo = self._rope = (position_ids, shift, moved,
+                                 self.adapter.rotary_embedding(hidden, moved))
+        return memo[2], memo[3]
+
+    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Layer ``i``'s mask in a decode step (None: the layer's own mask is right)."""
         mask = kwargs.get("attention_mask")
         state = self.current
         slots = state.layer_slots.get(i)
-        if not (isinstance(mask, torch.Tensor) and mask.dim() == 4) and slots is None:
+        four_d = isinstance(mask, torch.Tensor) and mask.dim() == 4
+        if not four_d and slots is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        kv_len = mask.shape[-1] if mask is not None else (
+        kv_len = mask.shape[-1] if four_d else (
             kwargs["cache"].get_seq_length(i) + hidden.shape[1])
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._step_mask(state, i, mask, kv_len, hidden)
-        return args, kwargs
+        return self._step_mask(state, i, mask, kv_len, hidden)
 
     def _step_mask(self, state: DecoderState, i: int, mask: torch.Tensor | None, kv_len: int,
                    hidden: torch.Tensor) -> torch.Tensor:
@@ -331,7 +403,7 @@ class DecoderCut(PatchPart):
         if hit is not None:
             return hit[1]
         slots = state.layer_slots.get(i)
-        if mask is not None:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             new = torch.arange(state.input_len, kv_len, device=mask.device)
             new = new.expand(index.shape[0], -1)
             out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
@@ -342,3 +414,30 @@ class DecoderCut(PatchPart):
             out = self._new_mask(mask, keys, hidden.shape[1], hidden)
         memo[3][id(index)] = (index, out)
         return out
+
+    def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Shadow of the text model's ``_deepstack_process``: run it on the DeepStack inputs
+        of the rows alive after the layer that just ran."""
+        return original(*self._deepstack_inputs(*args, **kwargs))
+
+    @eager_hook
+    def _deepstack_inputs(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                          visual_embeds: torch.Tensor) -> tuple[Any, ...]:
+        """``_deepstack_process``'s arguments with the mask (B, L) and features (V, D) of the
+        LM input narrowed to this prefill's current rows (unchanged outside a prefill)."""
+        state = self.current
+        if state is None or not self._prefill:
+            return hidden_states, visual_pos_masks, visual_embeds
+        alive = state.slots if state.slots is not None else torch.ones_like(state.valid)
+        mask, (embeds,) = gather_deepstack(
+            visual_pos_masks.to(state.index.device), [visual_embeds], state.index, alive
+        )
+        return hidden_states, mask, embeds
+
+
+def _position_ids(kwargs: dict) -> torch.Tensor:
+    """A decoder layer's 1-D ``position_ids`` (renumbering needs them)."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() != 2:
+        raise RuntimeError("positions='renumber' needs the decoder layers' 1-D position_ids")
+    return position_ids

@@ -37,7 +37,9 @@ Hooks (all removable, per model instance):
    run unchanged, and the vision-side cut (:class:`~vlprune.hooks.vision.VisionCut`) must drop
    exactly the tokens whose units were cut: :meth:`EncoderCut.units_per_image` tells the
    method, whose vision-stage selection keeps only surviving units' tokens. The zero rows never
-   reach the language model.
+   reach the language model. Qwen3-VL's DeepStack mergers (run mid-encoder on the rows alive
+   there) are restored the same way: a unit cut before a DeepStack layer has a zero feature
+   there, dropped with its token by the vision-side cut.
 
 Everything is per thread; the state travels with the encode record to its prefill
 (``generate`` encodes images once, before the first forward).
@@ -45,7 +47,7 @@ Everything is per thread; the state travels with the encode record to its prefil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -68,13 +70,15 @@ class EncoderCut(PatchPart):
     """Installs the encoder hooks; ``chooser`` answers after each layer in ``layers``.
 
     ``layers``: 0-based encoder layers whose *output* may be cut, each at most
-    ``adapter.vision_output_layer``.
+    ``adapter.vision_output_layer``; ``check`` (optional) sees the images' layouts before
+    encoder layer 0 runs and raises for images the chooser cannot prune.
     """
 
     _armed = ThreadLocal()
     _running = ThreadLocal()
 
-    def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: EncoderChooser) -> None:
+    def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: EncoderChooser,
+                 check: Callable[[list[ImageLayout]], None] | None = None) -> None:
         self.output_layer = adapter.vision_output_layer
         bad = [layer for layer in layers if not 0 <= layer <= self.output_layer]
         if bad:
@@ -86,6 +90,7 @@ class EncoderCut(PatchPart):
         self.layers = sorted(set(layers))
         self.n_layers = len(adapter.vision_layers)
         self.chooser = chooser
+        self.check = check
 
     def install(self) -> list[RemovableHandle]:
         """Register the hooks; the caller keeps the handles."""
@@ -102,6 +107,8 @@ class EncoderCut(PatchPart):
                 layers[i].register_forward_pre_hook(partial(self._before, i), with_kwargs=True)
             )
         handles.append(self.adapter.projector.register_forward_hook(self._restore))
+        for merger in self.adapter.deepstack_mergers:
+            handles.append(merger.register_forward_hook(self._restore_deepstack))
         return handles
 
     # ------------------------------------------------------------------ reading the state
@@ -155,6 +162,8 @@ class EncoderCut(PatchPart):
     def _new_state(self, hidden: torch.Tensor, inputs: dict[str, Any]) -> EncoderState:
         packed = hidden.dim() == 2
         layouts = self.adapter.encoder_layouts(inputs, hidden.shape[0])
+        if self.check is not None:
+            self.check(layouts)
         if packed:
             image, unit_ids, group = self._packed_units(hidden, layouts, inputs)
             prefix, rows = 0, hidden.shape[0]
@@ -300,8 +309,22 @@ class EncoderCut(PatchPart):
 
     @eager_hook
     def _restore(self, module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """The projector / patch merger ends the image forward: its output back to full size."""
         state = self.state
         self._running = None
+        return self._full_size(state, output)
+
+    @eager_hook
+    def _restore_deepstack(self, module: Any, args: tuple,
+                           output: torch.Tensor) -> torch.Tensor | None:
+        """A DeepStack merger (Qwen3-VL) runs mid-encoder: its output back to full size like
+        the main merger's, without ending the image forward."""
+        return self._full_size(self.state, output)
+
+    @staticmethod
+    def _full_size(state: EncoderState | None, output: torch.Tensor) -> torch.Tensor | None:
+        """A projector / merger output over the kept units, scattered back to every unit
+        (zeros where cut); None when nothing was cut."""
         if state is None or not state.cut:
             return None
         if state.packed:

@@ -2,16 +2,19 @@
 
 A pre-hook on the language model. In a prefill it asks the selector which image tokens to keep
 and gathers ``inputs_embeds``, the 2-D ``attention_mask`` and ``position_ids`` (original
-positions, 1-D or M-RoPE); rows of a batch that keep different counts are left-padded (masked)
-to the longest row. Where the images are comes from the call tracker (``hooks/calls.py``):
-``input_ids``, or the placeholder embeddings of ``inputs_embeds``.
+positions, 1-D or M-RoPE; with ``positions="renumber"``, 1-D positions renumbered contiguously,
+``hooks/positions.py``), and Qwen3-VL's DeepStack inputs with them (``hooks/deepstack.py``);
+rows of a batch that keep different counts are left-padded (masked) to the longest row. Where
+the images are comes from the call tracker (``hooks/calls.py``): ``input_ids``, or the
+placeholder embeddings of ``inputs_embeds``.
 
 What a prefill decided is a :class:`PrefillRecord`: the running forward's record (read by the
 decoder cut, the loss and ``handle.stats``) and its KV cache's record. Every later forward on
 that cache (decode steps, a multi-turn follow-up) narrows the full-length 2-D mask ``generate``
 passes to the rows the cache holds, and the cache reports its logical length
 (:func:`~vlprune.hooks.state.mark_pruned`), so ``generate`` counts positions and slices re-fed
-inputs as for the unpruned prompt.
+inputs as for the unpruned prompt (renumbered prompts: the positions of later tokens move down
+by the prompt's shift).
 
 Two ``generate`` paths stay exact:
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,8 +38,10 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter
 from vlprune.hooks.calls import CallTracker, Encode, ForwardInputs
+from vlprune.hooks.deepstack import gather_deepstack_inputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
 from vlprune.hooks.images import ImageTokens, kept_rows, prompt_layouts, split_images
+from vlprune.hooks.positions import renumber
 from vlprune.hooks.state import (
     CacheRecords,
     PatchPart,
@@ -68,8 +73,10 @@ class PrefillRecord:
     padded, ``valid`` (B, Lp) False on padding slots; ``mask`` (B, Lp): the 2-D mask the
     language model got (None: none); ``is_image`` (B, Lp): image rows among them; ``input_ids``:
     the prompt (None for ``inputs_embeds``); ``selection``: what the selector did (None if it did
-    not run); ``first`` / ``replay``: the prefill this one replays and the tokens appended to it
-    (uncached ``generate`` steps); ``decoder``: the decoder cut's state of this prefill.
+    not run); ``layout_inputs``: the ``image_sizes`` / ``image_grid_thw`` describing its images;
+    ``first`` / ``replay``: the prefill this one replays and the tokens appended to it (uncached
+    ``generate`` steps); ``decoder``: the decoder cut's state of this prefill; ``shift`` (B, 1):
+    how far renumbering moved each row's last prompt token (None: original positions).
     """
 
     keep: torch.Tensor
@@ -81,9 +88,11 @@ class PrefillRecord:
     visual_tokens: list[int]
     selection: Selection | None = None
     encode: Encode | None = None
+    layout_inputs: dict[str, Any] = field(default_factory=dict)
     first: PrefillRecord | None = None
     replay: int = 0
     decoder: Any = None
+    shift: torch.Tensor | None = None
 
     @property
     def orig_len(self) -> int:
@@ -100,7 +109,8 @@ class VisionCut(PatchPart):
     """Installs the language-model hooks; ``selector`` returns kept local indices per image.
 
     With ``selector=None`` nothing is cut: the records only say which language-model input rows
-    are image tokens (``is_image``), which decoder-side methods need.
+    are image tokens (``is_image``), which decoder-side methods need. ``positions``: "original"
+    or "renumber" (``hooks/positions.py``).
     """
 
     current = ThreadLocal()
@@ -112,10 +122,12 @@ class VisionCut(PatchPart):
     """The running forward continues a KV cache (decode step, follow-up)."""
     _replayable = ThreadLocal()
 
-    def __init__(self, adapter: Adapter, calls: CallTracker, selector: Selector | None) -> None:
+    def __init__(self, adapter: Adapter, calls: CallTracker, selector: Selector | None,
+                 positions: str = "original") -> None:
         self.adapter = adapter
         self.calls = calls
         self.selector = selector
+        self.positions = positions
         self.records = CacheRecords("vision")
 
     def install(self) -> list[RemovableHandle]:
@@ -230,6 +242,7 @@ class VisionCut(PatchPart):
             visual_tokens=is_image.sum(1).tolist(),
             selection=selection,
             encode=encode,
+            layout_inputs=encode.layout_inputs if encode is not None else inputs.layout_inputs,
         )
 
     def _gather(self, kwargs: dict, record: PrefillRecord) -> dict:
@@ -245,7 +258,10 @@ class VisionCut(PatchPart):
         kwargs["inputs_embeds"] = gather_rows(embeds, record.index)
         kwargs["attention_mask"] = record.mask = gather_mask(mask, record.index, record.valid)
         kwargs["position_ids"] = gather_positions(position_ids, record.index)
-        return kwargs
+        if self.positions == "renumber":
+            kwargs["position_ids"], record.shift = renumber(kwargs["position_ids"],
+                                                            record.mask.bool())
+        return gather_deepstack_inputs(kwargs, record.index, record.valid)
 
     @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -263,7 +279,8 @@ class VisionCut(PatchPart):
         """Keep a forward on a pruned cache consistent with it (decode steps, follow-ups).
 
         A mask from ``generate`` is full-length: its prompt part is replaced by the pruned
-        prefill mask. Positions need no change: the cache reports its logical length.
+        prefill mask. Original positions need no change (the cache reports its logical length);
+        after a renumbered prompt they move down by its shift.
         """
         record = self.records.get(cache)
         if record is None:
@@ -274,10 +291,16 @@ class VisionCut(PatchPart):
                 )
             return None
         self.current = record
-        if record.dropped == 0 or record.mask is None:
+        if record.mask is None:
             return None
         kwargs = dict(kwargs)
         steps = kwargs["inputs_embeds"].shape[1]
+        if record.shift is not None:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                position_ids = torch.arange(steps, device=record.shift.device)[None]
+                position_ids = position_ids + cache.get_seq_length()
+            kwargs["position_ids"] = position_ids - record.shift
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:

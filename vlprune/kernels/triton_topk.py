@@ -38,7 +38,7 @@ def _keys(scores_ptr, mask_ptr, offs, N, HAS_MASK: tl.constexpr):
         x = tl.where(eligible != 0, x, float("-inf"))
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.uint32, bitcast=True)
-    keys = tl.where((bits & 0x80000000) != 0, ~bits, bits | 0x80000000)
+    keys = tl.where((bits & 0x80000000) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     return tl.where(inb, keys, tl.zeros_like(keys))
 
 

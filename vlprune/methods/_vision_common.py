@@ -3,7 +3,8 @@
 Side-effect free (registers nothing). Three jobs:
 
 - layers: turn an official layer index into one of the probed model (:func:`resolve_layer`,
-  :func:`scale_layer`);
+  :func:`scale_layer`), and refuse an encoder without the class token a method scores by
+  (:func:`require_class_token`);
 - geometry: where each vision sequence's patches sit in an image's token layout
   (:func:`partition_tokens`; LLaVA-NeXT thumbnail, crops, unpadding, newline tokens) and which
   thumbnail cells cover which crop (:func:`thumbnail_regions`); Qwen patches → merged tokens
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vlprune.adapters.base import ImageLayout
+from vlprune.adapters.base import Adapter, ImageLayout
 
 NEWLINE_POLICIES = ("drop", "row", "all")
 ContentSelector = Callable[[int], torch.Tensor]
@@ -40,17 +41,16 @@ def scale_layer(layer: int, ref_depth: int, depth: int) -> int:
     return layer * depth // ref_depth
 
 
-def check_layer_option(value: int | None, option: str) -> None:
-    """``ValueError`` unless ``value`` is None or an int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"`{option}` must be an int layer index or None, got {value!r}")
+def require_class_token(method: str, adapter: Adapter) -> None:
+    """``TypeError`` unless ``adapter``'s vision encoder has a class token (row 0 of every
+    sequence), for methods that score patches by its attention."""
+    if not adapter.has_cls:
+        raise TypeError(
+            f"method {method!r} scores patches by the class token's attention, and this "
+            f"{type(adapter.model).__name__} has no class token: use hiprune, todre or flowcut "
+            "(attention received / the mean query instead)"
+        )
 
-
-def check_choice(value: str, choices: Sequence[str], option: str) -> None:
-    """``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(map(repr, choices))
-        raise ValueError(f"`{option}` must be one of {allowed}, got {value!r}")
 
 
 def sequences_per_image(layout: ImageLayout) -> int:
@@ -76,19 +76,45 @@ def split_per_image(
     return out
 
 
+def canvas_tokens(layout: ImageLayout, device: torch.device | None = None) -> torch.Tensor:
+    """(H, W) layout index of the token each cell of the unpadded high-res patch canvas
+    becomes, ``-1`` for cells that become no token of their own.
+
+    Canvas row R of the token canvas (``highres``, h × w) occupies layout indices
+    ``prefix + grid_tokens + R·(w + 1) + [0, w)``, its newline token the last one. Without
+    downsampling the patch canvas is the token canvas. LLaVA-OneVision's ``anyres_max`` bilinear
+    downsampling (``highres_source`` = (H, W) > (h, w)) mixes several patches into each token:
+    token (R, C) is assigned to the patch at its centre, ``(⌊(R + ½)·H/h⌋, ⌊(C + ½)·W/w⌋)``, so
+    each token belongs to exactly one patch and the other patches map to ``-1``.
+    """
+    height, width = layout.highres
+    start = layout.prefix + layout.grid_tokens
+    tokens = start + torch.arange(height, device=device)[:, None] * (width + 1) + torch.arange(
+        width, device=device)
+    if layout.highres_source is None:
+        return tokens
+    src_h, src_w = layout.highres_source
+    ys = ((torch.arange(height, device=device) + 0.5) * src_h / height).floor().long()
+    xs = ((torch.arange(width, device=device) + 0.5) * src_w / width).floor().long()
+    canvas = torch.full((src_h, src_w), -1, dtype=torch.long, device=device)
+    canvas[ys[:, None], xs[None, :]] = tokens
+    return canvas
+
+
 def partition_tokens(layout: ImageLayout, device: torch.device | None = None) -> list[torch.Tensor]:
     """Per vision sequence of the image (thumbnail, then crops in raster order): (rows·cols,)
-    layout index of each patch in raster order, ``-1`` where unpadding removed it.
+    layout index of each patch in raster order, ``-1`` where unpadding removed it (or, on a
+    downsampled LLaVA-OneVision canvas, where it is no token's centre: :func:`canvas_tokens`).
 
-    LLaVA-NeXT crop (i, j), patch (r, c) sits on the unpadded canvas at
-    ``(i·rows + r - top, j·cols + c - left)``; canvas row R occupies layout indices
-    ``grid_tokens + R·(W + 1) + [0, W)``, its newline token the last one.
+    AnyRes crop (i, j), patch (r, c) sits on the unpadded canvas at
+    ``(i·rows + r - top, j·cols + c - left)``.
     """
     rows, cols = layout.grid
     base = layout.prefix + torch.arange(rows * cols, device=device)
     if layout.crop_grid is None or layout.highres is None:
         return [base]
-    height, width = layout.highres
+    canvas = canvas_tokens(layout, device)
+    height, width = canvas.shape
     top, left = layout.highres_offset
     r = torch.arange(rows, device=device)[:, None]
     c = torch.arange(cols, device=device)[None, :]
@@ -97,7 +123,7 @@ def partition_tokens(layout: ImageLayout, device: torch.device | None = None) ->
         for j in range(layout.crop_grid[1]):
             y, x = i * rows + r - top, j * cols + c - left
             inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
-            token = layout.prefix + rows * cols + y * (width + 1) + x
+            token = canvas[y.clamp(0, height - 1), x.clamp(0, width - 1)]
             out.append(torch.where(inside, token, -1).flatten())
     return out
 
@@ -192,7 +218,7 @@ def fill_budget(
     """Exactly ``k`` sorted layout indices of one image (on ``device``): content tokens from
     ``content(c)`` plus newline and prefix tokens by the ``newline`` policy.
 
-    - ``"drop"``: content first; newline (then prefix) tokens only fill a budget above
+    - ``"drop"``: content first; prefix, newline, then suffix tokens only fill a budget above
       ``n_content``, in order.
     - ``"row"``: a newline is kept iff its row keeps a token; ``c`` is the largest count with
       ``c + rows(c) ≤ k`` (binary search); any unit left over keeps newlines of empty rows.
@@ -203,7 +229,8 @@ def fill_budget(
     n_rows = newlines.numel()
     if n_rows == 0 or newline == "drop" or k >= n_content + n_rows:
         c = min(k, n_content)
-        fill = torch.cat([torch.arange(layout.prefix, device=device), newlines])
+        suffix = layout.num_tokens - layout.suffix + torch.arange(layout.suffix, device=device)
+        fill = torch.cat([torch.arange(layout.prefix, device=device), newlines, suffix])
         return torch.cat([content(c).to(device), fill[: k - c]]).sort().values
     if newline == "all" and k > n_rows:
         return torch.cat([content(k - n_rows).to(device), newlines]).sort().values

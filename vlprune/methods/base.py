@@ -6,7 +6,7 @@ Methods are pure: they see tensors (features, attention rows, layouts) and retur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +15,7 @@ import torch
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.kernels import select_topk
+from vlprune.options import Option, check_options, declare
 
 
 @dataclass
@@ -196,8 +197,10 @@ class Method:
     """Base class of pruning methods; subclasses register with ``@register_method(name)``.
 
     Class attributes: ``stage`` ("vision", "decoder" or "vision+decoder"), ``scope`` (what one
-    unit of ``budget`` counts: "image" or "request"), ``paper`` and ``repo`` (citations) and
-    ``families`` (supported adapter families, ``None`` = all).
+    unit of ``budget`` counts: "image" or "request"), ``paper`` and ``repo`` (citations),
+    ``families`` (supported adapter families, ``None`` = all) and ``options`` (name →
+    :class:`~vlprune.options.Option`: default, allowed values, meaning), the one declaration
+    of the keyword options that :meth:`__init__` checks and stores as attributes.
     """
 
     name: ClassVar[str] = ""
@@ -207,11 +210,20 @@ class Method:
     repo: ClassVar[str] = ""
     internal: ClassVar[bool] = False
     families: ClassVar[tuple[str, ...] | None] = None
+    options: ClassVar[Mapping[str, Option]] = declare()
+
+    def __init__(self, **options: Any) -> None:
+        """Store every declared option as an attribute: the given value, checked, or the
+        default; ``ValueError`` naming an unknown option or a value outside its allowed ones."""
+        name = self.name or type(self).__name__
+        for option, value in check_options(name, self.options, options).items():
+            setattr(self, option, value)
 
     def check_model(self, adapter: Adapter) -> None:
-        """Raise ``ValueError`` at patch time if this method cannot run on ``adapter``'s model."""
+        """Raise at patch time if this method cannot run on ``adapter``'s model: ``TypeError``
+        for a family it does not support, ``ValueError`` for options the model cannot honour."""
         if self.families is not None and adapter.family not in self.families:
-            raise ValueError(
+            raise TypeError(
                 f"method {self.name!r} supports {', '.join(self.families)}; "
                 f"got a {adapter.family} model"
             )
@@ -238,6 +250,10 @@ class Method:
         """Vision-encoder layers (≤ ``output_layer``) after which :meth:`encoder_choose` may
         drop rows; a non-empty list installs the encoder cut (``vlprune.hooks.encoder``)."""
         return []
+
+    def check_encoder_layouts(self, layouts: list[ImageLayout]) -> None:
+        """Raise before any vision-encoder layer runs if the encoder stage cannot prune images
+        of these layouts (default: it can)."""
 
     def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
         """Per sequence, sorted local positions (into ``batch.units[s]``) of the units that stay,

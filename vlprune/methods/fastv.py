@@ -3,7 +3,8 @@
 "An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764; official code
 https://github.com/pkunlp-icler/FastV. At decoder layer K the visual tokens are ranked by the
 attention the last prompt token gave them at layer K-1 (mean over heads); the top ones stay for
-layers ≥ K, the others leave the sequence and the KV cache of those layers.
+layers ≥ K, the others leave the sequence and the KV cache of those layers. Reference:
+``docs/methods/fastv.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, Method, keep_rows, last_rows
+from vlprune.options import IntOption, declare
 from vlprune.registry import register_method
 
 
@@ -31,11 +33,10 @@ class FastV(Method):
     scope = "request"
     paper = "FastV, ECCV 2024 (arXiv 2403.06764)"
     repo = "https://github.com/pkunlp-icler/FastV"
-
-    def __init__(self, *, layer: int = 2) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"`layer` must be an int ≥ 1, got {layer!r}")
-        self.layer = layer
+    options = declare(
+        layer=IntOption(2, "decoder layer K (0-based) at whose input visual tokens are cut; "
+                        "the last token's attention at layer K-1 ranks them", minimum=1),
+    )
 
     def cut_layers(self, n_layers: int) -> list[int]:
         """[K]."""

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from vlprune.budget import Budget
 from vlprune.methods.base import DecoderBatch, Method, VisionBatch, keep_rows
+from vlprune.options import REQUIRED, CustomOption, IntOption, as_int, declare
 from vlprune.registry import register_method
+
+
+def _index_list(values: Any, option: str) -> list[int]:
+    """Sorted unique ints ≥ 0 of a non-empty sequence; ``ValueError`` naming ``option``."""
+    ints = [as_int(v) for v in values] if isinstance(values, (list, tuple)) else []
+    if not ints or any(i is None or i < 0 for i in ints):
+        raise ValueError(f"`{option}` must hold token indices ≥ 0 (at least one), got {values!r}")
+    return sorted(set(ints))
+
+
+def _per_image_indices(values: Any) -> list[list[int]]:
+    """``indices`` of ``fixed``: one list for every image, or one list per image."""
+    nested = isinstance(values, (list, tuple)) and bool(values) and isinstance(
+        values[0], (list, tuple))
+    return [_index_list(v, "indices") for v in values] if nested else [
+        _index_list(values, "indices")]
 
 
 @register_method("fixed")
@@ -21,15 +38,11 @@ class FixedPrune(Method):
 
     stage = "vision"
     internal = True
-
-    def __init__(self, *, indices: Sequence[int] | Sequence[Sequence[int]] = ()) -> None:
-        per_image = [indices] if not indices or isinstance(indices[0], int) else indices
-        lists = [sorted(set(map(int, idx))) for idx in per_image]
-        if not lists or not all(lists):
-            raise ValueError("`indices` must hold at least one token index per image")
-        if any(idx[0] < 0 for idx in lists):
-            raise ValueError("`indices` must be token indices ≥ 0")
-        self.indices = lists
+    options = declare(
+        indices=CustomOption(REQUIRED, "token indices kept in every image (or one list per "
+                             "image)", check_value=_per_image_indices,
+                             domain="token indices ≥ 0, or one such list per image"),
+    )
 
     def _for_image(self, i: int) -> list[int]:
         return self.indices[i] if len(self.indices) > 1 else self.indices[0]
@@ -63,14 +76,12 @@ class FixedLayerPrune(Method):
     stage = "decoder"
     scope = "request"
     internal = True
-
-    def __init__(self, *, indices: Sequence[int] = (), layer: int = 2) -> None:
-        if not indices or min(indices) < 0:
-            raise ValueError("`indices` must hold visual-token ordinals ≥ 0 (at least one)")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"`layer` must be an int ≥ 1, got {layer!r}")
-        self.indices = sorted(set(map(int, indices)))
-        self.layer = layer
+    options = declare(
+        indices=CustomOption(REQUIRED, "ordinals (among a row's visual tokens) kept",
+                             check_value=lambda v: _index_list(v, "indices"),
+                             domain="visual-token ordinals ≥ 0"),
+        layer=IntOption(2, "decoder layer at whose input the cut happens", minimum=1),
+    )
 
     def cut_layers(self, n_layers: int) -> list[int]:
         """[layer]."""

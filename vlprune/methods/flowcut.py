@@ -2,9 +2,9 @@
 
 "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models", arXiv
 2505.19536; official code https://github.com/TungChintao/FlowCut (HEAD ``a2ecd247``, last code
-change ``fc5d7a1``). Spec: ``specs/flowcut_transprune_todre.md`` §1 (§4 for cross-method notes).
+change ``fc5d7a1``). Reference: ``docs/methods/flowcut.md``.
 
-Vision encoder (spec §1.3, §1.4 "Qwen2-VL vision stage"): after each layer ℓ, while a sequence
+Vision encoder (``docs/methods/flowcut.md#algorithm``): after each layer ℓ, while a sequence
 (a CLIP crop / a Qwen frame) holds more units than its target T:
 
 1. relevance: CLIP: the CLS row's attention ``a_j = mean_h A_h[CLS, j]``; Qwen (no CLS): the
@@ -27,7 +27,7 @@ Vision encoder (spec §1.3, §1.4 "Qwen2-VL vision stage"): after each layer ℓ
 Targets per image of budget B: LLaVA-1.5 keeps B in the encoder, the language model sees exactly
 B. LLaVA-NeXT keeps ``B // 2`` patches per crop (thumbnail and every crop; official
 ``int(target_num / 2)``), Qwen keeps 2·B merged tokens (official ``8 · target_num`` patches);
-then, language model (spec §1.4), after decoder layer ``llm_layer`` (1):
+then, language model, after decoder layer ``llm_layer`` (1):
 
 7. for the last prompt token t (the last real row, after any right padding):
    ``rel_j = mean_h softmax_{j∈V}(q_t · k_j / √d)`` and
@@ -46,15 +46,21 @@ schedule and adaptive count; the forced last cut; the max count over a batch of 
 semantic term on Qwen; the LLM step's visual-only softmaxes; LLaVA-NeXT newline tokens dropped
 (multi-crop images), thumbnail then high-res tokens in raster order.
 
-Fixed / extended (official code is batch-1, spec §1.5, §1.7): kept tokens keep their original
-positions (1-D and M-RoPE); the official LLaVA-NeXT renumbers positions contiguously and
-FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: not cheap in this
-hook design). Qwen: the global query attends within each image (the official flattens all images
-together) and whole 2×2 merge groups are dropped (the official drops single patches, so its
-merger concatenates four unrelated survivors); the count formula runs in merge groups.
-Qwen2.5-VL (no official code) is handled in window order with remapped window boundaries. Any
-batch size, left padding, sdpa and eager. An image nothing was pruned from keeps every token
-(newlines included), so a budget above every image's size equals the unpatched model.
+Fixed / extended (official code is batch-1;
+``docs/methods/flowcut.md#differences-from-the-official-code``): kept tokens keep their original
+positions (1-D and M-RoPE); the official LLaVA code renumbers positions contiguously, after the
+vision-side splice and after the LLM step (``vlprune.patch(..., positions="renumber")``), and
+FlowCut-Qwen gives kept image tokens the first K grid positions (not offered: an approximation).
+Qwen: the global query attends within each image (the official flattens all images together) and
+whole 2×2 merge groups are dropped (the official drops single patches, so its merger
+concatenates four unrelated survivors); the count formula runs in merge groups. Qwen2.5-VL (no
+official code) is handled in window order with remapped window boundaries. Encoders without CLS
+(Qwen, LLaVA-OneVision's SigLIP) take the Qwen rules: global query, no semantic term, cut
+through the last layer. Qwen3-VL: a unit cut in the ViT also leaves every later DeepStack
+feature (zeros, never reaching the LLM). LLaVA-OneVision canvases downsampled by ``anyres_max``
+raise ``NotImplementedError`` (a token mixes several cut-or-kept patches). Any batch size, left
+padding, sdpa and eager. An image nothing was pruned from keeps every token (newlines included),
+so a budget above every image's size equals the unpatched model.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ from typing import Any
 
 import torch
 
-from vlprune.adapters.base import Adapter
+from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.signals import TextQKV, VisionQKV, masked_softmax
 from vlprune.kernels import select_topk
@@ -78,6 +84,7 @@ from vlprune.methods.base import (
     keep_rows_padded,
     last_rows,
 )
+from vlprune.options import FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 QWEN_ENTROPY_EPS = 1e-7
@@ -103,15 +110,18 @@ def prune_count(n: int, target: int, remaining: int, relevance: torch.Tensor, ep
 def clip_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut scores of one CLIP crop from its (H, 1 + n, d) q, k, v (CLS first).
+    """FlowCut scores of one CLIP crop from its q (H, 1 + n, d), k and v (H, 1 + n + c, d): CLS
+    first, then the patches, then any context rows (timm register tokens: in both softmaxes,
+    never scored).
 
     Returns the (n,) patch scores ``(a/Σa + sem/Σsem) · ‖mean_h v‖₁`` and the (n,) CLS
     attention ``a`` over the patches (head mean, softmax over all rows).
     """
+    rows = q.shape[1]
     cls, k, v = q[:, :1].float(), k.float(), v.float()
-    attention = ((cls @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:]
-    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:]
-    density = v.mean(0)[1:].abs().sum(-1)
+    attention = ((cls @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:rows]
+    semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:rows]
+    density = v[:, 1:rows].mean(0).abs().sum(-1)
     score = (attention / attention.sum() + semantic / semantic.sum()) * density
     return score, attention
 
@@ -119,15 +129,17 @@ def clip_scores(
 def global_query_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowCut-Qwen scores of one frame from its (H, R, d) q, k, v (R = group · n rows).
+    """FlowCut-Qwen scores of one frame from its q (H, R, d), k and v (H, R + c, d) (R = group ·
+    n rows, then any context rows: timm register tokens, in the softmax, never scored).
 
     Returns the (n,) merge-group scores (mean over the group's rows of
     ``attention · ‖mean_h v‖₁``) and the (R,) global-query attention (head mean).
     """
+    n_rows = q.shape[1]
     query = q.mean(dim=1, keepdim=True, dtype=torch.float32)
     k, v = k.float(), v.float()
-    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0]
-    rows = attention * v.mean(0).abs().sum(-1)
+    attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, :n_rows]
+    rows = attention * v[:, :n_rows].mean(0).abs().sum(-1)
     return rows.view(-1, group).mean(1), attention
 
 
@@ -151,36 +163,38 @@ class FlowCut(Method):
     """Progressive, entropy-paced pruning inside the vision encoder; a one-shot LLM step on
     LLaVA-NeXT and Qwen (see the module docstring). Scope: per image.
 
-    Options (official defaults, spec §1.6): ``llm_layer`` = 1, the decoder layer whose attention
-    scores the LLM step and whose output is cut; ``history`` = 0.5, weight of the running score
-    (paper Table 10); ``stride`` = 2, layers between encoder prune steps (paper Table 11).
+    Options (``docs/methods/flowcut.md#options-and-official-defaults``): ``llm_layer`` = 1, the
+    decoder layer whose attention scores the LLM step and whose output is cut; ``history`` = 0.5,
+    weight of the running score (paper Table 10); ``stride`` = 2, layers between encoder prune steps
+    (paper Table 11).
     """
 
     stage = "vision+decoder"
     scope = "image"
     paper = "FlowCut, NeurIPS 2025 (arXiv 2505.19536)"
     repo = "https://github.com/TungChintao/FlowCut"
+    options = declare(
+        llm_layer=IntOption(1, "decoder layer whose attention scores the LLM step and whose "
+                            "output is cut (checked on every model; unused on LLaVA-1.5, "
+                            "whose encoder cut reaches the budget)", minimum=0),
+        history=FloatOption(0.5, "weight of the running score carried between encoder "
+                            "layers", low=0, high=1, high_open=True),
+        stride=IntOption(2, "encoder layers between two prune steps", minimum=1),
+    )
 
-    def __init__(self, *, llm_layer: int = 1, history: float = 0.5, stride: int = 2) -> None:
-        if isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or llm_layer < 0:
-            raise ValueError(f"`llm_layer` must be an int ≥ 0, got {llm_layer!r}")
-        if isinstance(history, bool) or not isinstance(history, (int, float)) or not (
-            0.0 <= history < 1.0
-        ):
-            raise ValueError(f"`history` must be a float in [0, 1), got {history!r}")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"`stride` must be an int ≥ 1, got {stride!r}")
-        self.llm_layer = llm_layer
-        self.history = float(history)
-        self.stride = stride
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._llm_step = True
 
     def check_model(self, adapter: Adapter) -> None:
-        """LLaVA-1.5's encoder already reaches the budget: no LLM step there (spec §1.2)."""
+        """LLaVA-1.5's encoder already reaches the budget: no LLM step there, nor on a timm ViT
+        (one sequence per image, no language model)."""
         super().check_model(adapter)
-        self._llm_step = adapter.family != "llava"
+        self._llm_step = adapter.family not in ("llava", "timm")
+        if adapter.family == "timm":
+            return
         n_layers = len(adapter.decoder_layers)
-        if self._llm_step and self.llm_layer + 1 >= n_layers:
+        if self.llm_layer + 1 >= n_layers:
             raise ValueError(
                 f"`llm_layer`={self.llm_layer} leaves no later layer to cut in a "
                 f"{n_layers}-layer language model"
@@ -218,6 +232,15 @@ class FlowCut(Method):
                 target = kept - layout.prefix
             targets.append(min(max(target, 1), size))
         return targets if batch.packed else [max(targets)] * len(targets)
+
+    def check_encoder_layouts(self, layouts: list[ImageLayout]) -> None:
+        """``NotImplementedError`` for a LLaVA-OneVision canvas downsampled by ``anyres_max``."""
+        if any(layout.highres_source is not None for layout in layouts):
+            raise NotImplementedError(
+                "flowcut cannot prune inside the vision encoder when LLaVA-OneVision downsamples "
+                "the AnyRes canvas (`vision_aspect_ratio` anyres_max): each token mixes several "
+                "crop patches; use a smaller image or another method"
+            )
 
     def encoder_choose(self, batch: EncoderBatch, budget: Budget) -> list[torch.Tensor] | None:
         """Steps 1–6 after encoder layer ``batch.layer``."""

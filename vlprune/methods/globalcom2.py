@@ -3,7 +3,7 @@
 "Global Compression Commander: Plug-and-Play Inference Acceleration for High-Resolution Large
 Vision-Language Models" (AAAI 2026), arXiv 2501.05179; official code
 https://github.com/xuyang-liu16/GlobalCom2 (HEAD 96b2d00 read; code unchanged since 2025-03-08).
-Spec: ``specs/hiprune_hired_globalcom2.md`` §3.
+Reference: ``docs/methods/globalcom2.md``.
 
 Signal: ``z_p``, the last ViT layer's CLS-query row over the patch keys of partition p
 (thumbnail p = 0, crops k ≥ 1), head mean of the *pre-softmax* logits (official
@@ -20,7 +20,8 @@ Signal: ``z_p``, the last ViT layer's CLS-query row over the patch keys of parti
 5. crop k keeps its top tokens by ``(1-w)·z_k/‖z_k‖₂ + w·G_k/‖G_k‖₂`` (norms over the crop's
    unpadded cells; official: plain sum, i.e. ``global_weight`` w = 0.5).
 
-LLaVA-1.5 (official code crashes there): one partition, top tokens by ``z_0``.
+LLaVA-1.5 (official code crashes there) and timm ViTs with a class token (``layer`` counted in
+the blocks up to ``cut_block``): one partition, top tokens by ``z_0``.
 Scope: per image; ``budget`` = tokens kept per image including the newline tokens the
 ``newline`` policy keeps, exactly. Official ``retention_ratio`` R is per partition with newlines
 on top; here ``ratio`` applies to all the image's tokens and R is derived from the content share.
@@ -37,8 +38,9 @@ Official-code behaviour and what vlprune does:
   official placement is not offered: it reorders tokens); floored budgets lose the remainder:
   allocation is exact here; batch > 1 reuses image 0's thumbnail scores: per image here;
 - not reproduced: the thumbnail is emitted in score order officially; vlprune keeps raster order.
-- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no thumbnail / crops: ``patch``
-  raises).
+- Qwen2-VL / 2.5-VL / 3-VL / 3.5 (no CLS token, no thumbnail / crops), LLaVA-OneVision (SigLIP,
+  no CLS token; the paper's CLS-free OneVision variant has no released code) and timm ViTs
+  without a class token are not supported: ``patch`` raises ``TypeError``.
 """
 
 from __future__ import annotations
@@ -55,16 +57,16 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     partition_tokens,
+    require_class_token,
     resolve_layer,
     split_per_image,
     thumbnail_regions,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 _CLS = torch.tensor([0])
@@ -108,46 +110,34 @@ def holistic_scores(
 class GlobalCom2(Method):
     """Thumbnail logits set per-crop retention ratios and guide per-token crop scores.
 
-    Options (spec §3.3): ``temperature`` τ of the crop softmax (10); ``global_weight`` w of the
-    guidance map in the crop score (0.5 = official equal mix); ``layer`` scored ViT layer (-1,
-    the last); ``newline`` LLaVA-NeXT newline tokens: ``"all"`` (official: every row keeps its
-    newline), ``"row"`` (kept iff the row keeps a token) or ``"drop"``, inside the budget.
+    Options (``docs/methods/globalcom2.md#options-and-official-defaults``): ``temperature`` τ of the
+    crop softmax (10); ``global_weight`` w of the guidance map in the crop score (0.5 = official
+    equal mix); ``layer`` scored ViT layer (-1, the last); ``newline`` LLaVA-NeXT newline tokens:
+    ``"all"`` (official: every row keeps its newline), ``"row"`` (kept iff the row keeps a token) or
+    ``"drop"``, inside the budget.
     """
 
     stage = "vision"
     scope = "image"
-    families = ("llava", "llava_next")
+    families = ("llava", "llava_next", "timm")
     paper = "GlobalCom², AAAI 2026 (arXiv 2501.05179)"
     repo = "https://github.com/xuyang-liu16/GlobalCom2"
-
-    def __init__(
-        self,
-        *,
-        temperature: float = 10.0,
-        global_weight: float = 0.5,
-        layer: int = -1,
-        newline: str = "all",
-    ) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
-            temperature <= 0
-        ):
-            raise ValueError(f"`temperature` must be a float > 0, got {temperature!r}")
-        if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)) or not (
-            0 <= global_weight <= 1
-        ):
-            raise ValueError(f"`global_weight` must be a float in [0, 1], got {global_weight!r}")
-        if layer is None:
-            raise ValueError("`layer` must be an int layer index, got None")
-        check_layer_option(layer, "layer")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.temperature = float(temperature)
-        self.global_weight = float(global_weight)
-        self.layer = layer
-        self.newline = newline
+    options = declare(
+        temperature=FloatOption(10.0, "τ of the softmax turning crops' thumbnail scores into "
+                                "retention ratios", low=0, low_open=True),
+        global_weight=FloatOption(0.5, "weight of the thumbnail's guidance map in a crop "
+                                  "token's score (0.5: official equal mix)", low=0, high=1),
+        layer=IntOption(-1, "vision layer whose CLS logits score the tokens (0-based, "
+                        "negative from the end)"),
+        newline=ChoiceOption("all", "LLaVA-NeXT newline tokens, inside the budget: 'all' "
+                             "(official, every row), 'row' (rows that keep a token) or 'drop'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
-        """Family check, and the layer exists."""
+        """Family check, a class token, and the layer exists."""
         super().check_model(adapter)
+        require_class_token(self.name, adapter)
         resolve_layer(self.layer, len(adapter.vision_layers), "layer")
 
     def probes(self, adapter: Adapter) -> dict[str, Any]:

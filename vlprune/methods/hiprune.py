@@ -2,9 +2,10 @@
 
 "HiPrune: Hierarchical Attention for Efficient Token Pruning in Vision-Language Models",
 arXiv 2508.00553 (v3, ACL 2026 Findings); official code https://github.com/Danielement321/HiPrune
-(HEAD 6e83a12 read). Spec: ``specs/hiprune_hired_globalcom2.md`` §1.
+(HEAD 6e83a12 read). Reference: ``docs/methods/hiprune.md``.
 
-Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N' (spec §1.2):
+Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N'
+(``docs/methods/hiprune.md#algorithm``):
 
 1. score every token by the attention it *receives* at a layer: ``s_j = Σ_i mean_h A[h, i, j]``
    over all queries (CLIP's CLS query included, its key never kept); Qwen: per pre-merge patch,
@@ -17,9 +18,13 @@ Per partition (an image; a LLaVA-NeXT thumbnail or crop) with budget N' (spec §
 
 Layers (0-based): object = layer 8 of the 24-layer CLIP ViT-L (``HIPRUNE_OBJECT_LAYER=9``,
 1-based) / block 15 of the 32-block Qwen ViTs, scaled to the probed depth as
-``floor(l · depth / ref_depth)``; deep = -2 for CLIP (the LLaVA feature layer, index 22) / -1 for
-Qwen (last block). Explicit ``object_layer`` / ``deep_layer`` are used as given. Qwen2-VL has no
-official setting: it uses the Qwen2.5-VL one (every Qwen2-VL block is full attention).
+``floor(l · depth / ref_depth)``; deep = -2 with a class token (CLIP: the LLaVA feature layer,
+index 22), else the encoder's feature layer (Qwen: the last block). Explicit ``object_layer`` /
+``deep_layer`` are used as given.
+Qwen2-VL and Qwen3-VL have no official setting: they use the Qwen2.5-VL one (their blocks are
+all full attention). LLaVA-OneVision's SigLIP (no official setting either) uses the CLIP rule:
+its crops are batched sequences like CLIP's, received attention needs no CLS token, and its
+feature layer is the last one.
 
 Scope: per image; ``budget`` = tokens kept per image, exactly (``handle.stats.kept_per_image``).
 LLaVA-NeXT: thumbnail and crops are pruned independently, the image budget split equally over
@@ -30,12 +35,13 @@ Official-code behaviour and what vlprune does:
 
 - reproduced: attention-received scoring, banker's rounding of N_a, dedup before sizing the
   registers, raster output order, equal NeXT split, Qwen layers and 4-patch mean;
-- fixed (plain bugs): the NeXT split divides by the images of the whole *batch* (per image
-  here, remainder kept instead of floored away); the Qwen path can keep fewer than the budget
-  (a −1 penalty on column *sums* does not exclude S, ``topk`` then returns duplicates): registers
-  are drawn from a mask excluding S, so the count is always N'; buffers wrap across row ends and
-  clamp onto the first / last token: true 4-neighbours here, ``wrap_neighbours=True`` restores
-  the official index arithmetic (``i±1, i±W`` clamped to ``[0, N-1]``);
+- fixed (plain bugs): the budget is divided by the images of the whole *batch*, LLaVA-1.5 included
+  (per image here; the NeXT split keeps the remainder instead of flooring it away); the Qwen path
+  can keep fewer than the budget (a −1 penalty on column *sums* does not exclude S, ``topk`` then
+  returns duplicates): registers are drawn from a mask excluding S, so the count is always N';
+  buffers wrap across row ends and clamp onto the first / last token: true 4-neighbours here,
+  ``wrap_neighbours=True`` restores the official index arithmetic (``i±1, i±W`` clamped to
+  ``[0, N-1]``);
 - cannot be reproduced: the official NeXT path forces the ``spatial`` merge (no unpadding, no
   newline tokens); vlprune prunes the model's own ``spatial_unpad`` layout, so patches removed by
   unpadding are never candidates (anchors, buffers and registers are drawn from kept cells only).
@@ -57,8 +63,6 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     merged_token_scores,
@@ -68,10 +72,13 @@ from vlprune.methods._vision_common import (
     split_per_image,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import BoolOption, ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
-# (object layer, its reference depth, deep layer), spec §1.3: CLIP ViT-L/14 and the Qwen ViTs.
-_OFFICIAL_LAYERS = {True: (8, 24, -2), False: (15, 32, -1)}
+# (object layer, its reference depth): batched (CLIP-style) encoders and packed Qwen ViTs
+# (docs/methods/hiprune.md#options-and-official-defaults).
+_OBJECT_LAYER = {False: (8, 24), True: (15, 32)}
+_CLS_DEEP_LAYER = -2  # deep layer with a class token: CLIP's, the LLaVA feature layer
 
 
 def neighbours(anchors: torch.Tensor, shape: tuple[int, int, int], wrap: bool) -> torch.Tensor:
@@ -142,47 +149,43 @@ class _Partition:
 class HiPrune(Method):
     """Anchors (object layer) + their 4-neighbour buffers + registers (deep layer).
 
-    Options (spec §1.3): ``alpha`` share of the budget spent on anchors + buffers (official
-    0.1); ``object_layer`` / ``deep_layer`` 0-based vision layers, None = official (see the
-    module docstring); ``wrap_neighbours`` official buffer arithmetic (default False: true
-    neighbours); ``newline`` LLaVA-NeXT newline tokens: ``"drop"`` (official: none are kept unless
-    the budget exceeds all other tokens), ``"row"`` (kept iff the row keeps a token) or ``"all"``,
-    always counted inside the budget.
+    Options (``docs/methods/hiprune.md#options-and-official-defaults``): ``alpha`` share of the
+    budget spent on anchors + buffers (official 0.1); ``object_layer`` / ``deep_layer`` 0-based
+    vision layers, None = official (see the module docstring); ``wrap_neighbours`` official buffer
+    arithmetic (default False: true neighbours); ``newline`` LLaVA-NeXT / OneVision newline tokens:
+    ``"drop"`` (official: none are kept unless the budget exceeds all other tokens), ``"row"``
+    (kept iff the row keeps a token) or ``"all"``, always counted inside the budget.
     """
 
     stage = "vision"
     scope = "image"
     paper = "HiPrune (arXiv 2508.00553)"
     repo = "https://github.com/Danielement321/HiPrune"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.1,
-        object_layer: int | None = None,
-        deep_layer: int | None = None,
-        wrap_neighbours: bool = False,
-        newline: str = "drop",
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        check_layer_option(object_layer, "object_layer")
-        check_layer_option(deep_layer, "deep_layer")
-        if not isinstance(wrap_neighbours, bool):
-            raise ValueError(f"`wrap_neighbours` must be a bool, got {wrap_neighbours!r}")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.alpha = float(alpha)
-        self.object_layer = object_layer
-        self.deep_layer = deep_layer
-        self.wrap_neighbours = wrap_neighbours
-        self.newline = newline
+    options = declare(
+        alpha=FloatOption(0.1, "share of the budget spent on anchors and their 4-neighbour "
+                          "buffers", low=0, high=1),
+        object_layer=IntOption(None, "vision layer of the anchors (0-based, negative from the "
+                               "end); None: official, scaled to the encoder depth", none=True),
+        deep_layer=IntOption(None, "vision layer of the registers (0-based, negative from the "
+                             "end); None: -2 with CLS, else the encoder's feature layer (Qwen, "
+                             "SigLIP: the last block)", none=True),
+        wrap_neighbours=BoolOption(False, "official buffer arithmetic (i±1, i±W clamped: "
+                                   "wraps across rows); False: true 4-neighbours"),
+        newline=ChoiceOption("drop", "LLaVA-NeXT / OneVision newline tokens, inside the "
+                             "budget: 'drop' (official), 'row' (rows that keep a token) or "
+                             "'all'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def layers(self, adapter: Adapter) -> tuple[int, int]:
         """(object, deep) 0-based layers on ``adapter``'s vision encoder."""
         depth = len(adapter.vision_layers)
-        obj, ref_depth, deep = _OFFICIAL_LAYERS[adapter.has_cls]
+        obj, ref_depth = _OBJECT_LAYER[adapter.packed_vision]
         obj = scale_layer(obj, ref_depth, depth) if self.object_layer is None else self.object_layer
-        deep = deep if self.deep_layer is None else self.deep_layer
+        if self.deep_layer is not None:
+            deep = self.deep_layer
+        else:
+            deep = _CLS_DEEP_LAYER if adapter.has_cls else adapter.vision_output_layer
         return resolve_layer(obj, depth, "object_layer"), resolve_layer(deep, depth, "deep_layer")
 
     def check_model(self, adapter: Adapter) -> None:
@@ -197,7 +200,7 @@ class HiPrune(Method):
             "object": VisionAttentionScores(adapter.vision_probe(obj)),
             "deep": VisionAttentionScores(adapter.vision_probe(deep)),
         }
-        if not adapter.has_cls:
+        if adapter.packed_vision:
             probes["patches"] = adapter.patch_token_probe()
         return probes
 
@@ -237,9 +240,11 @@ class HiPrune(Method):
             batch.layouts, split_per_image(obj, batch.layouts), split_per_image(deep, batch.layouts)
         ):
             shape = (1, *layout.grid)
+            cells = layout.grid[0] * layout.grid[1]  # a CLS key (CLIP) comes first: dropped
             tokens = partition_tokens(layout, obj_i[0].device)
             out.append([
-                _Partition(t, o[1:], d[1:], shape) for t, o, d in zip(tokens, obj_i, deep_i)
+                _Partition(t, o[-cells:], d[-cells:], shape)
+                for t, o, d in zip(tokens, obj_i, deep_i)
             ])
         return out
 

@@ -2,7 +2,7 @@
 
 "HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution
 Vision-Language Models", arXiv 2408.10945 (v3); official code https://github.com/hasanar1f/HiRED
-(HEAD 502d6dd read). Spec: ``specs/hiprune_hired_globalcom2.md`` §2.
+(HEAD 502d6dd read). Reference: ``docs/methods/hired.md``.
 
 Scores are CLS-query attention probabilities summed over heads, ``c_p[j] = Σ_h A_p[h, 0, j]``
 over the patch keys of partition p (thumbnail p = 0, crops p ≥ 1). Per image, content budget c:
@@ -16,9 +16,10 @@ over the patch keys of partition p (thumbnail p = 0, crops p ≥ 1). Per image, 
    left after unpadding);
 4. in every partition keep its top tokens by the *final* layer's CLS attention; raster order.
 
-LLaVA-1.5: one partition, step 4 only. Layers: ``init_layer=0`` (first), ``final_layer=-2``
-(the LLaVA feature layer: 22 of CLIP ViT-L's 24), 0-based, negative from the end, so they hold at
-any depth. α = 0.5 (paper and every official script; the harness default 1.0 is unused).
+LLaVA-1.5 and timm ViTs with a class token: one partition, step 4 only. Layers:
+``init_layer=0`` (first), ``final_layer=-2`` (the LLaVA feature layer: 22 of CLIP ViT-L's 24),
+0-based, negative from the end, so they hold at any depth (timm: in the blocks up to
+``cut_block``). α = 0.5 (paper and every official script; the harness default 1.0 is unused).
 
 Scope: per image; ``budget`` = tokens kept per image (thumbnail + crops, plus newlines if the
 ``newline`` policy keeps any), exactly. Official budget is ``floor(P·576·ρ)`` over P padded
@@ -35,7 +36,8 @@ Official-code behaviour and what vlprune does:
   the official one; floored crop budgets lose the remainder and unpadding after selection drops
   kept tokens (count < budget): here allocation is exact and only unpadded cells are candidates;
   LLaVA-1.5 applies image 0's mask to the whole batch: per image here.
-- Qwen2-VL / Qwen2.5-VL are not supported (no CLS token, no crops: ``patch`` raises).
+- Qwen2-VL / 2.5-VL / 3-VL / 3.5 (no CLS token, no crops), LLaVA-OneVision (SigLIP, no CLS
+  token) and timm ViTs without a class token are not supported: ``patch`` raises ``TypeError``.
 """
 
 from __future__ import annotations
@@ -51,16 +53,16 @@ from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
     apportion,
-    check_choice,
-    check_layer_option,
     fill_budget,
     gather_partitions,
     partition_tokens,
+    require_class_token,
     resolve_layer,
     split_per_image,
     thumbnail_regions,
 )
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import ChoiceOption, FloatOption, IntOption, declare
 from vlprune.registry import register_method
 
 _CLS = torch.tensor([0])
@@ -99,48 +101,38 @@ def hired_split(c: int, caps: list[int], content: list[float], alpha: float) -> 
 class HiRED(Method):
     """Early-layer CLS attention splits the budget over crops; final-layer CLS attention picks.
 
-    Options (spec §2.3): ``alpha`` thumbnail share (0.5); ``init_layer`` / ``final_layer``
-    (0 / -2); ``region`` (``"grid"`` or official ``"band"``); ``crop_score`` (official
-    ``"count"`` or paper ``"sum"``); ``newline`` LLaVA-NeXT newline tokens: ``"drop"`` (official:
-    none unless the budget exceeds all other tokens), ``"row"`` (kept iff the row keeps a token)
-    or ``"all"``, counted inside the budget.
+    Options (``docs/methods/hired.md#options-and-official-defaults``): ``alpha`` thumbnail share
+    (0.5); ``init_layer`` / ``final_layer`` (0 / -2); ``region`` (``"grid"`` or official
+    ``"band"``); ``crop_score`` (official ``"count"`` or paper ``"sum"``); ``newline`` LLaVA-NeXT
+    newline tokens: ``"drop"`` (official: none unless the budget exceeds all other tokens),
+    ``"row"`` (kept iff the row keeps a token) or ``"all"``, counted inside the budget.
     """
 
     stage = "vision"
     scope = "image"
-    families = ("llava", "llava_next")
+    families = ("llava", "llava_next", "timm")
     paper = "HiRED, AAAI 2025 (arXiv 2408.10945)"
     repo = "https://github.com/hasanar1f/HiRED"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.5,
-        init_layer: int = 0,
-        final_layer: int = -2,
-        region: str = "grid",
-        crop_score: str = "count",
-        newline: str = "drop",
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        for value, option in ((init_layer, "init_layer"), (final_layer, "final_layer")):
-            if value is None:
-                raise ValueError(f"`{option}` must be an int layer index, got None")
-            check_layer_option(value, option)
-        check_choice(region, ("grid", "band"), "region")
-        check_choice(crop_score, ("count", "sum"), "crop_score")
-        check_choice(newline, NEWLINE_POLICIES, "newline")
-        self.alpha = float(alpha)
-        self.init_layer = init_layer
-        self.final_layer = final_layer
-        self.region = region
-        self.crop_score = crop_score
-        self.newline = newline
+    options = declare(
+        alpha=FloatOption(0.5, "LLaVA-NeXT: thumbnail share of the budget", low=0, high=1),
+        init_layer=IntOption(0, "vision layer whose thumbnail CLS attention splits the "
+                             "budget over crops (0-based, negative from the end)"),
+        final_layer=IntOption(-2, "vision layer whose CLS attention picks the tokens of "
+                              "each partition (0-based, negative from the end)"),
+        region=ChoiceOption("grid", "thumbnail region of a crop: 'grid' (its rectangle) or "
+                            "'band' (official flat reshape)", choices=("grid", "band")),
+        crop_score=ChoiceOption("count", "crop content: 'count' of top thumbnail tokens in "
+                                "it (official code) or their 'sum' (paper)",
+                                choices=("count", "sum")),
+        newline=ChoiceOption("drop", "LLaVA-NeXT newline tokens, inside the budget: 'drop' "
+                             "(official), 'row' (rows that keep a token) or 'all'",
+                             choices=NEWLINE_POLICIES),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
-        """Family check, and both layers exist."""
+        """Family check, a class token, and both layers exist."""
         super().check_model(adapter)
+        require_class_token(self.name, adapter)
         self.probes(adapter)
 
     def probes(self, adapter: Adapter) -> dict[str, Any]:

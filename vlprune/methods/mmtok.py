@@ -1,7 +1,8 @@
 """``mmtok``: MMTok, multimodal coverage maximisation (Dong et al., ICLR 2026).
 
 "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs", arXiv 2508.18264;
-official code https://github.com/Ironieser/MMTok (release ``5b186b6``); spec ``specs/mmtok.md``.
+official code https://github.com/Ironieser/MMTok (release ``5b186b6``); reference
+``docs/methods/mmtok.md``.
 After the projector, each image keeps the k tokens chosen greedily to maximise
 
     F(S) = 1/m Σ_text max_{j∈S} P[t, j] + α/n Σ_vision max_{j∈S} Q[v, j]        (paper Eq. 2)
@@ -11,15 +12,17 @@ post-projector tokens and ``Q = softmax_j(v̂'·v̂'_jᵀ / τ_v)`` compares the
 among themselves (all L2-normalised, fp32). F is monotone submodular, so greedy is a
 (1 - 1/e)-approximation; the greedy here runs batched over all images (crops) of equal size.
 
-Scope: per image (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL); per crop on LLaVA-NeXT, as the official code
-(``budget`` = tokens per crop, the paper's "Upper 5k"). Pre-projector features: CLIP's selected
-layer (the projector input) for LLaVA; for Qwen the merger input averaged over each 2×2 merge
-group, in raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
+Scope: per image (LLaVA-1.5, Qwen2-VL / 2.5-VL / 3-VL / 3.5); per crop on LLaVA-NeXT and
+LLaVA-OneVision, as the official code on NeXT (``budget`` = tokens per crop, the paper's "Upper
+5k"). Pre-projector features: the selected vision layer (the projector input) for LLaVA (CLIP)
+and OneVision (SigLIP; on a canvas downsampled by ``anyres_max`` each token is represented by
+the crop patch at its centre); for Qwen the merger input averaged over each 2×2 merge group, in
+raster order (Qwen2.5-VL's window order undone by the adapter's patch→token map).
 
 Text targets come from the prompt: every prompt token that is not an image placeholder, not
 padding and not in ``stopwords`` (which needs ``input_ids``; a prompt given as ``inputs_embeds``
 works without them). The official code instead captures the user
-question from a patched chat template and filters it with a stop-word list (spec §6); pass
+question from a patched chat template and filters it with a stop-word list; pass
 ``stopwords=mmtok_stopwords(tokenizer)`` to drop the same words (plus punctuation, special
 tokens, the two lmms-eval answer-format suffixes and common chat-template boilerplate). Without
 ``stopwords`` every text token of the prompt is a target. When filtering leaves a prompt with no
@@ -49,6 +52,7 @@ from vlprune.budget import Budget
 from vlprune.hooks.gather import gather_rows
 from vlprune.methods._vision_common import newline_tokens, partition_tokens, unit_rows
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import BoolOption, CustomOption, FloatOption, as_int, declare
 from vlprune.registry import register_method
 
 STOP_WORDS: tuple[str, ...] = (
@@ -57,13 +61,13 @@ STOP_WORDS: tuple[str, ...] = (
     "why", "how", "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer",
     "to", "for", "with", "by", "from", "at", "into", "onto", "upon",
 )
-"""The official "non-visual" words, matched in any case (spec §6)."""
+"""The official "non-visual" words, matched in any case (``docs/methods/mmtok.md``)."""
 
 PROMPT_SUFFIXES: tuple[str, ...] = (
     "Answer the question using a single word or phrase.",
     "Answer with the option's letter from the given choices directly.",
 )
-"""lmms-eval answer-format suffixes the official code deletes before filtering (spec §6)."""
+"""lmms-eval answer-format suffixes the official code deletes before filtering."""
 
 CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
     "USER:", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.",
@@ -71,8 +75,11 @@ CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
 )
 """Chat-template text of LLaVA (vicuna, mistral) and Qwen prompts: never part of the question."""
 
-TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_vl": 0.01}
-"""Official τ_t per family (spec §4): 0.02 for LLaVA, 0.01 for Qwen."""
+TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_vl": 0.01,
+                  "qwen3_vl": 0.01, "qwen3_vl_moe": 0.01, "qwen3_5": 0.01,
+                  "llava_onevision": 0.02}
+"""Official τ_t per family (LLaVA 0.02, Qwen 0.01); Qwen3-VL / Qwen3.5 take Qwen's and
+LLaVA-OneVision LLaVA's (no official setting for them)."""
 
 
 def mmtok_stopwords(
@@ -143,7 +150,8 @@ def coverage_matrix(
     vv_temperature: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units (spec §4).
+    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units
+    (``docs/methods/mmtok.md#algorithm``).
 
     ``text`` (G, M, D) targets, ``text_mask`` (G, M) bool (m = its count, padding rows are 0);
     ``vision`` (G, N, D) post-projector and ``vision_pre`` (G, N, D') pre-projector features;
@@ -177,9 +185,9 @@ def greedy_coverage(
 
     Step i adds the valid, unpicked column with the largest marginal gain
     ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
-    (spec §5). Needs ``k`` ≤ the valid columns of every unit. Every step works in buffers
-    allocated once (no per-step copies of ``cover``); one unit runs on 2-D tensors (fewer ops
-    per step, the same values).
+    (``docs/methods/mmtok.md#algorithm``). Needs ``k`` ≤ the valid columns of every unit.
+    Every step works in buffers allocated once (no per-step copies of ``cover``); one unit
+    runs on 2-D tensors (fewer ops per step, the same values).
     """
     units, rows, n = cover.shape
     blocked = ~valid if valid is not None else torch.zeros(
@@ -231,42 +239,55 @@ class _Unit(NamedTuple):
     tokens: torch.Tensor  # (N,) index in the image's token layout, -1 = not a candidate
 
 
+def _check_stopwords(stopwords: Any) -> list[list[int]]:
+    """``stopwords`` as lists of token ids (a bare id is a one-token sequence)."""
+    error = ValueError(
+        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
+        "(see mmtok_stopwords)"
+    )
+    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
+        raise error
+    out = []
+    for entry in stopwords:
+        seq = [entry] if as_int(entry) is not None else entry
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+            raise error
+        ids = [as_int(t) for t in seq]
+        if any(t is None or t < 0 for t in ids):
+            raise error
+        out.append(ids)
+    return out
+
+
 @register_method("mmtok")
 class MMTok(Method):
     """Greedy text→vision + α·vision→vision coverage after the projector (see module docstring).
 
-    Options (official defaults, spec §4 / §9): ``alpha`` = 0.5; ``tv_temperature`` τ_t
-    (None = 0.02 on LLaVA / LLaVA-NeXT, 0.01 on Qwen); ``vv_temperature`` τ_v = 0.2;
-    ``stopwords``: token-id sequences that are not text targets (``mmtok_stopwords(tokenizer)``;
-    None = none); ``keep_newlines``: keep LLaVA-NeXT's newline tokens on top of the per-crop
-    budget (official: dropped).
+    Options (``docs/methods/mmtok.md#options-and-official-defaults``): ``alpha`` = 0.5;
+    ``tv_temperature`` τ_t (None = 0.02 on the LLaVA families, 0.01 on the Qwen ones);
+    ``vv_temperature`` τ_v = 0.2; ``stopwords``: token-id sequences that are not text targets
+    (``mmtok_stopwords(tokenizer)``; None = none); ``keep_newlines``: keep LLaVA-NeXT's newline
+    tokens on top of the per-crop budget (official: dropped).
     """
 
     stage = "vision"
     scope = "image"
     paper = "MMTok, ICLR 2026 (arXiv 2508.18264)"
     repo = "https://github.com/Ironieser/MMTok"
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.5,
-        tv_temperature: float | None = None,
-        vv_temperature: float = 0.2,
-        stopwords: Sequence[int | Sequence[int]] | None = None,
-        keep_newlines: bool = False,
-    ) -> None:
-        _check_number("alpha", alpha, minimum=0.0, strict=False)
-        if tv_temperature is not None:
-            _check_number("tv_temperature", tv_temperature)
-        _check_number("vv_temperature", vv_temperature)
-        if not isinstance(keep_newlines, bool):
-            raise ValueError(f"`keep_newlines` must be a bool, got {keep_newlines!r}")
-        self.alpha = float(alpha)
-        self.tv_temperature = None if tv_temperature is None else float(tv_temperature)
-        self.vv_temperature = float(vv_temperature)
-        self.stopwords = _check_stopwords(stopwords)
-        self.keep_newlines = keep_newlines
+    options = declare(
+        alpha=FloatOption(0.5, "weight α of the vision→vision coverage term", low=0),
+        tv_temperature=FloatOption(None, "τ_t of the text→vision softmax; None: 0.02 on "
+                                   "the LLaVA families, 0.01 on the Qwen ones", low=0,
+                                   low_open=True, none=True),
+        vv_temperature=FloatOption(0.2, "τ_v of the vision→vision softmax", low=0,
+                                   low_open=True),
+        stopwords=CustomOption(None, "token-id sequences that are not text targets "
+                               "(mmtok_stopwords(tokenizer)); None: every prompt token is one",
+                               check_value=_check_stopwords, none=True,
+                               domain="a sequence of token ids or of token-id sequences"),
+        keep_newlines=BoolOption(False, "keep LLaVA-NeXT / OneVision newline tokens on top "
+                                 "of the per-crop budget (official: dropped)"),
+    )
 
     def check_model(self, adapter: Adapter) -> None:
         """Resolve the family's official τ_t when ``tv_temperature`` is None."""
@@ -423,29 +444,3 @@ def _pre_features(batch: VisionBatch) -> list[torch.Tensor]:
         )
     return [x[:, layout.prefix:] for x, layout in zip(value.split(crops), batch.layouts)]
 
-
-def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or (value <= minimum if strict else value < minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
-
-
-def _check_stopwords(stopwords: Any) -> list[list[int]] | None:
-    if stopwords is None:
-        return None
-    error = ValueError(
-        "`stopwords` must be a sequence of token ids or of non-empty token-id sequences "
-        "(see mmtok_stopwords)"
-    )
-    if isinstance(stopwords, (str, bytes)) or not isinstance(stopwords, Sequence):
-        raise error
-    out = []
-    for entry in stopwords:
-        seq = [entry] if isinstance(entry, int) else entry
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
-            raise error
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            raise error
-        out.append([int(t) for t in seq])
-    return out

@@ -1,6 +1,6 @@
 """``random``: keep a seeded random subset of each image's tokens.
 
-The floor every method must beat.
+The floor every method must beat. Reference: ``docs/methods/random.md``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from vlprune.kernels import select_topk
 from vlprune.methods.base import Method, VisionBatch
+from vlprune.options import declare, seed_option
 from vlprune.registry import register_method
 
 
@@ -23,11 +24,7 @@ class RandomPrune(Method):
 
     stage = "vision"
     paper = "baseline"
-
-    def __init__(self, *, seed: int = 0) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        self.seed = seed
+    options = declare(seed=seed_option("seed of every image's draw (same seed, same kept tokens)"))
 
     def select(self, batch: VisionBatch) -> list[torch.Tensor]:
         """Per image: 1. draw (N_i,) uniform scores from a fresh ``seed`` generator; 2. top-k."""

@@ -2,8 +2,8 @@
 
 "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance", arXiv 2505.18757
 v2 (Nov 2025; v1, May 2025: "... via Diversity and Task Awareness ..."). **No official code
-exists** (spec §0, §3.0): this follows the v2 text (Algorithm 1, Eq. 8), with v1's greedy
-k-center as ``variant="kcenter"``. Spec: ``specs/flowcut_transprune_todre.md`` §3.
+exists**: this follows the v2 text (Algorithm 1, Eq. 8), with v1's greedy k-center as
+``variant="kcenter"``. Reference: ``docs/methods/todre.md``.
 
 Stage 1, diversity (vision side, after the projector; per image, budget k = kept tokens):
 
@@ -31,11 +31,13 @@ Defaults and inferred choices (the paper is silent where marked):
 - T = the rows after the sample's last visual row (instruction and answer prefix).
   ``α_{v→t}`` (visual queries on text keys, Eq. 8's second test) is identically 0 under the
   causal mask when T follows the image, so the test reduces to ``α_{t→v} < τ`` (flagged in
-  spec §3.3; not computed).
-- Pivot attention layer: CLIP's feature layer −2 (the output LLaVA feeds to the LLM). Encoders
-  without [CLS] (Qwen2-VL / Qwen2.5-VL) use the analogue of FlowCut's Qwen path: the attention
-  of the mean ("global") query of the last block, averaged over each merged token's 4 patches
-  (the paper only says a random pivot "is acceptable" there: ``pivot="random"``).
+  ``docs/methods/todre.md#choices-where-the-paper-is-silent``; not computed).
+- Pivot attention layer: CLIP's feature layer −2 (the output LLaVA feeds to the LLM); without
+  [CLS], the encoder's feature layer (Qwen, SigLIP: the last block). Encoders without [CLS]
+  (Qwen2-VL / 2.5-VL / 3-VL, LLaVA-OneVision's SigLIP) use the analogue of FlowCut's Qwen path:
+  the attention of the mean ("global") query of that layer, averaged over each merged token's 4
+  patches (Qwen) or read on the thumbnail sequence (OneVision) (the paper only says a random
+  pivot "is acceptable" there: ``pivot="random"``).
 - LLaVA-NeXT newline tokens are ordinary candidates (``newline``); the budget is a count per
   image (``ratio=0.25`` / ``0.1`` reproduce the paper's "up to 720 / 288 of 2880").
 - Kept tokens keep their original positions (unspecified in the paper).
@@ -56,8 +58,6 @@ from vlprune.hooks.signals import GlobalQueryAttention
 from vlprune.kernels import select_topk
 from vlprune.methods._vision_common import (
     NEWLINE_POLICIES,
-    check_choice,
-    check_layer_option,
     fill_budget,
     merged_token_scores,
     newline_tokens,
@@ -72,6 +72,7 @@ from vlprune.methods.base import (
     keep_rows_padded,
     trailing_text,
 )
+from vlprune.options import BoolOption, ChoiceOption, FloatOption, IntOption, declare, seed_option
 from vlprune.registry import register_method
 
 VARIANTS = ("maxsum", "kcenter")
@@ -121,56 +122,49 @@ class ToDRE(Method):
     when text barely attends to it.
 
     Scope: per image (stage 1: ``budget`` = tokens kept per image); stage 2 decides per sample.
-    Options (spec §3.4): ``stage1`` / ``stage2`` switch the stages; ``variant`` "maxsum" (v2,
-    default) or "kcenter" (v1); ``pivot`` "attention" (default, see the module docstring),
-    "center" (centre of the main grid) or "random" (seeded by ``seed``); ``pivot_layer``
-    0-based vision layer of the pivot attention (None: −2 with [CLS], the last block without);
-    ``tau`` threshold on ``α_{t→v}`` (0.10); ``drop_layer`` first decoder layer without visual
-    tokens (None: ``7L // 8``); ``newline`` LLaVA-NeXT newline tokens: "candidate" (ordinary
-    candidates, default) or a policy of ``_vision_common.fill_budget`` ("drop", "row", "all").
+    Options (``docs/methods/todre.md#options-and-defaults``): ``stage1`` / ``stage2`` switch the
+    stages; ``variant`` "maxsum" (v2, default) or "kcenter" (v1); ``pivot`` "attention" (default,
+    see the module docstring), "center" (centre of the main grid) or "random" (seeded by ``seed``);
+    ``pivot_layer`` 0-based vision layer of the pivot attention (None: −2 with [CLS], else the
+    encoder's feature layer); ``tau`` threshold on ``α_{t→v}`` (0.10); ``drop_layer`` first decoder
+    layer without visual tokens (None: ``7L // 8``); ``newline`` LLaVA-NeXT / OneVision newline
+    tokens: "candidate" (ordinary candidates, default) or a policy of
+    ``_vision_common.fill_budget`` ("drop", "row", "all").
     """
 
     stage = "vision+decoder"
     scope = "image"
     paper = "ToDRE (arXiv 2505.18757v2)"
     repo = "no official code"
+    options = declare(
+        stage1=BoolOption(True, "diversity selection before the LLM (False: every visual "
+                          "token enters the LLM, the budget is unused)"),
+        stage2=BoolOption(True, "relevance check inside the LLM: a sample's visual tokens "
+                          "leave when its text barely attends to them"),
+        variant=ChoiceOption("maxsum", "stage-1 greedy: 'maxsum' (v2) or 'kcenter' (v1)",
+                             choices=VARIANTS),
+        pivot=ChoiceOption("attention", "stage-1 first pick: 'attention' (highest [CLS] / "
+                           "global-query attention), 'center' or 'random' (seeded by seed)",
+                           choices=PIVOTS),
+        pivot_layer=IntOption(None, "vision layer of the pivot attention (0-based, negative "
+                              "from the end); None: -2 with [CLS], else the encoder's feature "
+                              "layer (Qwen, SigLIP: the last block)",
+                              none=True),
+        seed=seed_option("seed of pivot='random'"),
+        tau=FloatOption(0.10, "stage-2 threshold on the text→vision attention share",
+                        low=0, high=1),
+        drop_layer=IntOption(None, "first decoder layer without the visual tokens a stage-2 "
+                             "drop removes; None: 7L // 8 of L layers", none=True),
+        newline=ChoiceOption("candidate", "LLaVA-NeXT / OneVision newline tokens: "
+                             "'candidate' (ordinary candidates) or a budget policy 'drop', "
+                             "'row' or 'all'",
+                             choices=NEWLINES),
+    )
 
-    def __init__(
-        self,
-        *,
-        stage1: bool = True,
-        stage2: bool = True,
-        variant: str = "maxsum",
-        pivot: str = "attention",
-        pivot_layer: int | None = None,
-        seed: int = 0,
-        tau: float = 0.10,
-        drop_layer: int | None = None,
-        newline: str = "candidate",
-    ) -> None:
-        for name, value in (("stage1", stage1), ("stage2", stage2)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be a bool, got {value!r}")
-        if not (stage1 or stage2):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if not (self.stage1 or self.stage2):
             raise ValueError("`stage1` and `stage2` are both False: nothing would be pruned")
-        check_choice(variant, VARIANTS, "variant")
-        check_choice(pivot, PIVOTS, "pivot")
-        check_choice(newline, NEWLINES, "newline")
-        check_layer_option(pivot_layer, "pivot_layer")
-        check_layer_option(drop_layer, "drop_layer")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
-            raise ValueError(f"`tau` must be a float in [0, 1], got {tau!r}")
-        self.stage1 = stage1
-        self.stage2 = stage2
-        self.variant = variant
-        self.pivot = pivot
-        self.pivot_layer = pivot_layer
-        self.seed = seed
-        self.tau = float(tau)
-        self.drop_layer = drop_layer
-        self.newline = newline
 
     # ------------------------------------------------------------------ layers and probes
 
@@ -187,7 +181,7 @@ class ToDRE(Method):
         depth = len(adapter.vision_layers)
         layer = self.pivot_layer
         if layer is None:
-            layer = -2 if adapter.has_cls else -1
+            layer = -2 if adapter.has_cls else adapter.vision_output_layer
         return resolve_layer(layer, depth, "pivot_layer")
 
     def check_model(self, adapter: Adapter) -> None:
@@ -204,6 +198,7 @@ class ToDRE(Method):
                 probes["cls"] = vision
             else:
                 probes["global"] = GlobalQueryAttention(vision)
+            if adapter.packed_vision:
                 probes["patches"] = adapter.patch_token_probe()
         if self.stage2:
             check = self._drop_layer(len(adapter.decoder_layers)) - 1
@@ -265,15 +260,16 @@ class ToDRE(Method):
                 cells = layout.grid[0] * layout.grid[1]
                 out.append(layout.prefix + int(torch.randint(cells, (1,), generator=generator)))
             return out
-        if "cls" in batch.probes:
-            seqs = split_per_image(
-                [rows[:, 0, 1:].mean(0) for rows in batch.probes["cls"].rows(_CLS)], layouts
-            )
-            scores = [image[0] for image in seqs]
-        else:
+        if "patches" in batch.probes:
             patches = torch.cat(batch.probes["global"].rows())
             token_of_patch = batch.probes["patches"].token_of_patch()
             scores = merged_token_scores(patches, token_of_patch, layouts)
+        else:
+            if "cls" in batch.probes:
+                rows = [r[:, 0, 1:].mean(0) for r in batch.probes["cls"].rows(_CLS)]
+            else:
+                rows = batch.probes["global"].rows()
+            scores = [image[0] for image in split_per_image(rows, layouts)]
         return [layout.prefix + int(select_topk(s.float(), 1)[0])
                 for layout, s in zip(layouts, scores)]
 

@@ -2,9 +2,10 @@
 
 "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model", CVPR 2026,
 arXiv 2507.20630; official code https://github.com/liaolea/TransPrune (HEAD c9e8284f, model code
-f4cb73b). Spec: ``specs/flowcut_transprune_todre.md`` §2.
+f4cb73b). Reference: ``docs/methods/transprune.md``.
 
-At every cut layer c of the schedule, over the sample's visual rows still alive (spec §2.3):
+At every cut layer c of the schedule, over the sample's visual rows still alive
+(``docs/methods/transprune.md#algorithm``):
 
 1. TTV: for every layer l of the accumulation range A that ran before c and each of its
    sub-modules F (attention, MLP): ``m = ‖y‖ / ‖x‖`` and ``w = softmax(1 − cos(x, y))`` over
@@ -21,12 +22,17 @@ Official schedule (32-layer Vicuna-7B, LLaVA-1.5 and LLaVA-NeXT): cuts at the in
 layers 7, 9, 12 (after 1-based layers 7, 9, 12), keeping 87.5 %, 62.5 %, 12.5 % of the visual
 tokens entering the LLM (576 → 504 → 360 → 72; TransPrune-High); A = layers 6–11.
 
-Budget and depth rules (vlprune's; the paper compares at TFLOPs levels, spec §2.5):
+Budget and depth rules (vlprune's; the paper compares at TFLOPs levels;
+``docs/methods/transprune.md#budget-and-stage-counts``):
 
 - ``budget`` / ``ratio`` = visual tokens kept after the *last* cut, per request (``K``, the one
-  ``kept_count`` rule); stage s keeps ``K_s = N − floor((1 − r_s) / (1 − r_last) · (N − K))``:
-  the dropped counts keep the official proportions and ``K_last = K``. ``ratio=0.125``
-  reproduces the official counts (``int(N·r_s)`` up to rounding of ``N·r``).
+  ``kept_count`` rule). ``counts="official"`` (default): stage s < last keeps
+  ``max(int(N·r_s), K)``, the official code's rule, with the last stage's ratio replaced by the
+  budget (``budget=64`` of 576: 504, 360, 64; ``ratio=0.125``: 504, 360, 72, the paper's
+  TransPrune-High; the last stage keeps ``ceil(N·r)`` where the official ``int(N·r)`` floors,
+  one token more when ``N·r`` is fractional). ``counts="proportional"``: ``K_s = N −
+  floor((1 − r_s) / (1 − r_last) · (N − K))``, the dropped counts keep the official
+  proportions (503, 357, 64).
 - Other depths L: cut layers ``round(l · L / 32)`` clamped to 1..L−1; stages landing on one
   layer merge (the later count applies); A = layers ``c_first − 1`` … ``c_last − 1``.
 - Batches: each row follows the schedule for its own visual-token count (``keep_rows``); rows
@@ -42,9 +48,9 @@ Official-code behaviour and what vlprune does:
 - fixed: the TTV softmax runs per sample over its non-padding tokens (official: over the whole
   ``[batch, seq]`` tensor, padding included; identical at batch 1); GQA key heads are repeated
   for IGA (the official matmul has no ``repeat_kv``); left padding and batches work.
-- not reproduced: the official code re-numbers positions contiguously after each cut (and
-  shifts decode positions to match); vlprune keeps every row's original position, IGA's RoPE
-  included.
+- positions: the official code renumbers positions contiguously after each cut (the next
+  cut's IGA uses them) and shifts decode positions to match: ``vlprune.patch(...,
+  positions="renumber")``; vlprune's default keeps every row's original position.
 
 Scope: per request (all visual rows of a sample form one block, several images included).
 """
@@ -61,16 +67,22 @@ from vlprune.adapters.base import Adapter
 from vlprune.budget import Budget
 from vlprune.hooks.signals import NextLayerAttentionProbe, TokenTransitionProbe
 from vlprune.methods.base import DecoderBatch, Method, keep_rows, trailing_text
+from vlprune.options import ChoiceOption, CustomOption, FloatOption, as_float, as_int, declare
 from vlprune.registry import register_method
 
 OFFICIAL_LAYERS = (7, 9, 12)
 OFFICIAL_RATIOS = (0.875, 0.625, 0.125)
 OFFICIAL_DEPTH = 32
 DIRECTIONS = ("signed", "abs")
+COUNTS = ("official", "proportional")
 
 
-def stage_counts(n_visual: int, kept: int, ratios: tuple[float, ...]) -> list[int]:
-    """Visual tokens kept after each stage, ``kept`` after the last (see the budget rule)."""
+def stage_counts(n_visual: int, kept: int, ratios: tuple[float, ...],
+                 rule: str = "official") -> list[int]:
+    """Visual tokens kept after each stage, ``kept`` after the last (see the budget rule):
+    ``rule`` "official" (``max(int(N·r_s), kept)``) or "proportional"."""
+    if rule == "official":
+        return [max(int(n_visual * r), kept) for r in ratios[:-1]] + [kept]
     dropped = n_visual - kept
     last = 1.0 - ratios[-1]
     return [n_visual - math.floor((1.0 - r) / last * dropped + 1e-6) for r in ratios]
@@ -119,18 +131,16 @@ def transprune_score(
 
 
 def _checked_ratios(ratios: Any) -> tuple[float, ...]:
-    values = tuple(ratios) if isinstance(ratios, (list, tuple)) else ()
-    fractions = all(
-        isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in values
-    )
+    values = tuple(map(as_float, ratios)) if isinstance(ratios, (list, tuple)) else ()
+    fractions = all(r is not None and 0 < r < 1 for r in values)
     if not values or not fractions or any(b > a for a, b in itertools.pairwise(values)):
         raise ValueError(f"`ratios` must be non-increasing fractions in (0, 1), got {ratios!r}")
-    return tuple(float(r) for r in values)
+    return values
 
 
 def _checked_layers(layers: Any) -> tuple[int, ...]:
-    values = tuple(layers) if isinstance(layers, (list, tuple)) else ()
-    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in values)
+    values = tuple(map(as_int, layers)) if isinstance(layers, (list, tuple)) else ()
+    ints = all(x is not None for x in values)
     if not values or not ints or any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"`layers` must be increasing int layer indices, got {layers!r}")
     return values
@@ -141,41 +151,45 @@ class TransPrune(Method):
     """Token transition variation + instruction-guided attention, pruned in stages in the LLM.
 
     Scope: per request. ``budget`` / ``ratio``: visual tokens kept after the last cut
-    (``ratio=0.125``: the official TransPrune-High schedule). Options (spec §2.5): ``layers``
+    (``ratio=0.125``: the official TransPrune-High schedule). Options
+    (``docs/methods/transprune.md#options-and-official-defaults``): ``layers``
     0-based cut layers, one per stage (None: official 7, 9, 12 scaled to the depth);
     ``ratios`` kept fraction after each stage, whose shape the budget rescales (official
-    0.875, 0.625, 0.125); ``direction`` "signed" (code, ``1 − cos``) or "abs" (paper,
-    ``1 − |cos|``); ``alpha`` TTV weight (0.5).
+    0.875, 0.625, 0.125); ``counts`` "official" (``int(N·r_s)`` before the last stage) or
+    "proportional" (see the module docstring); ``direction`` "signed" (code, ``1 − cos``) or
+    "abs" (paper, ``1 − |cos|``); ``alpha`` TTV weight (0.5).
     """
 
     stage = "decoder"
     scope = "request"
     paper = "TransPrune, CVPR 2026 (arXiv 2507.20630)"
     repo = "https://github.com/liaolea/TransPrune"
+    options = declare(
+        layers=CustomOption(None, "0-based decoder cut layers, one per stage; None: the "
+                            "official 7, 9, 12 (of 32) scaled to the depth",
+                            check_value=_checked_layers, none=True,
+                            domain="increasing int layer indices"),
+        ratios=CustomOption(OFFICIAL_RATIOS, "kept fraction after each stage; the budget "
+                            "rescales their shape", check_value=_checked_ratios,
+                            domain="non-increasing fractions in (0, 1)"),
+        counts=ChoiceOption("official", "per-stage counts before the last stage: 'official' "
+                            "(int(N*r_s), as the official code) or 'proportional' (the "
+                            "budget rescales every stage)", choices=COUNTS),
+        direction=ChoiceOption("signed", "token transition variation: 'signed' (official "
+                               "code, 1 - cos) or 'abs' (paper, 1 - |cos|)",
+                               choices=DIRECTIONS),
+        alpha=FloatOption(0.5, "weight of the token transition variation against the "
+                          "instruction-guided attention", low=0, high=1),
+    )
 
-    def __init__(
-        self,
-        *,
-        layers: tuple[int, ...] | None = None,
-        ratios: tuple[float, ...] = OFFICIAL_RATIOS,
-        direction: str = "signed",
-        alpha: float = 0.5,
-    ) -> None:
-        ratios = _checked_ratios(ratios)
-        if layers is not None:
-            layers = _checked_layers(layers)
-            if len(layers) != len(ratios):
-                raise ValueError(f"`layers` has {len(layers)} stages but `ratios` {len(ratios)}")
-        elif len(ratios) != len(OFFICIAL_LAYERS):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.layers is not None and len(self.layers) != len(self.ratios):
+            raise ValueError(
+                f"`layers` has {len(self.layers)} stages but `ratios` {len(self.ratios)}"
+            )
+        if self.layers is None and len(self.ratios) != len(OFFICIAL_LAYERS):
             raise ValueError("custom `ratios` with other than 3 stages need explicit `layers`")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"`direction` must be one of {DIRECTIONS}, got {direction!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {alpha!r}")
-        self.layers = layers
-        self.ratios = ratios
-        self.direction = direction
-        self.alpha = float(alpha)
         self._stage_at: dict[int, int] = {}
 
     def check_model(self, adapter: Adapter) -> None:
@@ -191,6 +205,7 @@ class TransPrune(Method):
     def probes(self, adapter: Adapter) -> dict[str, Any]:
         """Transitions of the accumulation layers; each cut layer's attention on its input."""
         cuts = sorted(plan_layers(self.layers, len(adapter.decoder_layers)))
+        adapter.check_attention_layers([*range(cuts[0] - 1, cuts[-1]), *cuts])
         layers = adapter.decoder_layers
         probes: dict[str, Any] = {
             f"ttv{layer}": TokenTransitionProbe(layers[layer])
@@ -206,7 +221,10 @@ class TransPrune(Method):
         """Steps 1-4 at cut ``ctx.layer``; each row follows its own schedule."""
         visual = ctx.input_visual if ctx.input_visual is not None else ctx.is_image.sum(1)
         stage = self._stage_at[ctx.layer]
-        keep = [stage_counts(n, budget.kept(n), self.ratios)[stage] for n in visual.tolist()]
+        keep = [
+            stage_counts(n, budget.kept(n), self.ratios, self.counts)[stage]
+            for n in visual.tolist()
+        ]
         queries, is_text = trailing_text(ctx.is_image, ctx.valid)
         attention = ctx.probes[f"iga{ctx.layer}"].rows(queries).mean(dim=1)
         iga = instruction_attention(attention, is_text)

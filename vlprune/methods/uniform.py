@@ -1,4 +1,7 @@
-"""``uniform``: keep evenly spaced tokens over each image's raster order (a grid baseline)."""
+"""``uniform``: keep evenly spaced tokens over each image's raster order (a grid baseline).
+
+Reference: ``docs/methods/uniform.md``.
+"""
 
 from __future__ import annotations
 

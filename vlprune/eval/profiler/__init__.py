@@ -1,7 +1,10 @@
-"""FLOPs / latency / memory profiler behind ``vlprune profile`` (specs/peers_and_flops.md §7).
+"""FLOPs / latency / memory profiler behind ``vlprune profile`` (README: "Profiling: FLOPs,
+latency, memory").
 
 - :mod:`~vlprune.eval.profiler.presets`: real architectures (LLaVA-1.5-7B, LLaVA-NeXT-7B,
-  Qwen2-VL-7B, Qwen2.5-VL-7B and ``-mini`` twins) with random weights, and synthetic inputs;
+  LLaVA-OneVision-7B, Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen3-VL-8B, Qwen3-VL-30B-A3B and ``-mini``
+  twins; configs in :mod:`~vlprune.eval.profiler.configs`) with random weights, and synthetic
+  inputs;
 - :mod:`~vlprune.eval.profiler.flops`: paper-compatible MACs, exact analytic FLOPs and
   ``FlopCounterMode`` counting; :mod:`~vlprune.eval.profiler.meta`: counting full-size
   modules on the ``meta`` device;

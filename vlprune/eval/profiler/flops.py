@@ -1,23 +1,26 @@
-"""FLOPs of a (pruned) VLM run, three ways (specs/peers_and_flops.md §7).
+"""FLOPs of a (pruned) VLM run, three ways (README: "Profiling: FLOPs, latency, memory").
 
 1. **Paper-compatible** (:func:`paper_macs`): the FastV per-layer formula
    ``4·n·d² + 2·n²·d + 2·n·d·m`` summed over the decoder layers with each layer's own token
    count ``n``. It counts **multiply-accumulates** of the LLM prefill only (MHA, 2-matrix FFN,
    full n² attention), as the papers' tables do.
 2. **Exact analytic** (:func:`exact_flops`): real FLOPs (2 per MAC) of every matrix product:
-   GQA projections, the gated 3-matrix MLP, causal attention (``n(n+1)/2`` query-key pairs),
-   the vision encoder (per crop / per image / per window, with any encoder-internal pruning),
-   projector or merger, LM head, and decode steps with the (pruned) KV cache; prefill and
-   decode separately. Element-wise work (norms, activations, softmax, RoPE, residuals) is left
-   out, as in the papers' tables and in ``FlopCounterMode``.
+   GQA projections, the gated 3-matrix MLP (sparse MoE: the router and the active experts
+   only), causal attention (``n(n+1)/2`` query-key pairs), the vision encoder (per crop / per
+   image / per window, with any encoder-internal pruning), projector or merger (Qwen3-VL: plus
+   one DeepStack merger per DeepStack layer, on the rows alive there), LM head, and decode
+   steps with the (pruned) KV cache; prefill and decode separately. Element-wise work (norms,
+   activations, softmax, RoPE, residuals, the DeepStack additions to the hidden states) is
+   left out, as in the papers' tables and in ``FlopCounterMode``.
 3. **Counted** (:func:`count_flops`): ``torch.utils.flop_counter.FlopCounterMode`` on a real
-   forward, with a formula for CPU sdpa (which torch counts as 0). torch's sdpa formula, like
-   eager attention, charges the full n² scores, so counted numbers match
-   ``exact_flops(..., causal=False)``.
+   forward, with formulas for CPU sdpa and for the grouped expert matmul of MoE layers (both
+   counted as 0 by torch). torch's sdpa formula, like eager attention, charges the full n²
+   scores, so counted numbers match ``exact_flops(..., causal=False)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +39,7 @@ __all__ = [
     "VisionArch",
     "arch_from_config",
     "count_flops",
+    "deepstack_rows",
     "exact_flops",
     "paper_macs",
     "projector_flops",
@@ -49,7 +53,9 @@ __all__ = [
 @dataclass(frozen=True)
 class TextArch:
     """Decoder sizes: ``q_dim`` = heads·head_dim, ``kv_dim`` = KV heads·head_dim,
-    ``mlp_mats`` = 3 for gated (SwiGLU) MLPs."""
+    ``mlp_mats`` = 3 for gated (SwiGLU) MLPs. Sparse MoE: ``intermediate`` is the active width
+    (experts per token · expert MLP width) and ``router`` the number of experts (the router's
+    output width); 0 for dense MLPs."""
 
     layers: int
     hidden: int
@@ -58,17 +64,20 @@ class TextArch:
     intermediate: int
     vocab: int
     mlp_mats: int = 3
+    router: int = 0
 
 
 @dataclass(frozen=True)
 class VisionArch:
     """Vision tower sizes.
 
-    ``kind``: "clip" (LLaVA, one CLS + patches per crop), "qwen2_vl" or "qwen2_5_vl";
+    ``kind``: "clip" (LLaVA / NeXT, one CLS + patches per crop), "siglip" (LLaVA-OneVision,
+    patches per crop, no CLS), "qwen2_vl", "qwen2_5_vl" or "qwen3_vl";
     ``patch_in``: input values per patch (3·p² or 3·t·p²); ``merge``: patches per LLM token;
     ``projector``: (in, out) of each projector / merger linear, applied to every LLM token;
     ``window``: Qwen2.5-VL window side in merged tokens (0: none); ``full_blocks``: blocks with
-    full attention when windowed.
+    full attention when windowed; ``deepstack``: Qwen3-VL layers whose output also feeds a
+    DeepStack merger of the projector's shape.
     """
 
     kind: str
@@ -82,6 +91,7 @@ class VisionArch:
     window: int = 0
     full_blocks: tuple[int, ...] = ()
     merge_side: int = 1
+    deepstack: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,35 +107,53 @@ def _text_arch(text: PretrainedConfig) -> TextArch:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate, router = text.intermediate_size, 0
+    experts = getattr(text, "num_experts", 0) or 0
+    if experts:
+        dense = getattr(text, "mlp_only_layers", None) or []
+        if dense or getattr(text, "decoder_sparse_step", 1) != 1:
+            raise ValueError("the analytic count needs every decoder layer to be sparse MoE")
+        intermediate = text.num_experts_per_tok * text.moe_intermediate_size
+        router = experts
     return TextArch(layers=text.num_hidden_layers, hidden=text.hidden_size,
                     q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
-                    intermediate=text.intermediate_size, vocab=text.vocab_size)
+                    intermediate=intermediate, vocab=text.vocab_size, router=router)
 
 
 def arch_from_config(config: PretrainedConfig, family: str) -> Arch:
-    """Sizes of a LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL config."""
+    """Sizes of a config of a supported family (LLaVA, NeXT, OneVision, Qwen2/2.5/3-VL);
+    ``NotImplementedError`` for hybrid decoders (Qwen3.5's linear-attention layers are not
+    modelled)."""
+    if "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ()):
+        raise NotImplementedError(
+            f"the FLOPs profiler does not model the linear-attention layers of {family} models"
+        )
     text = _text_arch(config.text_config)
     v = config.vision_config
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_onevision"):
         layers = config.vision_feature_layer
         n_feat = 1 if isinstance(layers, int) else len(layers)
         projector = ((v.hidden_size * n_feat, text.hidden), (text.hidden, text.hidden))
-        vision = VisionArch("clip", v.num_hidden_layers, v.hidden_size, v.intermediate_size, 2,
+        kind = "siglip" if family == "llava_onevision" else "clip"
+        vision = VisionArch(kind, v.num_hidden_layers, v.hidden_size, v.intermediate_size, 2,
                             patch_in=v.num_channels * v.patch_size ** 2, merge=1,
                             projector=projector)
         return Arch(family, text, vision)
     merge = v.spatial_merge_size ** 2
     patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    window, full, deepstack, kind = 0, (), (), family
     if family == "qwen2_vl":
         width, inter, mats, out = v.embed_dim, v.embed_dim * v.mlp_ratio, 2, v.hidden_size
-        window, full = 0, ()
-    else:
+    elif family == "qwen2_5_vl":
         width, inter, mats, out = v.hidden_size, v.intermediate_size, 3, v.out_hidden_size
         window = v.window_size // v.spatial_merge_size // v.patch_size
         full = tuple(v.fullatt_block_indexes)
+    else:  # Qwen3-VL (dense or MoE text): full attention, 2-matrix MLP, DeepStack mergers
+        width, inter, mats, out = v.hidden_size, v.intermediate_size, 2, v.out_hidden_size
+        deepstack, kind = tuple(getattr(v, "deepstack_visual_indexes", ())), "qwen3_vl"
     projector = ((width * merge, width * merge), (width * merge, out))
-    vision = VisionArch(family, v.depth, width, inter, mats, patch_in, merge, projector,
-                        window, full, v.spatial_merge_size)
+    vision = VisionArch(kind, v.depth, width, inter, mats, patch_in, merge, projector,
+                        window, full, v.spatial_merge_size, deepstack)
     return Arch(family, text, vision)
 
 
@@ -195,7 +223,7 @@ def _attention_pairs(queries: int, keys: int, causal: bool) -> int:
 def text_layer_flops(t: TextArch, queries: int, keys: int, causal: bool = True) -> float:
     """One decoder layer on ``queries`` new tokens attending over ``keys`` (cache + new)."""
     proj = 2 * queries * t.hidden * (2 * t.q_dim + 2 * t.kv_dim)
-    mlp = 2 * queries * t.hidden * t.intermediate * t.mlp_mats
+    mlp = 2 * queries * t.hidden * (t.intermediate * t.mlp_mats + t.router)
     attn = 4 * t.q_dim * _attention_pairs(queries, keys, causal)
     return float(proj + mlp + attn)
 
@@ -214,8 +242,9 @@ def qwen_window_sizes(grid_thw: tuple[int, int, int], window: int, merge_side: i
 
 def _vision_sequences(v: VisionArch, image: ImageGeometry) -> tuple[int, list[int], list[int]]:
     """(patches, full-attention sequence lengths, windowed sequence lengths) of one image."""
-    if v.kind == "clip":
-        return image.crops * image.crop_patches, [image.crop_patches + 1] * image.crops, []
+    if v.kind in ("clip", "siglip"):
+        cls = 1 if v.kind == "clip" else 0
+        return image.crops * image.crop_patches, [image.crop_patches + cls] * image.crops, []
     t, h, w = image.grid_thw
     full = [h * w] * t
     windows = qwen_window_sizes(image.grid_thw, v.window, v.merge_side) if v.window else []
@@ -254,6 +283,17 @@ def projector_flops(v: VisionArch, rows: float) -> float:
     return sum(2.0 * rows / v.merge * i * o for i, o in v.projector)
 
 
+def deepstack_rows(v: VisionArch, image: ImageGeometry, layer_tokens: Sequence[int] = ()
+                   ) -> list[int]:
+    """Rows each DeepStack merger of one image receives: the output rows of its vision layer
+    (all patches, or the rows entering the next layer when the encoder is cut)."""
+    patches = _vision_sequences(v, image)[0]
+    if not layer_tokens:
+        return [patches for _ in v.deepstack]
+    last = projector_rows(v, image, layer_tokens)
+    return [layer_tokens[i + 1] if i + 1 < len(layer_tokens) else last for i in v.deepstack]
+
+
 def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool = True,
                 lm_head_tokens: int = 1) -> FlopsBreakdown:
     """Exact analytic FLOPs of one sample: prefill (vision, projector, decoder layers, LM head
@@ -262,10 +302,13 @@ def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool
     t = arch.text
     vision = 0.0
     rows = 0
+    side = 0.0
     for i, image in enumerate(run.images):
         cut = run.vision_layer_tokens[i] if i < len(run.vision_layer_tokens) else ()
         vision += vision_flops(arch.vision, image, layer_tokens=cut)
         rows += projector_rows(arch.vision, image, cut)
+        side += sum(projector_flops(arch.vision, n)
+                    for n in deepstack_rows(arch.vision, image, cut))
     if run.projector_rows is not None:
         rows = run.projector_rows
     llm = sum(text_layer_flops(t, n, n, causal) for n in run.layer_tokens)
@@ -273,8 +316,8 @@ def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool
     decode = 0.0
     for step in range(1, new_tokens):
         decode += sum(text_layer_flops(t, 1, n + step, causal) for n in run.layer_tokens) + head
-    return FlopsBreakdown(vision, projector_flops(arch.vision, rows), llm, head * lm_head_tokens,
-                          decode, new_tokens)
+    return FlopsBreakdown(vision, projector_flops(arch.vision, rows) + side, llm,
+                          head * lm_head_tokens, decode, new_tokens)
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
@@ -283,9 +326,17 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
+                      **kwargs: Any) -> int:
+    """``aten._grouped_mm`` (MoE experts, each row times its own expert): 2·rows·K·N."""
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts CPU sdpa (local mapping, nothing global)."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    """A ``FlopCounterMode`` that also counts CPU sdpa and grouped expert matmuls (local
+    mapping, nothing global)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+               torch.ops.aten._grouped_mm: _grouped_mm_flops}
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -3,11 +3,13 @@
 A whole VLM forward cannot run on ``meta`` (placeholder checks, M-RoPE indices and the
 selection itself read tensor values), so the model's own modules are run one by one, each on
 meta inputs of the size the run gave it, under ``FlopCounterMode``: the patch embedding, every
-vision layer (per crop / image / window), the projector or merger, each decoder layer at its
-prefill length, the LM head, and each decode step's decoder layer with a cache of the pruned
-length. What is measured is the modules' real op-level FLOPs; the token counts come from a
-run of the method (``RunTokens``). Attention is counted over the full n² scores, like
-``exact_flops(..., causal=False)``.
+vision layer (per crop / image / window), the projector or merger (and Qwen3-VL's DeepStack
+mergers), each decoder layer at its prefill length, the LM head, and each decode step's decoder
+layer with a cache of the pruned length. What is measured is the modules' real op-level FLOPs;
+the token counts come from a run of the method (``RunTokens``). Attention is counted over the
+full n² scores, like ``exact_flops(..., causal=False)``. MoE experts run with transformers'
+``batched_mm`` implementation on meta (its grouped kernel has no float32 path there); both
+multiply each token by its active experts only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vlprune.eval.profiler.flops import (
     FlopsBreakdown,
     RunTokens,
     arch_from_config,
+    deepstack_rows,
     flop_counter,
     projector_rows,
     qwen_window_sizes,
@@ -43,6 +46,8 @@ class MetaCounter:
         self.adapter = get_adapter(model)
         self.arch = arch_from_config(model.config, family)
         self._memo: dict[tuple, float] = {}
+        if self.arch.text.router:
+            model.config.text_config._experts_implementation = "batched_mm"
 
     def _count(self, key: tuple, fn: Callable[[], Any]) -> float:
         if key not in self._memo:
@@ -56,7 +61,7 @@ class MetaCounter:
         size = self.model.config.vision_config.image_size
         flops = self._count(("patch", image.crops), lambda: adapter.vision_tower.embeddings
                             .patch_embedding(_meta(image.crops, 3, size, size)))
-        full = image.crop_patches + 1
+        full = image.crop_patches + (1 if v.kind == "clip" else 0)
         layer = adapter.vision_layers[0]
         for i in range(v.layers):
             n = round(layer_tokens[i] / image.crops) if layer_tokens else full
@@ -84,11 +89,13 @@ class MetaCounter:
                 position_embeddings=(_meta(n, head_dim), _meta(n, head_dim))))
         return flops
 
-    def _projector(self, rows: int) -> float:
-        """The projector (LLaVA) or patch merger (Qwen) on ``rows`` feature rows."""
+    def _projector(self, rows: int, merger: nn.Module | None = None) -> float:
+        """The projector (LLaVA) or patch merger (Qwen; ``merger``: a DeepStack one) on
+        ``rows`` feature rows."""
         width = self.arch.vision.projector[0][0] // self.arch.vision.merge
-        return self._count(("projector", rows), lambda: self.adapter.projector(
-            _meta(rows, width)))
+        module = self.adapter.projector if merger is None else merger
+        key = ("projector" if merger is None else "deepstack", rows)
+        return self._count(key, lambda: module(_meta(rows, width)))
 
     def _decoder_layer(self, queries: int, cached: int) -> float:
         """Decoder layer 0 on ``queries`` new tokens over ``cached`` cached ones."""
@@ -111,15 +118,19 @@ class MetaCounter:
     def count(self, run: RunTokens, *, new_tokens: int = 1) -> FlopsBreakdown:
         """Counted FLOPs of one sample of ``run`` (see module doc); the LM head runs on the
         last prompt token, as in ``generate``."""
-        per_image = self._clip_image if self.arch.vision.kind == "clip" else self._qwen_image
-        vision, rows = 0.0, 0
+        batched = self.arch.vision.kind in ("clip", "siglip")
+        per_image = self._clip_image if batched else self._qwen_image
+        vision, rows, side = 0.0, 0, 0.0
+        mergers = self.adapter.deepstack_mergers
         for i, image in enumerate(run.images):
             cut = run.vision_layer_tokens[i] if i < len(run.vision_layer_tokens) else []
             vision += per_image(image, list(cut))
             rows += projector_rows(self.arch.vision, image, cut)
+            for merger, n in zip(mergers, deepstack_rows(self.arch.vision, image, cut)):
+                side += self._projector(n, merger)
         if run.projector_rows is not None:
             rows = run.projector_rows
-        projector = self._projector(rows)
+        projector = self._projector(rows) + side
         counts = Counter(run.layer_tokens)
         llm = sum(k * self._decoder_layer(n, 0) for n, k in counts.items())
         hidden = self.arch.text.hidden

@@ -287,7 +287,7 @@ class _Profiler:
         amount = {"ratio": budget} if isinstance(budget, float) else {"budget": budget}
         try:
             handle = vlprune.patch(self.model, name, **amount)
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             return {**row, "status": "n/a", "note": str(err)}
         meter = SelectionMeter(handle.method, self.t.inputs["input_ids"].device,
                                handle.probes.values())

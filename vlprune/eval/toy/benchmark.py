@@ -136,9 +136,12 @@ def prefill_flops(
 @torch.no_grad()
 def _timed_prefill(
     model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor], repeats: int
-) -> float:
-    """Median wall time (ms) of ``repeats`` forwards after one warm-up."""
+) -> float | None:
+    """Median wall time (ms) of ``repeats`` forwards after one warm-up (None for 0 repeats:
+    the warm-up alone, which fills the handle's stats)."""
     model(**inputs, logits_to_keep=1)
+    if not repeats:
+        return None
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -154,7 +157,7 @@ def _measure(
     handle: vlprune.PatchHandle | None,
     batch_size: int,
     repeats: int,
-) -> tuple[float, dict[str, float], float, float | None, float]:
+) -> tuple[float, dict[str, float], float, float | None, float | None]:
     """(accuracy, accuracy per kind, mean visual tokens into the LLM, prefill FLOPs, prefill
     ms) of one setting."""
     answers, kept = [], []
@@ -193,8 +196,8 @@ def run_benchmark(
 ) -> list[BenchmarkRow]:
     """Score the unpruned model and every method × budget on the first ``n_samples`` samples of
     ``split`` whose question kind is in ``kinds`` (default: the shipped toy model, all kinds,
-    all registered methods; ``random`` averaged over ``seeds``). ``progress(label)`` is called
-    after each finished setting."""
+    all registered methods; ``random`` averaged over ``seeds``; ``repeats=0``: no timing,
+    ``prefill_ms`` None). ``progress(label)`` is called after each finished setting."""
     model = load_toy_model() if model is None else model
     processor = toy_processor() if processor is None else processor
     data = samples(split, n_samples, kinds=kinds)
@@ -236,5 +239,6 @@ def _method_row(
     per_kind = {k: statistics.mean(r[1][k] for r in runs) for k in runs[0][1]}
     return BenchmarkRow(
         name, budget, mean, mean / base if base else None, runs[0][2], runs[0][3],
-        statistics.median(r[4] for r in runs), accs if len(accs) > 1 else (), per_kind,
+        None if runs[0][4] is None else statistics.median(r[4] for r in runs),
+        accs if len(accs) > 1 else (), per_kind,
     )

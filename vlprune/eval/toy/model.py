@@ -37,6 +37,7 @@ from vlprune.eval.toy.data import (
 )
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "CHECKPOINT_DIR",
     "PATCH_SIZE",
     "SPECIALS",
@@ -51,6 +52,28 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
+CHAT_TEMPLATE = (
+    "{{- '<s>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- ' user :' -}}"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- ' <image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- ' ' + part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' assistant :' -}}"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- ' ' + part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{- ' </s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' assistant :' -}}{%- endif -%}"
+)
+"""The trained prompt format as a chat template: ``<s> user : <image> question assistant :``
+(:func:`prompt`), an assistant turn ``assistant : subject answer </s>``; shipped with the
+checkpoint (``chat_template.jinja``), so lmms-eval and ``apply_chat_template`` prompt the model
+as it was trained."""
 PATCH_SIZE = 14
 SPECIALS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 _QUESTION_WORDS = (
@@ -100,7 +123,8 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def toy_processor() -> LlavaProcessor:
-    """``LlavaProcessor`` whose 576 ``<image>`` placeholders match :func:`toy_model`."""
+    """``LlavaProcessor`` whose 576 ``<image>`` placeholders match :func:`toy_model`, with the
+    trained prompt format as its chat template (:data:`CHAT_TEMPLATE`)."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -111,6 +135,7 @@ def toy_processor() -> LlavaProcessor:
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

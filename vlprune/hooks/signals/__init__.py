@@ -10,6 +10,7 @@ those projections and the module's RoPE. The model keeps running its own attenti
 - ``text_probes``: decoder attention rows, values, token transitions;
 - ``module_probes``: the :class:`Probe` base class, a module-input probe, the kept outputs of an
   attention's projections, handle groups;
+- ``text_qk``: decoder queries and keys read off each text attention's projections;
 - ``recompute``: RoPE and the fp32 masked softmax they share.
 """
 

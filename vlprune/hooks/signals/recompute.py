@@ -12,7 +12,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (B, H, L, d) with cos/sin (B, L, d) (M-RoPE sections are already in cos/sin)."""
+    """RoPE on (B, H, L, d) with cos/sin (B, L, r) (M-RoPE sections are already in cos/sin);
+    partial rotary (r < d, Qwen3.5) rotates the first r dims and passes the rest."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 

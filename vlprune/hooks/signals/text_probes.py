@@ -20,16 +20,19 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.hooks.gather import gather_rows
 from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
+from vlprune.hooks.signals.text_qk import text_keys, text_queries
 from vlprune.hooks.state import ThreadLocal, eager_hook
 
 
 class TextAttentionProbe(Probe):
     """Attention rows of one decoder layer's self-attention, recomputed on request.
 
-    Works for LLaMA (LLaVA, LLaVA-NeXT) and Qwen2-VL / Qwen2.5-VL text attention (GQA, 1-D or
-    M-RoPE): both expose ``q_proj``, ``k_proj``, ``v_proj``, ``head_dim``, ``scaling`` and
-    ``num_key_value_groups``, and receive ``position_embeddings=(cos, sin)``. The outputs of
-    ``projections`` are kept from the layer's own call (``kept``).
+    Works for LLaMA (LLaVA, LLaVA-NeXT), Qwen2 (Qwen2-VL / 2.5-VL, LLaVA-OneVision) and Qwen3
+    (Qwen3-VL, Qwen3.5 full-attention layers) text attention (GQA, 1-D or M-RoPE, q/k norms,
+    gated queries, partial rotary; :mod:`~vlprune.hooks.signals.text_qk`): all expose ``q_proj``,
+    ``k_proj``, ``head_dim``, ``scaling`` and ``num_key_value_groups``, and receive
+    ``position_embeddings=(cos, sin)``. The outputs of ``projections`` are kept from the layer's
+    own call (``kept``).
     """
 
     projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj")
@@ -85,11 +88,10 @@ class TextAttentionProbe(Probe):
         mask (autograd left on)."""
         inputs = self.checked_inputs()
         attn = self.attention
-        batch, length = inputs["hidden"].shape[:2]
+        batch = inputs["hidden"].shape[0]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in inputs["position_embeddings"])
-        q = self.projection("q_proj", queries)
-        q = q.view(batch, queries.shape[1], -1, attn.head_dim).transpose(1, 2)
-        k = self.projection("k_proj").view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q = text_queries(attn, self.projection("q_proj", queries))
+        k = text_keys(attn, self.projection("k_proj"))
         q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
         k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return (q @ k.transpose(2, 3)) * attn.scaling

@@ -6,6 +6,11 @@ A probe sits on one attention module: a pre-hook keeps references to that call's
 forward hooks on its projections keep their outputs, so q, k and v are the layer's own (nothing is
 projected twice); RoPE is applied on request. The wrappers below reduce them without holding a
 whole (H, n, n) map.
+
+A sequence's n rows are what methods see and index. A layer may also attend to *context* rows
+that no method selects (a timm ViT's register tokens): their keys and values follow the n rows
+in ``k`` / ``v`` (``n + c`` rows; ``c`` = 0 for CLIP and Qwen), take part in every softmax, as
+in the model, and are never reported: probabilities over the n rows do not sum to 1 then.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class VisionAttentionProbe(Probe):
     def qkv(
         self, bounds: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order.
+        """Per sequence: q (H, n, d), k (after any RoPE) and v (H, n + c, d: the n rows, then
+        any context rows, see the module doc), in the layer's row order.
 
         ``bounds`` (cumulative row boundaries) splits packed rows differently from the layer's
         own sequences; batched rows are their own sequences and take none.
@@ -81,19 +87,21 @@ class VisionAttentionProbe(Probe):
         raise NotImplementedError
 
     def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sequence: (q, k), each (H, n, d), after any RoPE."""
+        """Per sequence: q (H, n, d) and k (H, n + c, d), after any RoPE."""
         return [(q, k) for q, k, _ in self.qkv()]
 
     @torch.no_grad()
     def rows(self, queries: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per sequence, float32 probabilities (H, Q, n) of query rows ``queries`` (local
-        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None."""
+        indices, e.g. ``[0]`` for CLIP's CLS), or of every row when None; context keys are in
+        the softmax, not in the result."""
         self.checked_inputs()
         out = []
         for q, k in self.query_key():
+            n = q.shape[1]
             if queries is not None:
                 q = q[:, queries.to(q.device)]
-            out.append(((q @ k.transpose(1, 2)) * self.scale).float().softmax(-1))
+            out.append(((q @ k.transpose(1, 2)) * self.scale).float().softmax(-1)[..., :n])
         return out
 
     @property
@@ -178,29 +186,31 @@ class VisionAttentionScores(Probe):
     @torch.no_grad()
     def received(self) -> list[torch.Tensor]:
         """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
-        column sums of the head-mean attention map. Queries run in chunks of at most
-        ``max_elements`` probabilities (default 2²⁰: a few MiB, cache-sized), so time and memory
-        stay those of the map's rows, never the whole (H, n, n) map."""
+        column sums of the head-mean attention map over the sequence's n rows (context keys in
+        the softmax). Queries run in chunks of at most ``max_elements`` probabilities (default
+        2²⁰: a few MiB, cache-sized), so time and memory stay those of the map's rows, never the
+        whole (H, n, n) map."""
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
             heads, n = q.shape[:2]
             keys = k.transpose(1, 2).contiguous()
             step = max(1, self.max_elements // (heads * keys.shape[2]))
-            total = torch.zeros(keys.shape[2], dtype=torch.float32, device=k.device)
+            total = torch.zeros(n, dtype=torch.float32, device=k.device)
             for start in range(0, n, step):
                 scores = (q[:, start:start + step] @ keys).mul_(self.probe.scale)
-                total += scores.float().softmax(-1).sum(dim=(0, 1))
+                total += scores.float().softmax(-1)[..., :n].sum(dim=(0, 1))
             out.append(total / heads)
         return out
 
     @torch.no_grad()
     def logits(self, queries: torch.Tensor) -> list[torch.Tensor]:
         """Per sequence, float32 pre-softmax scores ``q·kᵀ·scale`` (H, Q, n) of query rows
-        ``queries`` (local indices, e.g. ``[0]`` for CLIP's CLS)."""
+        ``queries`` (local indices, e.g. ``[0]`` for CLIP's CLS) over the n rows."""
         self.probe.checked_inputs()
         return [
-            ((q[:, queries.to(q.device)] @ k.transpose(1, 2)) * self.probe.scale).float()
+            ((q[:, queries.to(q.device)] @ k[:, :q.shape[1]].transpose(1, 2))
+             * self.probe.scale).float()
             for q, k in self.probe.query_key()
         ]
 
@@ -210,7 +220,8 @@ class GlobalQueryAttention(Probe):
     one (FlowCut's Qwen2-VL "global query", see ``vlprune.methods.flowcut``).
 
     Wraps a :class:`VisionAttentionProbe` (``install`` / ``clear`` delegated). :meth:`rows`:
-    per sequence, (n,) float32 ``mean_h softmax_j(mean_i q_{h,i} · k_{h,j} · scale)``.
+    per sequence, (n,) float32 ``mean_h softmax_j(mean_i q_{h,i} · k_{h,j} · scale)`` (the mean
+    over the n rows' queries; context keys in the softmax, not in the result).
     """
 
     vision = True
@@ -234,7 +245,7 @@ class GlobalQueryAttention(Probe):
         for q, k in self.probe.query_key():
             query = q.mean(dim=1, keepdim=True, dtype=torch.float32)
             scores = (query @ k.float().transpose(1, 2)) * self.probe.scale
-            out.append(scores.softmax(-1).mean(dim=0)[0])
+            out.append(scores.softmax(-1).mean(dim=0)[0, :q.shape[1]])
         return out
 
 
@@ -268,8 +279,8 @@ class VisionQKV(Probe):
     def qkv(
         self, bounds: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: q, k (after any RoPE) and v, each (H, n, d), in the layer's row order
-        (see :meth:`VisionAttentionProbe.qkv`)."""
+        """Per sequence: q (H, n, d), k (after any RoPE) and v (H, n + c, d, context rows last),
+        in the layer's row order (see :meth:`VisionAttentionProbe.qkv`)."""
         return self.probe.qkv(bounds)
 
 

@@ -188,14 +188,15 @@ class VisionAttentionScores(Probe):
         """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
         column sums of the head-mean attention map over the sequence's n rows (context keys in
         the softmax). Queries run in chunks of at most ``max_elements`` probabilities (default
-        2²⁰: a few MiB, cache-sized), so time and memory stay those of the map's rows, never the
-        whole (H, n, n) map."""
+        2²⁰: a few MiB, cache-sized) and at most as many as q holds (H·n·d), so the extra
+        memory stays that of the layer's own q, never the whole (H, n, n) map."""
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
             heads, n = q.shape[:2]
             keys = k.transpose(1, 2).contiguous()
-            step = max(1, self.max_elements // (heads * keys.shape[2]))
+            limit = min(self.max_elements, q.numel())
+            step = max(1, limit // (heads * keys.shape[2]))
             total = torch.zeros(n, dtype=torch.float32, device=k.device)
             for start in range(0, n, step):
                 scores = (q[:, start:start + step] @ keys).mul_(self.probe.scale)

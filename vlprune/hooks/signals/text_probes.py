@@ -21,7 +21,7 @@ from vlprune.hooks.gather import gather_rows
 from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.signals.text_qk import text_keys, text_queries
-from vlprune.hooks.state import ThreadLocal, eager_hook
+from vlprune.hooks.state import ThreadLocal, eager_hook, physical_length
 
 
 class TextAttentionProbe(Probe):
@@ -211,14 +211,17 @@ class TokenTransitionProbe(Probe):
     the residual add) and ``mlp`` (same); each call is reduced at once with
     :func:`transition_terms`, so only (B, L) tensors are kept. ``value``:
     ``{"attn": (ratio, cos), "mlp": (ratio, cos)}`` of the last call, over the rows the layer
-    saw (empty before it ran).
+    saw (empty before it ran). A decode step (the layer's cache already holds rows) is not
+    reduced: only a prefill's terms are ever read.
     """
 
     work = ("reduce",)
     _value = ThreadLocal()
+    _decoding = ThreadLocal(False)
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
+        self.layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
 
     @property
     def value(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,18 +229,26 @@ class TokenTransitionProbe(Probe):
         return self._value or {}
 
     def install(self) -> HandleGroup:
-        """Register the two forward hooks."""
+        """Register the layer's pre-hook (prefill or decode step) and the two forward hooks."""
         return HandleGroup([
-            getattr(self.layer, name).register_forward_hook(
+            self.layer.register_forward_pre_hook(self._start, with_kwargs=True),
+            *(getattr(self.layer, name).register_forward_hook(
                 partial(self._remember, key), with_kwargs=True
-            )
-            for key, name in (("attn", "self_attn"), ("mlp", "mlp"))
+            ) for key, name in (("attn", "self_attn"), ("mlp", "mlp"))),
         ])
+
+    @eager_hook
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._decoding = (cache is not None and self.layer_idx is not None
+                          and physical_length(cache, self.layer_idx) > 0)
 
     @eager_hook
     @torch.no_grad()
     def _remember(self, key: str, module: nn.Module, args: tuple, kwargs: dict,
                   output: Any) -> None:
+        if self._decoding:
+            return
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
         y = output[0] if isinstance(output, tuple) else output
         self._value = {**self.value, key: self.reduce(x, y)}

@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ GOALS = {"select_share": 0.01, "official_ratio": 1.0, "decode_ratio": 1.02,
          "highres_time": 1.0, "highres_memory": 1.1}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the chosen parts; the report of each under its name."""
+def run(args: argparse.Namespace, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run the chosen parts; the report of each under its name, passed to ``write`` after
+    every part (a long run can be read while it goes)."""
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     parts = set(args.parts.split(","))
@@ -56,21 +58,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "prefill" in parts:
             report["prefill"] = bench_selection.prefill_table(
                 model, inputs, bench_selection._runs(args.runs), args.rounds)
+            write(report)
         if "official" in parts:
             report["official"] = [bench_selection.mmtok_vs_official(model, inputs, b, args.rounds)
                                   for b in (64, 192)]
             del model
             report["official"].append(bench_selection.flowcut_vs_official(dtype, 64, args.rounds))
+            write(report)
     if "decode" in parts:
         report["decode"] = bench_selection.decode_ratios(vlprune.list_methods(), 64,
                                                          args.new_tokens, args.rounds)
+        write(report)
     if "highres" in parts:
         sizes = [int(s) for s in args.sizes.split(",")]
         report["highres"] = bench_highres.run_grid(args.models.split(","), sizes,
                                                    vlprune.list_methods(), 64,
                                                    args.highres_rounds)
+        write(report)
     report["info"]["seconds"] = time.perf_counter() - started
-    report["goals"] = verdicts(report)
+    write(report)
     return report
 
 
@@ -97,7 +103,8 @@ def verdicts(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def markdown(report: dict[str, Any]) -> str:
     """Every table of the report, then the goal verdicts."""
-    text = bench_selection.markdown(report)
+    parts = ("prefill", "official", "decode")
+    text = bench_selection.markdown(report) if any(report.get(p) for p in parts) else ""
     if report.get("highres"):
         loads = [x for row in report["highres"] for x in row["loads"]]
         info = {"cpu": report["info"]["machine"]["cpu"], "threads": 1, "budget": 64,
@@ -139,12 +146,15 @@ def main() -> None:
     parser.add_argument("--highres-rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-performance"))
     args = parser.parse_args()
-    report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (args.out / "performance.md").write_text(text)
-    print(text)
+
+    def write(report: dict[str, Any]) -> None:
+        report["goals"] = verdicts(report)
+        (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "performance.md").write_text(markdown(report))
+
+    report = run(args, write)
+    print(markdown(report))
     print(f"{report['info']['seconds']:.0f} s; {args.out}/performance.json", file=sys.stderr)
 
 

@@ -17,7 +17,7 @@ over rounds, the machine's load average recorded after every round:
    each takes its text rows, and the image's features before and after the projector);
    FlowCut's pruned vision tower (sdpa, scores from the layers' own q / k / v) against the
    official eager forward that scores every layer, on a model with the same vision tower and a
-   one-layer, 64-wide LLM (the prefill is then the vision tower). Both also check that the kept
+   three-layer, 64-wide LLM (the prefill is then the vision tower). Both also check that the kept
    indices are equal, in float32 (the official codes compute in the model's dtype).
 3. **decode**: per-token decode time patched / unpatched (``generate`` of N tokens minus that
    of 1, per token) at batch 1 and with a left-padded batch of 4 prompts of different lengths,
@@ -223,7 +223,7 @@ def mmtok_vs_official(model: Any, inputs: dict[str, torch.Tensor], budget: int,
 def flowcut_vs_official(dtype: torch.dtype, budget: int, rounds: int) -> dict[str, Any]:
     """Part 2, FlowCut: the pruned vision tower, vlprune against the official eager forward
     (timed in ``dtype``; kept patches compared in float32, where both compute alike)."""
-    model = build_llava(1, dtype, narrow_llm=True)
+    model = build_llava(3, dtype, narrow_llm=True)
     inputs = _inputs(model, dtype)
     tower, pixels = model.model.vision_tower, inputs["pixel_values"]
     with vlprune.patch(model, "flowcut", budget=budget) as handle:

@@ -19,9 +19,9 @@ over rounds, the machine's load average recorded after every round:
    official eager forward that scores every layer, on a model with the same vision tower and a
    three-layer, 64-wide LLM (the prefill is then the vision tower). Both also check that the kept
    indices are equal, in float32 (the official codes compute in the model's dtype).
-3. **decode**: per-token decode time patched / unpatched (``generate`` of N tokens minus that
-   of 1, per token) at batch 1 and with a left-padded batch of 4 prompts of different lengths,
-   on ``llava-1.5-7b-mini`` (small widths: hook overhead shows most there).
+3. **decode**: per-token decode time patched / unpatched (median interval between consecutive
+   tokens of one ``generate``) at batch 1 and with a left-padded batch of 4 prompts of
+   different lengths, on ``llava-1.5-7b-mini`` (small widths: hook overhead shows most there).
 
 Times are this thread's CPU time (``time.thread_time``; torch runs one thread, so every kernel
 runs in it): waiting for a core on a shared machine is not counted. Writes ``selection.json``
@@ -31,6 +31,7 @@ and ``selection.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from official_selection import flowcut_official_clip, mmtok_official  # beside this script
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 import vlprune
 from vlprune.eval.profiler.presets import (
@@ -253,15 +255,25 @@ def _padded(inputs: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor
     return {**inputs, "input_ids": new_ids, "attention_mask": mask}
 
 
+class _StepClock:
+    """A logits processor that stamps this thread's CPU time at every generated token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.thread_time())
+        return scores
+
+
 def _per_token_ms(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
-    """Decode CPU time per token: ``generate`` of ``new_tokens`` minus that of one token."""
-
-    @torch.no_grad()
-    def generate(n: int) -> None:
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    long = _cpu_ms(lambda: generate(new_tokens))
-    return (long - _cpu_ms(lambda: generate(1))) / (new_tokens - 1)
+    """Decode CPU time per token: the median interval between consecutive generated tokens of
+    one ``generate`` (each a decode step: the prefill is never inside an interval)."""
+    clock = _StepClock()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    return _median([(b - a) * 1e3 for a, b in itertools.pairwise(clock.stamps)])
 
 
 def _decode_batch(model: Any, inputs: dict[str, torch.Tensor], methods: list[str], budget: int,

@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--new-tokens", type=int, default=16, help="decode part")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode part")
     parser.add_argument("--models", default="qwen2.5-vl-7b-mini,qwen2-vl-7b-mini,"
                                             "llava-next-7b-mini", help="highres part")
     parser.add_argument("--sizes", default="448", help="highres part: square image sizes")

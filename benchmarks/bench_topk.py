@@ -7,6 +7,8 @@ torch / triton ratio and whether both backends return identical indices and rows
 float32, hidden states bfloat16 (B, N, D). On CPU only the reference is timed, plus the Triton
 interpreter on the smallest cases when ``TRITON_INTERPRET=1`` is set and ``--quick`` is given
 (interpreter timings only show that it runs; they say nothing about GPU speed).
+:func:`compare_case` also times what a user would write, ``torch.topk`` + sort + gather
+(``benchmarks/gpu_suite.py`` reports it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,37 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def topk_sort_gather(scores: torch.Tensor, k: int,
+                     hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain torch way: ``torch.topk`` indices, sorted ascending, rows gathered."""
+    idx = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+    return idx, hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def compare_case(device: torch.device, b: int, n: int, k: int, dim: int,
+                 repeats: int) -> dict[str, object]:
+    """Median ms of the Triton kernel, the torch reference and ``torch.topk`` + sort + gather on
+    one (B, N, k, D) case, and whether the kernel's indices and rows equal each of them."""
+    gen = torch.Generator(device=device).manual_seed(b * n + k)
+    scores = torch.randn(b, n, device=device, generator=gen)
+    hidden = torch.randn(b, n, dim, device=device, generator=gen, dtype=torch.bfloat16)
+    runs = {
+        "triton": lambda: select_and_gather(scores, k, hidden, backend="triton"),
+        "reference": lambda: select_and_gather(scores, k, hidden, backend="torch"),
+        "topk_sort_gather": lambda: topk_sort_gather(scores, k, hidden),
+    }
+    got = runs["triton"]()
+    record: dict[str, object] = {"B": b, "N": n, "k": k, "D": dim}
+    for name, fn in runs.items():
+        want = fn()
+        record[f"{name}_ms"] = median_ms(fn, device, repeats)
+        if name != "triton":
+            record[f"equal_{name}"] = all(torch.equal(g, w) for g, w in zip(got, want))
+    record["speedup_vs_topk"] = record["topk_sort_gather_ms"] / record["triton_ms"]
+    record["speedup_vs_reference"] = record["reference_ms"] / record["triton_ms"]
+    return record
 
 
 def triton_runs(device: torch.device, quick: bool, b: int, n: int) -> bool:

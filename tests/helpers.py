@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, DynamicCache, PreTrainedModel
 
+from vlprune.compat import call_cache
 from vlprune.registry import get_method, list_methods
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
@@ -265,7 +266,8 @@ def oracle_generate(
         offsets = torch.arange(1, new.shape[1] + 1)
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(new.shape)], 1)
         hidden = lm(inputs_embeds=embed(new), position_ids=state["last"] + offsets,
-                    attention_mask=state["mask"], cache=cache, use_cache=True).last_hidden_state
+                    attention_mask=state["mask"], **call_cache(cache),
+                    use_cache=True).last_hidden_state
         state["last"] = state["last"] + new.shape[1]
         return hidden
 
@@ -281,8 +283,8 @@ def oracle_generate(
         return torch.stack(out, 1), hidden
 
     with torch.no_grad():
-        hidden = lm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, cache=cache,
-                    use_cache=True, **(extras or {})).last_hidden_state
+        hidden = lm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                    **call_cache(cache), use_cache=True, **(extras or {})).last_hidden_state
         first, hidden = greedy(hidden, steps, follow_up)
         second = greedy(hidden, follow_steps, None)[0] if follow_up is not None else None
     return first, second

@@ -27,6 +27,7 @@ from tests.helpers import (
     trim,
 )
 from vlprune.adapters import get_adapter
+from vlprune.compat import call_cache, output_cache
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 K = 2
@@ -72,7 +73,7 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
 
     def run(hidden, mask2d, positions, layers, extras):
         causal = create_causal_mask(
-            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None,
+            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, **call_cache(None),
             position_ids=None if mrope else positions,
         )
         recurrent = create_recurrent_attention_mask(lm.config, hidden, mask2d)
@@ -83,7 +84,7 @@ def _reference_logits(model, inputs, ordinals: list[int], layer: int) -> tuple[t
             hidden = lm.layers[i](
                 hidden, attention_mask=recurrent if linear else causal,
                 position_embeddings=cos_sin,
-                position_ids=None if mrope else positions, cache=None, use_cache=False,
+                position_ids=None if mrope else positions, **call_cache(None), use_cache=False,
             )
             if i < len(deepstack):
                 hidden = hidden.clone()
@@ -187,11 +188,11 @@ def test_layer_tokens_and_cache_lengths(family: str, attn: str) -> None:
     assert stats.layer_tokens == [[length, length, short, short]] * 2
     assert out.logits.shape[1] == short
     recurrent = get_adapter(model).recurrent_layers  # Qwen3.5: no KV cache there
-    cache_lengths = [layer.keys.shape[2] for i, layer in enumerate(out.cache.layers)
+    cache_lengths = [layer.keys.shape[2] for i, layer in enumerate(output_cache(out).layers)
                      if i not in recurrent]
     assert cache_lengths == [n for i, n in enumerate([length, length, short, short])
                              if i not in recurrent]
-    assert out.cache.get_seq_length() == length  # layer 0: generate's bookkeeping
+    assert output_cache(out).get_seq_length() == length  # layer 0: generate's bookkeeping
 
 
 def test_cut_at_layer_one_and_three() -> None:
@@ -203,7 +204,7 @@ def test_cut_at_layer_one_and_three() -> None:
         with vlprune.patch(model, "fastv", budget=4, layer=layer) as handle:
             out = forward(model, inputs, use_cache=True)
             assert handle.stats.layer_tokens == [expected]
-        assert [lay.keys.shape[2] for lay in out.cache.layers] == expected
+        assert [lay.keys.shape[2] for lay in output_cache(out).layers] == expected
 
 
 # --------------------------------------------------------------------------------- batch
@@ -290,13 +291,13 @@ def test_manual_cached_decode_equals_generate(family: str) -> None:
                              output_logits=True, return_dict_in_generate=True)
         tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache,
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, **call_cache(cache),
                         use_cache=True)
             logits.append(out.logits[:, -1])
-            cache = out.cache
+            cache = output_cache(out)
     torch.testing.assert_close(torch.stack(logits, 1), torch.stack(gen.logits, 1),
                                atol=1e-5, rtol=0)
 

@@ -2,24 +2,33 @@
 
 A chooser returns ``(index, slots)``; padding slots must be invisible to every query in the cut
 layer and all later ones, in prefill and in every decode step, whatever mask the layer got
-(4-D with batch padding, or None on sdpa's fast path, which must then be materialised).
+(4-D with batch padding, None on sdpa's fast path, which must then be materialised, or flash
+attention's 2-D padding mask, rebuilt for the rows each layer sees).
 """
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers.masking_utils import eager_mask, sdpa_mask
+from torch.nn.attention.flex_attention import create_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from tests.flash_like import NAME as FLASH_LIKE
+from tests.flash_like import use_flash_like
+from tests.flex_like import NAME as FLEX_LIKE
+from tests.flex_like import flex_like_mask
 from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
 from vlprune.hooks import decoder
 from vlprune.hooks.calls import CallTracker
 from vlprune.hooks.decoder import CutContext, DecoderCut
-from vlprune.hooks.masks import causal_slot_mask, mask_slots
+from vlprune.hooks.masks import causal_slot_mask, layer_mask, mask_slots, query_rows
 from vlprune.hooks.vision import VisionCut
 from vlprune.methods.base import keep_rows_padded
-from vlprune.testing import FAMILIES, tiny_inputs
+from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 ATTNS = ("sdpa", "eager")
 CUT = 2
@@ -54,19 +63,28 @@ def _run(model, inputs, drop: list[bool], **kwargs):
     return new, out.logits[0], cut.last
 
 
+@functools.cache
+def _model(family: str, attn: str):
+    """The shared tiny model, or an own one switched to flash's conventions."""
+    if attn == FLASH_LIKE:
+        return use_flash_like(tiny_model(family))
+    return cached_model(family, attn)
+
+
 def _row(inputs, i: int, family: str, n_words: list[int], seed: int):
     """Sample i of the batch, built on its own (no padding)."""
     return tiny_inputs(family, batch=1, n_words=[n_words[i]], seed=seed + i)
 
 
 @pytest.mark.parametrize("attn, lengths", [("sdpa", "padded"), ("sdpa", "equal"),
-                                           ("eager", "padded")])
+                                           ("eager", "padded"), (FLASH_LIKE, "padded"),
+                                           (FLASH_LIKE, "equal")])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_single_rows(family: str, attn: str, lengths: str) -> None:
     """Row 0 drops all its visual rows at layer 2, row 1 keeps them: each row's first-step
     logits (atol 1e-4) and greedy tokens equal that row run alone (``equal``: same prompt
-    lengths, so sdpa gets no mask and one is materialised; eager always gets a 4-D mask)."""
-    model = cached_model(family, attn)
+    lengths, so sdpa and flash get no mask and one is built; eager always gets a 4-D mask)."""
+    model = _model(family, attn)
     n_words = [5, 9] if lengths == "padded" else [6, 6]
     batch = tiny_inputs(family, batch=2, n_words=n_words, seed=3)
     tokens, logits, state = _run(model, batch, [True, False])
@@ -80,24 +98,27 @@ def test_mixed_batch_equals_single_rows(family: str, attn: str, lengths: str) ->
         assert torch.equal(tokens[i:i + 1], ref_tokens)
 
 
-@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("attn", [*ATTNS, FLASH_LIKE])
 def test_padded_cut_cached_equals_uncached(attn: str) -> None:
     """Decode reuses the pruned per-layer cache: cached greedy tokens == re-prefilling every
     step (``use_cache=False``), for a batch whose rows keep different counts."""
-    model = cached_model("llava", attn)
+    model = _model("llava", attn)
     batch = tiny_inputs("llava", batch=2, n_words=[5, 9], seed=1)
     cached, _, _ = _run(model, batch, [False, True])
     uncached, _, _ = _run(model, batch, [False, True], use_cache=False)
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize(("attn", "n_words", "builder"), [
-    ("eager", [5, 9], "gather_mask_4d"), ("sdpa", [6, 6], "causal_slot_mask")])
+@pytest.mark.parametrize(("attn", "n_words", "builder", "shared_in_prefill"), [
+    ("eager", [5, 9], "gather_mask_4d", False), ("sdpa", [6, 6], "layer_mask", True)])
 def test_decode_builds_one_mask_per_step(attn: str, n_words: list[int], builder: str,
+                                         shared_in_prefill: bool,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Layers holding the same rows share their decode-step mask: with one cut, each decode
-    step builds one mask (4-D from the step's own mask, or materialised where sdpa passes
-    none), not one per layer from the cut on; the tokens are those of the unshared path."""
+    step builds one mask (4-D gathered from the step's own mask, or built by the
+    implementation's builder where sdpa passes none), not one per layer from the cut on; the
+    tokens are those of the unshared path. (The prefill gathers one 4-D mask per layer from the
+    cut on, or builds one for all of them.)"""
     model = cached_model("llava", attn)
     batch = tiny_inputs("llava", batch=2, n_words=n_words, seed=1)
     expected, _, _ = _run(model, batch, [False, True])
@@ -111,7 +132,7 @@ def test_decode_builds_one_mask_per_step(attn: str, n_words: list[int], builder:
     monkeypatch.setattr(decoder, builder, counted)
     tokens, _, _ = _run(model, batch, [False, True])
     assert torch.equal(tokens, expected)
-    prefill_calls = len(get_adapter(model).decoder_layers) - CUT  # one per layer from the cut
+    prefill_calls = 1 if shared_in_prefill else len(get_adapter(model).decoder_layers) - CUT
     assert len(calls) - prefill_calls == MAX_NEW - 1
 
 
@@ -167,3 +188,44 @@ def test_no_cut_layer_installs_no_hook() -> None:
     adapter = get_adapter(cached_model("llava", "sdpa"))
     vision = VisionCut(adapter, CallTracker(adapter), None)
     assert DecoderCut(adapter, [], _drop_chooser([]), vision).install() == []
+
+
+def _config(attn: str) -> SimpleNamespace:
+    return SimpleNamespace(_attn_implementation=attn)
+
+
+def test_layer_mask_is_built_by_the_implementations_builder() -> None:
+    """Flash gets the 2-D padding mask itself (None without padding: its causal fast path);
+    flex a ``BlockMask`` hiding the keys sdpa's materialised mask hides for every real query;
+    an implementation without a registered mask builder is a NotImplementedError naming it."""
+    keys = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    flash = _config("flash_attention_2")
+    assert torch.equal(layer_mask(flash, keys, 4, torch.float32), keys)
+    assert layer_mask(flash, torch.ones_like(keys), 1, torch.float32) is None
+    sdpa = layer_mask(_config("sdpa"), keys, 2, torch.float32)[:, 0]
+    AttentionMaskInterface.register(FLEX_LIKE, flex_like_mask)
+    block = layer_mask(_config(FLEX_LIKE), keys, 2, torch.float32)
+    assert tuple(block.seq_lengths) == (2, 4)
+    flex = create_mask(block.mask_mod, 2, 1, 2, 4, device="cpu")[:, 0]
+    real = keys[:, -2:]
+    assert torch.equal(flex[real], sdpa[real])
+    with pytest.raises(NotImplementedError, match="'no_such_attention'"):
+        layer_mask(_config("no_such_attention"), keys, 2, torch.float32)
+
+
+def test_probe_rows_are_read_from_every_mask_kind() -> None:
+    """A probe's mask rows are the same read from sdpa's 4-D mask, flash's 2-D padding mask
+    and flex's ``BlockMask``; None means causal only; any other object is a TypeError."""
+    padding = torch.tensor([[False, False, True, True, True], [True] * 5])
+    queries = torch.tensor([[4, 2], [4, 0]])
+    four_d = sdpa_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=padding,
+                       allow_is_causal_skip=False)
+    want = query_rows(four_d, queries, 5)
+    assert want.shape == (2, 1, 2, 5) and not bool(want[0, 0, :, :2].any())
+    assert torch.equal(query_rows(padding, queries, 5), want)
+    assert torch.equal(query_rows(flex_like_mask(2, 5, 5, attention_mask=padding), queries, 5),
+                       want)
+    causal = sdpa_mask(batch_size=2, q_length=5, kv_length=5, allow_is_causal_skip=False)
+    assert torch.equal(query_rows(None, queries, 5), query_rows(causal, queries, 5))
+    with pytest.raises(TypeError, match="str"):
+        query_rows("mask", queries, 5)

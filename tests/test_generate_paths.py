@@ -32,6 +32,7 @@ from tests.helpers import (
     pair_options,
     right_padded,
 )
+from vlprune.compat import CACHE_KWARG, PRECOMPUTED_FEATURES, call_cache, output_cache
 from vlprune.testing import (
     DEFAULT_IMAGE_SIZE,
     FAMILIES,
@@ -152,6 +153,22 @@ def test_uncached_generate_equals_cached(method: str, family: str) -> None:
     assert torch.equal(cached, uncached)
 
 
+def test_a_new_uncached_generate_selects_afresh() -> None:
+    """Uncached steps replay their own ``generate`` call's selection only: a second call on the
+    first one's sequences with the same ``pixel_values`` object selects for its own prompt, as
+    a call with a copy of the pixels does."""
+    model, inputs = cached_model("llava"), cached_inputs("llava")
+    once = {"max_new_tokens": 1, "do_sample": False, "use_cache": False, "output_logits": True,
+            "return_dict_in_generate": True}
+    with vlprune.patch(model, "fastv", ratio=RATIO), torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        longer = {**inputs, "input_ids": first, "attention_mask": torch.ones_like(first)}
+        got = model.generate(**longer, **once).logits[0]
+        copied = {**longer, "pixel_values": inputs["pixel_values"].clone()}
+        want = model.generate(**copied, **once).logits[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 # -------------------------------------------------------------------------- inputs_embeds
 
 
@@ -206,6 +223,8 @@ def _image_inputs(model, inputs) -> dict:
     return {k: v for k, v in inputs.items() if k in names}
 
 
+@pytest.mark.skipif(not PRECOMPUTED_FEATURES,
+                    reason="this transformers release takes no precomputed image features")
 @pytest.mark.parametrize(("method", "family"), PAIRS)
 def test_precomputed_image_features_prune_or_raise(method: str, family: str) -> None:
     """Image features passed precomputed (``mm_encoder_outputs``, encoded before patching):
@@ -254,8 +273,8 @@ def _two_turns(model, inputs, follow_up: torch.Tensor) -> tuple[torch.Tensor, to
                                return_dict_in_generate=True, eos_token_id=None)
         history = torch.cat([first.sequences, follow_up], 1)
         second = model.generate(input_ids=history, attention_mask=torch.ones_like(history),
-                                cache=first.cache, max_new_tokens=STEPS, do_sample=False,
-                                eos_token_id=None)
+                                **call_cache(output_cache(first)), max_new_tokens=STEPS,
+                                do_sample=False, eos_token_id=None)
     return first.sequences[:, inputs["input_ids"].shape[1]:], second[:, history.shape[1]:]
 
 
@@ -302,18 +321,18 @@ def test_follow_up_generate_feeds_only_new_tokens(method: str, family: str) -> N
     with vlprune.patch(model, method, ratio=RATIO, **pair_options(method, family)), torch.no_grad():
         first = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False,
                                return_dict_in_generate=True, eos_token_id=None)
-        saved = copy.deepcopy(first.cache)
+        saved = copy.deepcopy(output_cache(first))
         history = torch.cat([first.sequences, follow_up], 1)
         second = model.generate(input_ids=history, attention_mask=torch.ones_like(history),
-                                cache=first.cache, max_new_tokens=1, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
+                                **call_cache(output_cache(first)), max_new_tokens=1,
+                                do_sample=False, output_logits=True, return_dict_in_generate=True)
         new = torch.cat([first.sequences[:, -1:], follow_up], 1)
         extra = {}
         if family.startswith("qwen"):  # transformers needs explicit M-RoPE positions here
             start = saved.get_seq_length()
             text = torch.arange(start, start + new.shape[1]) + model.model.rope_deltas
             extra["position_ids"] = text.view(1, 1, -1).expand(3, 1, -1)
-        manual = model(input_ids=new, attention_mask=torch.ones_like(history), cache=saved,
+        manual = model(input_ids=new, attention_mask=torch.ones_like(history), **call_cache(saved),
                        use_cache=True, **extra).logits[:, -1]
     torch.testing.assert_close(second.logits[0], manual, atol=ATOL, rtol=0)
 
@@ -326,9 +345,10 @@ def test_follow_up_with_a_new_image_is_refused() -> None:
         first = model.generate(**inputs, max_new_tokens=2, do_sample=False,
                                return_dict_in_generate=True)
         history = torch.cat([first.sequences, inputs["input_ids"]], 1)
-        with _no_module_runs(model), pytest.raises(NotImplementedError, match="without `cache`"):
+        refused = pytest.raises(NotImplementedError, match=f"without `{CACHE_KWARG}`")
+        with _no_module_runs(model), refused:
             model.generate(input_ids=history, attention_mask=torch.ones_like(history),
-                           pixel_values=inputs["pixel_values"], cache=first.cache,
+                           pixel_values=inputs["pixel_values"], **call_cache(output_cache(first)),
                            max_new_tokens=2)
 
 

@@ -31,6 +31,7 @@ from tests.helpers import (
     trim,
     vlprune_hook_count,
 )
+from vlprune.compat import call_cache, output_cache
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 # Local image-token indices kept by the ``fixed`` oracle: valid for every family's default
@@ -276,13 +277,13 @@ def _manual_decode_logits(model, inputs, tokens: torch.Tensor,
     ``tokens`` (B, T)."""
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask if with_mask else None,
-                        cache=cache, use_cache=True)
+                        **call_cache(cache), use_cache=True)
             logits.append(out.logits[:, -1])
-            cache = out.cache
+            cache = output_cache(out)
     return torch.stack(logits, 1)
 
 

@@ -24,6 +24,7 @@ import vlprune
 from tests.helpers import ATTNS, BIG, MAX_NEW, cached_inputs, cached_model, forward, generate
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
+from vlprune.compat import call_cache, output_cache
 from vlprune.hooks.positions import renumber
 from vlprune.methods.base import DecoderBatch
 from vlprune.registry import build_method
@@ -77,9 +78,9 @@ def _layer(lm, layer, hidden, positions, cache, causal: bool) -> torch.Tensor:
     if causal:
         ones = torch.ones(hidden.shape[:2], dtype=torch.long)
         mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=ones,
-                                  cache=None, position_ids=positions)
+                                  **call_cache(None), position_ids=positions)
     return layer(hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, positions),
-                 position_ids=positions, cache=cache, use_cache=True)
+                 position_ids=positions, **call_cache(cache), use_cache=True)
 
 
 def hand_run(model, inputs: Any, method: str, budget: int, steps: int = MAX_NEW,
@@ -219,21 +220,21 @@ def test_manual_decode_and_follow_up(method: str, family: str, patch: dict) -> N
                              return_dict_in_generate=True)
         tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
         out = model(**inputs, use_cache=True)
-        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], out.cache
+        logits, mask, cache = [out.logits[:, -1]], inputs["attention_mask"], output_cache(out)
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, cache=cache)
+            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, **call_cache(cache))
             logits.append(out.logits[:, -1])
         torch.testing.assert_close(torch.stack(logits, 1), torch.stack(gen.logits, 1),
                                    atol=ATOL, rtol=0)
-        copy_cache = out.cache
+        copy_cache = output_cache(out)
         results = []
         for feed in ([follow], [follow[:, :1], follow[:, 1:2], follow[:, 2:]]):
             cache = copy.deepcopy(copy_cache)
             step_mask = mask
             for ids in feed:
                 step_mask = torch.cat([step_mask, step_mask.new_ones(1, ids.shape[1])], 1)
-                chunk = model(input_ids=ids, attention_mask=step_mask, cache=cache)
+                chunk = model(input_ids=ids, attention_mask=step_mask, **call_cache(cache))
             results.append(chunk.logits[:, -1])
     torch.testing.assert_close(results[0], results[1], atol=ATOL, rtol=0)
 

@@ -19,6 +19,7 @@ from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEME
 
 from vlprune.adapters import Adapter
 from vlprune.budget import Budget
+from vlprune.compat import CACHE_KWARG, passed_cache
 from vlprune.hooks.calls import CallTracker, ForwardInputs, Shadow
 from vlprune.hooks.decoder import CutContext, DecoderCut
 from vlprune.hooks.encoder import EncoderCut
@@ -211,7 +212,7 @@ class PatchHandle(PatchPart):
         implementation = kwargs.get(
             "cache_implementation", getattr(config, "cache_implementation", None)
         )
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = passed_cache(kwargs)
         if implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS or _is_static(cache):
             raise NotImplementedError(STATIC_CACHE_ERROR)
         images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")
@@ -339,7 +340,7 @@ STATIC_CACHE_ERROR = (
 NEW_IMAGES_ERROR = (
     "vlprune prunes the images of a prefill: this forward feeds new images while continuing a "
     "KV cache (a new image in a follow-up turn, or a chunked prefill). Start the turn that "
-    "brings the image without `cache`, or pass prefill_chunk_size=None"
+    f"brings the image without `{CACHE_KWARG}`, or pass prefill_chunk_size=None"
 )
 
 

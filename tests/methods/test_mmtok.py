@@ -273,7 +273,8 @@ def model(family: str) -> torch.nn.Module:
     model = tiny_model(family)
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight
-        embeddings[model.config.pad_token_id] = torch.linspace(-0.05, 0.05, embeddings.shape[1])
+        pad = model.config.get_text_config().pad_token_id
+        embeddings[pad] = torch.linspace(-0.05, 0.05, embeddings.shape[1])
     return model
 
 

@@ -5,7 +5,8 @@
 - ``vision``: the vision-side cut before the language model (``images``: where the images of a
   prefill are; ``gather``: the shared gather);
 - ``encoder`` / ``encoder_state``: the cut between vision-encoder layers;
-- ``decoder``: the cut at decoder layers (``masks``: the 4-D mask arithmetic);
+- ``decoder``: the cut at decoder layers (``masks``: the masks of cut rows, in the convention
+  of each attention implementation);
 - ``deepstack``: Qwen3-VL's DeepStack inputs kept consistent with every cut;
 - ``recurrent``: decoder cuts through linear-attention layers (Qwen3.5);
 - ``loss``: the causal-LM loss over kept rows;

@@ -29,6 +29,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter
+from vlprune.compat import passed_cache
 from vlprune.hooks.state import PatchPart, ThreadLocal, eager_hook
 
 LAYOUT_INPUTS = ("image_sizes", "image_grid_thw", "batch_num_images", "vision_aspect_ratio")
@@ -56,7 +57,11 @@ class ForwardInputs:
     ``embeds``: those ``inputs_embeds`` (else None); ``layout_inputs``: ``image_sizes`` /
     ``image_grid_thw`` passed to the forward; ``cache``; ``features``: the precomputed image
     features object (``mm_encoder_outputs["image"]``, as ``generate`` passes it) or None;
-    ``new_images``: pixels or image features are fed in this forward.
+    ``new_images``: pixels or image features are fed in this forward; ``images``: (object,
+    token) by which the steps of one uncached ``generate`` recognise their images: the
+    precomputed features object with None (``generate`` passes the same one at every step), or,
+    inside a ``generate`` call, its ``pixel_values`` with that call's token (transformers before
+    5.24 feeds the pixels again at every step); None otherwise.
     """
 
     image_mask: torch.Tensor | None
@@ -66,6 +71,7 @@ class ForwardInputs:
     cache: Any
     features: Any
     new_images: bool
+    images: tuple[Any, Any] | None = None
 
 
 class EncoderArming(Protocol):
@@ -115,6 +121,8 @@ class CallTracker(PatchPart):
     _encode = ThreadLocal()
     _depth = ThreadLocal(0)
     _generating = ThreadLocal(0)
+    _call = ThreadLocal()
+    """A fresh token per outermost ``generate`` call in this thread (None outside one)."""
 
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
@@ -141,11 +149,16 @@ class CallTracker(PatchPart):
     def _generate(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         for check in self.generate_checks:
             check(kwargs)
+        outermost = not self._generating
+        if outermost:
+            self._call = object()
         self._generating += 1
         try:
             return original(*args, **kwargs)
         finally:
             self._generating -= 1
+            if outermost:
+                self._call = None
 
     def _encode_call(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         encode = self._begin_encode(original, args, kwargs)
@@ -181,14 +194,21 @@ class CallTracker(PatchPart):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         features = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pixels = kwargs.get("pixel_values")
+        images = None
+        if features is not None:
+            images = (features, None)
+        elif pixels is not None and self._call is not None:
+            images = (pixels, self._call)
         inputs = ForwardInputs(
             image_mask=self._image_mask(input_ids, embeds),
             input_ids=input_ids,
             embeds=embeds if input_ids is None else None,
             layout_inputs={k: kwargs[k] for k in LAYOUT_INPUTS if kwargs.get(k) is not None},
-            cache=kwargs.get("cache"),
+            cache=passed_cache(kwargs),
             features=features,
-            new_images=kwargs.get("pixel_values") is not None or features is not None,
+            new_images=pixels is not None or features is not None,
+            images=images,
         )
         for check in self.forward_checks:
             check(inputs)

@@ -20,18 +20,23 @@ appended since (``VisionCut`` tells which prefill it replays).
 Rows of a batch may keep different numbers of rows: the chooser then returns ``(index, slots)``,
 the kept rows left-padded to a common width and a (B, Lnext) bool that is False on the padding
 slots. Padding slots are masked out as keys in that layer and every later one, in prefill and in
-every decode step (a padding slot attends only to itself, so no softmax row is empty). Where
-the layer's mask is None (sdpa's ``is_causal`` fast path) one is materialised in the
-convention of the attention implementation's own mask builder (transformers
-``masking_utils``): bool (True = attend) for ``sdpa_mask``, additive float (0 or the dtype's
-minimum) for ``eager_mask``; other implementations (flash, flex) raise ``NotImplementedError``
-on that path. The mask arithmetic is in ``hooks/masks.py``.
+every decode step.
+
+Masks: a 4-D mask the layer got (sdpa, eager) is gathered on rows and key columns, padding
+slots hidden (a padding slot attends only to itself, so no softmax row is empty). Any other mask
+(flash attention's 2-D padding mask, flex attention's ``BlockMask``), or a None mask while
+padding slots exist (sdpa's ``is_causal`` fast path), is rebuilt for the rows the layer sees by
+:func:`~vlprune.hooks.masks.layer_mask` in the convention of the attention implementation, from
+which of those rows are real: in prefill the cut rows, in decode the layer's cache slots
+``cat(kept_index, arange(L, kv_len))`` read from the 2-D mask the language model got. So no
+layer gets a mask of the uncut length.
 
 Two kinds of model need more (``hooks/deepstack.py``, ``hooks/recurrent.py``): Qwen3-VL adds
 DeepStack features at the image rows after its first decoder layers, so a
 :class:`~vlprune.hooks.calls.Shadow` of ``_deepstack_process`` gathers them to the rows alive
 there; a hybrid decoder's linear-attention layers (Qwen3.5) get a gathered 2-D padding mask in
-prefill and nothing in decode (their recurrent state already holds the kept rows only).
+prefill and nothing in decode (their recurrent state already holds the kept rows only), whatever
+the attention implementation of its full-attention layers.
 """
 
 from __future__ import annotations
@@ -43,13 +48,19 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from vlprune.adapters.base import Adapter
+from vlprune.compat import layer_cache, output_cache
 from vlprune.hooks.calls import Shadow
 from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.hooks.gather import gather_positions, gather_rows
-from vlprune.hooks.masks import causal_slot_mask, gather_mask_4d, mask_slots
+from vlprune.hooks.masks import (
+    cache_keys,
+    gather_mask_4d,
+    layer_mask,
+    mask_builder,
+    mask_slots,
+)
 from vlprune.hooks.positions import renumber
 from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
 from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
@@ -140,9 +151,13 @@ class DecoderCut(PatchPart):
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
     _memo = ThreadLocal()
-    """The running decode step's masks: (state, the step's 4-D mask or None, kv length,
-    {id(rows): (rows, mask)}), so layers holding the same rows build their mask once per step."""
+    """The running decode step's gathered masks: (state, the step's 4-D mask, {id(rows): (rows,
+    mask)}), so layers holding the same rows gather their mask once per step."""
     _rope = ThreadLocal()
+    _lm_mask = ThreadLocal()
+    """The 2-D attention mask the language model got in the running forward (None: none)."""
+    _built = ThreadLocal()
+    """(sources, mask): the last mask built in the running forward, for the next layers."""
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
                  vision: VisionCut, positions: str = "original") -> None:
@@ -155,11 +170,11 @@ class DecoderCut(PatchPart):
         check_recurrent_cut(adapter, layers)
         self.adapter = adapter
         self.layers = sorted(set(layers))
-        self.recurrent = adapter.recurrent_layers
         self.chooser = chooser
         self.vision = vision
         self.positions = positions
         self.records = CacheRecords("decoder")
+        self.recurrent = adapter.recurrent_layers
 
     def install(self) -> list[RemovableHandle | Shadow]:
         """Register the language-model hooks and one pre-hook per layer ≥ the first cut (and,
@@ -183,8 +198,10 @@ class DecoderCut(PatchPart):
     @eager_hook
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.current = None
-        self._rope = None
-        cache = kwargs.get("cache")
+        self._rope = self._built = None
+        mask = kwargs.get("attention_mask")
+        self._lm_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = layer_cache(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         if not self._prefill:
             self.current = self.records.get(cache)
@@ -197,10 +214,11 @@ class DecoderCut(PatchPart):
         if record is None or record.is_image.shape != (batch, length):
             self.last = None
             return
+        if batch > 1:
+            mask_builder(self.adapter.language_model.config)  # padding / slots need one
         index = torch.arange(length, device=embeds.device).expand(batch, length)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            valid = mask.bool()
+        if self._lm_mask is not None:
+            valid = self._lm_mask.bool()
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         n_layers = len(self.adapter.decoder_layers)
@@ -217,7 +235,8 @@ class DecoderCut(PatchPart):
     @eager_hook
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """After a prefill, the cache it filled keeps its state for the decode steps."""
-        cache = getattr(output, "cache", None)
+        self._rope = self._built = None
+        cache = output_cache(output)
         if self._prefill and self.current is not None and cache is not None:
             self.records.set(cache, self.current)
 
@@ -295,19 +314,6 @@ class DecoderCut(PatchPart):
         state.positions, state.shift = renumber(original, state.valid)
         state.rope = self.adapter.rotary_embedding(hidden, state.positions)
 
-    def _mask_kind(self) -> str:
-        """The 4-D mask convention of the language model's attention: "bool" or "float"."""
-        name = self.adapter.language_model.config._attn_implementation
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(name)
-        if builder is sdpa_mask:
-            return "bool"
-        if builder is eager_mask:
-            return "float"
-        raise NotImplementedError(
-            "rows keeping different counts need a 4-D attention mask; attention "
-            f"implementation {name!r} is not supported on that path (use 'sdpa' or 'eager')"
-        )
-
     def _gather_prefill(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
                         state: DecoderState, recurrent: bool) -> tuple[tuple, dict]:
         index = state.index
@@ -335,19 +341,25 @@ class DecoderCut(PatchPart):
             if state.slots is not None:
                 mask = mask_slots(mask, state.slots, state.slots)
             kwargs["attention_mask"] = mask
-        elif state.slots is not None:
-            kwargs["attention_mask"] = self._new_mask(mask, state.slots, index.shape[1], hidden)
+        elif mask is not None or state.slots is not None:
+            kwargs["attention_mask"] = self._rebuilt_mask(
+                (state.valid,), state.valid, index.shape[1], hidden)
         return args, kwargs
 
-    def _new_mask(self, mask: Any, keys: torch.Tensor, n_queries: int,
-                  hidden: torch.Tensor) -> torch.Tensor:
-        """Materialise the mask of a layer whose own mask is None (padding slots present)."""
-        if mask is not None:
-            raise NotImplementedError(
-                "rows keeping different counts need a 4-D attention mask, got "
-                f"{type(mask).__name__}"
-            )
-        return causal_slot_mask(keys, n_queries, self._mask_kind(), hidden.dtype)
+    def _rebuilt_mask(self, sources: tuple,
+                      keys: torch.Tensor | Callable[[], torch.Tensor], n_queries: int,
+                      hidden: torch.Tensor) -> Any:
+        """The layer's mask for ``keys`` (B, K) real or not (or a function computing them), in
+        its implementation's convention; the layers after it reuse it while they build from the
+        same ``sources`` (tensors compared by identity, numbers by value) in one forward."""
+        sources = (*sources, n_queries)
+        built = self._built
+        if built is not None and _same(built[0], sources):
+            return built[1]
+        config = self.adapter.language_model.config
+        mask = layer_mask(config, keys() if callable(keys) else keys, n_queries, hidden.dtype)
+        self._built = (sources, mask)
+        return mask
 
     def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if i in self.recurrent:
@@ -377,42 +389,41 @@ class DecoderCut(PatchPart):
                                  self.adapter.rotary_embedding(hidden, moved))
         return memo[2], memo[3]
 
-    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> Any:
         """Layer ``i``'s mask in a decode step (None: the layer's own mask is right)."""
         mask = kwargs.get("attention_mask")
         state = self.current
         slots = state.layer_slots.get(i)
-        four_d = isinstance(mask, torch.Tensor) and mask.dim() == 4
-        if not four_d and slots is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        kv_len = mask.shape[-1] if four_d else (
-            kwargs["cache"].get_seq_length(i) + hidden.shape[1])
-        return self._step_mask(state, i, mask, kv_len, hidden)
-
-    def _step_mask(self, state: DecoderState, i: int, mask: torch.Tensor | None, kv_len: int,
-                   hidden: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s mask in a decode step: the step's 4-D mask on the columns its cache
-        holds, ``cat(index, arange(L, kv_len))`` (padding slots masked), or a materialised one
-        where the step has none. Layers that hold the same rows share one per step (memo)."""
         index = state.layer_index[i]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            return self._gathered_step_mask(state, index, slots, mask)
+        if mask is not None or slots is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            n_queries = hidden.shape[1]
+            kv_len = layer_cache(kwargs).get_seq_length(i) + n_queries
+            return self._rebuilt_mask(
+                (index, slots, self._lm_mask, kv_len),
+                partial(cache_keys, self._lm_mask, state.input_len, index, slots, kv_len),
+                n_queries, hidden)
+        return None
+
+    def _gathered_step_mask(self, state: DecoderState, index: torch.Tensor,
+                            slots: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """The step's 4-D ``mask`` on the columns a layer holding rows ``index`` caches,
+        ``cat(index, arange(L, kv_len))`` (padding slots masked); layers that hold the same rows
+        share one per step (memo)."""
         memo = self._memo
-        if memo is None or memo[0] is not state or memo[1] is not mask or memo[2] != kv_len:
-            memo = self._memo = (state, mask, kv_len, {})
-        hit = memo[3].get(id(index))
+        if memo is None or memo[0] is not state or memo[1] is not mask:
+            memo = self._memo = (state, mask, {})
+        hit = memo[2].get(id(index))
         if hit is not None:
             return hit[1]
-        slots = state.layer_slots.get(i)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            new = torch.arange(state.input_len, kv_len, device=mask.device)
-            new = new.expand(index.shape[0], -1)
-            out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
-            if slots is not None:
-                out = mask_slots(out, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
-        else:
-            keys = torch.cat([slots, slots.new_ones(slots.shape[0], kv_len - slots.shape[1])], 1)
-            out = self._new_mask(mask, keys, hidden.shape[1], hidden)
-        memo[3][id(index)] = (index, out)
+        new = torch.arange(state.input_len, mask.shape[-1], device=mask.device)
+        new = new.expand(index.shape[0], -1)
+        out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
+        if slots is not None:
+            out = mask_slots(out, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
+        memo[2][id(index)] = (index, out)
         return out
 
     def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -441,3 +452,10 @@ def _position_ids(kwargs: dict) -> torch.Tensor:
     if position_ids is None or position_ids.dim() != 2:
         raise RuntimeError("positions='renumber' needs the decoder layers' 1-D position_ids")
     return position_ids
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal source tuples: the same tensor objects (or None) and equal numbers."""
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, int) and isinstance(y, int) and x == y) for x, y in zip(a, b)
+    )

@@ -22,8 +22,10 @@ Two ``generate`` paths stay exact:
   once, its rows repeated r times): the selection runs on one row per prompt and is repeated
   (``hooks/images.py``);
 - ``use_cache=False`` re-runs the whole sequence at every step with the image features it
-  encoded once: a prefill with the same features object as the last one and its prompt plus
-  new tokens keeps that prefill's rows and the new ones (no new selection), as a cached run.
+  encoded once (before transformers 5.24: with the same ``pixel_values``, encoded again): a
+  prefill with the same images object as the last one (pixels: in the same ``generate`` call)
+  and its prompt plus new tokens keeps that prefill's rows and the new ones (no new
+  selection), as a cached run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from vlprune.adapters.base import Adapter
+from vlprune.compat import CACHE_KWARG, layer_cache, output_cache
 from vlprune.hooks.calls import CallTracker, Encode, ForwardInputs
 from vlprune.hooks.deepstack import gather_deepstack_inputs
 from vlprune.hooks.gather import gather_mask, gather_positions, gather_rows, left_packed_index
@@ -144,7 +147,7 @@ class VisionCut(PatchPart):
     def _cut(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.current = None
         inputs = self.calls.forward
-        cache = kwargs.get("cache")
+        cache = layer_cache(kwargs)
         self.decoding = cache is not None and cache.get_seq_length() > 0
         if inputs is None:
             return None
@@ -166,19 +169,22 @@ class VisionCut(PatchPart):
         self.current = record
         if not record.replay:
             self.last = record
-            self._replayable = _weak_pair(inputs.features, record)
+            self._replayable = _weak_pair(inputs.images, record)
         if record.dropped == 0 and bool(record.keep.all()):
             return None
         return args, self._gather(kwargs, record)
 
     def _replay(self, inputs: ForwardInputs, is_image: torch.Tensor) -> PrefillRecord | None:
-        """A later step of an uncached ``generate``: the same precomputed image features and the
-        last prefill's prompt plus new tokens. It keeps that prefill's rows and the new ones."""
+        """A later step of an uncached ``generate``: the same images (``ForwardInputs.images``)
+        and the last prefill's prompt plus new tokens. It keeps that prefill's rows and the new
+        ones."""
         remembered = self._replayable
-        if remembered is None or inputs.features is None or inputs.input_ids is None:
+        if remembered is None or inputs.images is None or inputs.input_ids is None:
             return None
-        features, first = remembered
-        if features() is not inputs.features or first.input_ids is None:
+        images, token, first = remembered
+        if images() is not inputs.images[0] or token is not inputs.images[1]:
+            return None
+        if first.input_ids is None:
             return None
         ids, length = inputs.input_ids, first.orig_len
         if ids.shape[0] != first.input_ids.shape[0] or ids.shape[1] <= length or not bool(
@@ -267,7 +273,7 @@ class VisionCut(PatchPart):
     def _register(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """After a prefill: the cache it filled keeps its record and reports its logical length."""
         record = self.current
-        cache = getattr(output, "cache", None)
+        cache = output_cache(output)
         if record is None or cache is None or self.records.get(cache) is not None:
             return
         self.records.set(cache, record)
@@ -287,7 +293,7 @@ class VisionCut(PatchPart):
             if dropped_rows(cache):
                 raise RuntimeError(
                     "this KV cache was filled under another vlprune patch of the model: "
-                    "continue it under that patch, or start again without `cache`"
+                    f"continue it under that patch, or start again without `{CACHE_KWARG}`"
                 )
             return None
         self.current = record
@@ -314,12 +320,13 @@ class VisionCut(PatchPart):
         return args, kwargs
 
 
-def _weak_pair(features: Any, record: PrefillRecord) -> tuple[Any, PrefillRecord] | None:
-    """(weak reference to the precomputed image features, record), for :meth:`_replay`."""
-    if features is None:
+def _weak_pair(images: tuple[Any, Any] | None,
+               record: PrefillRecord) -> tuple[Any, Any, PrefillRecord] | None:
+    """(weak reference to the images object, its token, record), for :meth:`_replay`."""
+    if images is None:
         return None
     try:
-        return weakref.ref(features), record
+        return weakref.ref(images[0]), images[1], record
     except TypeError:
         return None
 

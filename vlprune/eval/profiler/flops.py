@@ -13,9 +13,10 @@
    activations, softmax, RoPE, residuals, the DeepStack additions to the hidden states) is
    left out, as in the papers' tables and in ``FlopCounterMode``.
 3. **Counted** (:func:`count_flops`): ``torch.utils.flop_counter.FlopCounterMode`` on a real
-   forward, with formulas for CPU sdpa and for the grouped expert matmul of MoE layers (both
-   counted as 0 by torch). torch's sdpa formula, like eager attention, charges the full n²
-   scores, so counted numbers match ``exact_flops(..., causal=False)``.
+   forward, with one sdpa formula for every sdpa kernel (torch counts CPU sdpa as 0) and one
+   for the grouped expert matmul of MoE layers (also counted as 0 by torch). The sdpa formula
+   charges the full n² scores, like torch's own and eager attention, so counted numbers match
+   ``exact_flops(..., causal=False)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
 from vlprune.eval.profiler.presets import ImageGeometry
@@ -320,10 +321,17 @@ def exact_flops(arch: Arch, run: RunTokens, *, new_tokens: int = 1, causal: bool
                           head * lm_head_tokens, decode, new_tokens)
 
 
-def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
-                    out_shape: Any = None, **kwargs: Any) -> int:
-    """torch counts ``_scaled_dot_product_flash_attention_for_cpu`` as 0; use its sdpa rule."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
+                out_shape: Any = None, **kwargs: Any) -> int:
+    """Scores and weighted sum over the full n² pairs, query heads counted (GQA-aware: torch
+    before 2.12 rejects fewer key/value heads than query heads)."""
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+_SDPA_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
 
 
 def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
@@ -333,10 +341,12 @@ def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = N
 
 
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts CPU sdpa and grouped expert matmuls (local
-    mapping, nothing global)."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-               torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    """A ``FlopCounterMode`` that counts every sdpa kernel (CPU sdpa, which torch counts as 0,
+    included) with one GQA-aware rule, and grouped expert matmuls (local mapping, nothing
+    global)."""
+    mapping = {getattr(torch.ops.aten, op): _sdpa_flops for op in _SDPA_OPS
+               if hasattr(torch.ops.aten, op)}
+    mapping[torch.ops.aten._grouped_mm] = _grouped_mm_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlprune.adapters import get_adapter
+from vlprune.compat import call_cache
 from vlprune.eval.profiler.flops import (
     FlopsBreakdown,
     RunTokens,
@@ -111,7 +112,7 @@ class MetaCounter:
                 cache.update(kv, kv, 0)
             rope = (_meta(1, queries, head_dim), _meta(1, queries, head_dim))
             layer(_meta(1, queries, text.hidden_size), attention_mask=None,
-                  position_embeddings=rope, cache=cache, use_cache=cache is not None)
+                  position_embeddings=rope, **call_cache(cache), use_cache=cache is not None)
 
         return self._count(("decoder", queries, cached), run)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,7 +76,7 @@ class ProfileSettings:
     CUDA. ``timing=None``: on, except for full-size presets on CPU (FLOPs only, from the mini
     twin's token counts); ``timing=True`` builds and times even a full-size preset on CPU.
     ``threads``: ``torch.set_num_threads`` for the run (CPU timings on a busy machine are far
-    steadier with 1).
+    steadier with 1). ``decode_repeats``: timed ``generate`` calls (None: ``repeats``).
     """
 
     model: str
@@ -95,6 +96,7 @@ class ProfileSettings:
     progress: bool = True
     seed: int = 0
     threads: int | None = None
+    decode_repeats: int | None = None
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype to build the model in."""
@@ -126,11 +128,12 @@ class _Target:
     counted_source: str | None
 
 
-def _prepare(settings: ProfileSettings) -> _Target:
+def _prepare(settings: ProfileSettings, model: ProfileModel | None) -> _Target:
     dtype = settings.torch_dtype()
     preset = PRESETS.get(settings.model)
     on_cpu = not settings.device.startswith("cuda")
-    twin = preset is not None and not preset.mini and on_cpu and settings.timing is not True
+    twin = (model is None and preset is not None and not preset.mini and on_cpu
+            and settings.timing is not True)
     image = settings.image_size or (preset.image_size if preset else None)
     meta = None
     if twin:
@@ -141,8 +144,8 @@ def _prepare(settings: ProfileSettings) -> _Target:
         meta = MetaCounter(full, family) if settings.count else None
         source = "meta device (full-size modules)" if meta else None
     else:
-        runner = load_model(settings.model, device=settings.device, dtype=dtype,
-                            attn_implementation=settings.attn)
+        runner = model or load_model(settings.model, device=settings.device, dtype=dtype,
+                                     attn_implementation=settings.attn)
         config, family = runner.config, runner.family
         source = "FlopCounterMode on the prefill" if settings.count else None
     image = image or runner.image_size
@@ -239,8 +242,8 @@ class _Profiler:
         s = self.s
         prefill, select = time_prefill(self.model, self.t.inputs, warmup=s.warmup,
                                        repeats=s.repeats, meter=meter)
-        gen = time_generate(self.model, self.t.inputs, new_tokens=s.new_tokens,
-                            warmup=s.warmup, repeats=s.repeats)
+        gen = time_generate(self.model, self.t.inputs, new_tokens=s.new_tokens, warmup=s.warmup,
+                            repeats=s.repeats if s.decode_repeats is None else s.decode_repeats)
         share = None if select is None else select.median / prefill.median
         return {
             "prefill_ms": _ms(prefill), "select_ms": _ms(select), "select_share": share,
@@ -309,6 +312,8 @@ class _Profiler:
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
     base = rows[0]
+    if base["status"] != "ok":
+        return
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -326,9 +331,16 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def run_profile(settings: ProfileSettings,
-                on_row: Callable[[dict[str, Any]], None] | None = None) -> ProfileResult:
+                on_row: Callable[[dict[str, Any]], None] | None = None, *,
+                model: ProfileModel | None = None,
+                deadline: float | None = None) -> ProfileResult:
     """Profile ``settings.model``: the baseline, then every method x budget (see module doc);
-    ``on_row`` sees each row as soon as it is done."""
+    ``on_row`` sees each row as soon as it is done.
+
+    ``model``: an already built model to run (its device, dtype and attention implementation
+    are used as they are) instead of loading ``settings.model``. ``deadline``: a
+    ``time.monotonic()`` value; runs not started by then get a ``skipped`` row.
+    """
     methods = settings.methods if settings.methods is not None else vlprune.list_methods()
     for name in methods:
         get_method(name)  # unknown names fail before any model is built
@@ -336,7 +348,7 @@ def run_profile(settings: ProfileSettings,
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        target = _prepare(settings)
+        target = _prepare(settings, model)
         profiler = _Profiler(settings, target)
         jobs: list[tuple[str, Any]] = [("baseline", None)]
         jobs += [(m, b) for m in methods for b in settings.budgets]
@@ -344,7 +356,13 @@ def run_profile(settings: ProfileSettings,
         with _progress(len(jobs), settings.progress) as bar:
             for name, budget in jobs:
                 bar.set_postfix_str(f"{name} {budget if budget is not None else ''}".strip())
-                row = profiler.baseline() if budget is None else profiler.method(name, budget)
+                if deadline is not None and time.monotonic() > deadline:
+                    row = {"method": name, "budget": budget, "status": "skipped",
+                           "note": "time budget spent"}
+                elif budget is None:
+                    row = profiler.baseline()
+                else:
+                    row = profiler.method(name, budget)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from vlprune.compat import layer_cache
 from vlprune.hooks.gather import gather_rows
+from vlprune.hooks.masks import query_rows
 from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.signals.text_qk import text_keys, text_queries
@@ -109,12 +111,7 @@ class TextAttentionProbe(Probe):
 
     def _mask_rows(self, queries: torch.Tensor, length: int) -> torch.Tensor:
         mask = self.inputs["attention_mask"] if self.inputs else None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = mask.expand(queries.shape[0], *mask.shape[1:])
-            index = queries[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
-            return mask.gather(2, index)
-        keys = torch.arange(length, device=queries.device)
-        return (keys[None, None, None, :] <= queries[:, None, :, None])
+        return query_rows(mask, queries, length)
 
 
 class NextLayerAttentionProbe(TextAttentionProbe):
@@ -239,7 +236,7 @@ class TokenTransitionProbe(Probe):
 
     @eager_hook
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = layer_cache(kwargs)
         self._decoding = (cache is not None and self.layer_idx is not None
                           and physical_length(cache, self.layer_idx) > 0)
 

@@ -22,6 +22,7 @@ from tests.flex_like import NAME as FLEX_LIKE
 from tests.flex_like import flex_like_mask
 from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
+from vlprune.hooks import decoder
 from vlprune.hooks.calls import CallTracker
 from vlprune.hooks.decoder import CutContext, DecoderCut
 from vlprune.hooks.masks import causal_slot_mask, layer_mask, mask_slots, query_rows
@@ -106,6 +107,33 @@ def test_padded_cut_cached_equals_uncached(attn: str) -> None:
     cached, _, _ = _run(model, batch, [False, True])
     uncached, _, _ = _run(model, batch, [False, True], use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(("attn", "n_words", "builder", "shared_in_prefill"), [
+    ("eager", [5, 9], "gather_mask_4d", False), ("sdpa", [6, 6], "layer_mask", True)])
+def test_decode_builds_one_mask_per_step(attn: str, n_words: list[int], builder: str,
+                                         shared_in_prefill: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers holding the same rows share their decode-step mask: with one cut, each decode
+    step builds one mask (4-D gathered from the step's own mask, or built by the
+    implementation's builder where sdpa passes none), not one per layer from the cut on; the
+    tokens are those of the unshared path. (The prefill gathers one 4-D mask per layer from the
+    cut on, or builds one for all of them.)"""
+    model = cached_model("llava", attn)
+    batch = tiny_inputs("llava", batch=2, n_words=n_words, seed=1)
+    expected, _, _ = _run(model, batch, [False, True])
+    real = getattr(decoder, builder)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, builder, counted)
+    tokens, _, _ = _run(model, batch, [False, True])
+    assert torch.equal(tokens, expected)
+    prefill_calls = 1 if shared_in_prefill else len(get_adapter(model).decoder_layers) - CUT
+    assert len(calls) - prefill_calls == MAX_NEW - 1
 
 
 def test_layer_tokens_count_real_rows_only() -> None:

@@ -145,6 +145,11 @@ class PatchHandle(PatchPart):
         return bool(self._hooks)
 
     @property
+    def probes(self) -> dict[str, Any]:
+        """The signal probes the method asked for, by name (a copy of the mapping)."""
+        return dict(self._probes)
+
+    @property
     def stats(self) -> PruneStats:
         """Kept tokens of the last prefill in the calling thread (empty lists before the first
         forward with images)."""

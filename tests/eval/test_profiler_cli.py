@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import vlprune
 from vlprune.cli import main
 from vlprune.eval.profiler.presets import PRESETS
 from vlprune.eval.profiler.report import flatten, format_table
 from vlprune.eval.profiler.runner import ProfileSettings, run_profile
 from vlprune.eval.profiler.timing import SelectionMeter, Spread
 from vlprune.methods.random import RandomPrune
-from vlprune.testing import tiny_model
+from vlprune.testing import tiny_inputs, tiny_model
 
 
 def test_cli_writes_table_json_csv_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -44,6 +45,9 @@ def test_cli_writes_table_json_csv_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert rows[1]["llm_input_tokens"] == 16 + 64
     assert rows[2]["layer_tokens"][:3] == [16 + 576, 16 + 576, 16 + 64]  # FastV cuts at K=2
     assert rows[2]["select_gflops"] > 0 and rows[2]["select_ms"]["median"] >= 0
+    share = rows[2]["select_ms"]["median"] / rows[2]["prefill_ms"]["median"]
+    assert rows[2]["select_share"] == pytest.approx(share) and 0 < share < 1
+    assert rows[0]["select_share"] is None and "select %" in table
     with (out / "profile.csv").open() as handle:
         records = list(csv.DictReader(handle))
     assert len(records) == 3 and "prefill_ms_p75" in records[0]
@@ -137,3 +141,20 @@ def test_selection_meter_restores_method() -> None:
     assert "select" in vars(method)
     meter.remove()
     assert not {"select", "choose", "encoder_choose"} & set(vars(method))
+
+
+def test_selection_meter_times_probe_work_in_hooks() -> None:
+    """Probes that compute inside the forward's hooks (TransPrune's token transitions) are
+    timed as selection (here with an idle method: only the probes count); removing the meter
+    restores every probe."""
+    model = tiny_model("llava")
+    with vlprune.patch(model, "transprune", budget=8) as handle:
+        probes = [p for p in handle.probes.values() if type(p).work]
+        assert probes and all(type(p).work == ("reduce",) for p in probes)
+        meter = SelectionMeter(RandomPrune(), torch.device("cpu"), handle.probes.values())
+        assert all("reduce" in vars(p) for p in probes)
+        with torch.no_grad():
+            model(**tiny_inputs("llava"))
+        assert meter.ms > 0
+        meter.remove()
+        assert not any("reduce" in vars(p) for p in probes)

@@ -97,6 +97,30 @@ def test_transition_probe_reads_submodule_input_and_output() -> None:
     assert not layer.self_attn._forward_hooks and not layer.mlp._forward_hooks
 
 
+def test_transition_probes_reduce_prefills_only(monkeypatch) -> None:
+    """In ``generate``, the token-transition probes reduce the prefill's calls (attention and
+    MLP of every accumulated layer, all prompt rows) and nothing in the decode steps, whose terms
+    nothing reads; a fresh prefill on a new cache reduces again."""
+    model = cached_model("llava")
+    inputs = tiny_inputs("llava")
+    seen: list[int] = []
+    reduce = TokenTransitionProbe.reduce
+
+    def spy(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(x.shape[1])
+        return reduce(self, x, y)
+
+    monkeypatch.setattr(TokenTransitionProbe, "reduce", spy)
+    with vlprune.patch(model, "transprune", budget=4) as handle, torch.no_grad():
+        layers = [name for name in handle.probes if name.startswith("ttv")]
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        first = list(seen)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert len(first) == 2 * len(layers) > 0
+    assert all(rows > 1 for rows in first)
+    assert seen == first + first
+
+
 # ------------------------------------------------------------------------------- schedule
 
 

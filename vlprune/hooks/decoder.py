@@ -150,6 +150,9 @@ class DecoderCut(PatchPart):
     last = ThreadLocal()
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
+    _memo = ThreadLocal()
+    """The running decode step's gathered masks: (state, the step's 4-D mask, {id(rows): (rows,
+    mask)}), so layers holding the same rows gather their mask once per step."""
     _rope = ThreadLocal()
     _lm_mask = ThreadLocal()
     """The 2-D attention mask the language model got in the running forward (None: none)."""
@@ -393,23 +396,35 @@ class DecoderCut(PatchPart):
         slots = state.layer_slots.get(i)
         index = state.layer_index[i]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            kv_len = mask.shape[-1]
-            new = torch.arange(state.input_len, kv_len, device=mask.device)
-            new = new.expand(index.shape[0], -1)
-            mask = gather_mask_4d(mask, None, torch.cat([index, new], 1))
-            if slots is not None:
-                mask = mask_slots(mask, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
-        elif mask is not None or slots is not None:
+            return self._gathered_step_mask(state, index, slots, mask)
+        if mask is not None or slots is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             n_queries = hidden.shape[1]
             kv_len = layer_cache(kwargs).get_seq_length(i) + n_queries
-            mask = self._rebuilt_mask(
+            return self._rebuilt_mask(
                 (index, slots, self._lm_mask, kv_len),
                 partial(cache_keys, self._lm_mask, state.input_len, index, slots, kv_len),
                 n_queries, hidden)
-        else:
-            return None
-        return mask
+        return None
+
+    def _gathered_step_mask(self, state: DecoderState, index: torch.Tensor,
+                            slots: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """The step's 4-D ``mask`` on the columns a layer holding rows ``index`` caches,
+        ``cat(index, arange(L, kv_len))`` (padding slots masked); layers that hold the same rows
+        share one per step (memo)."""
+        memo = self._memo
+        if memo is None or memo[0] is not state or memo[1] is not mask:
+            memo = self._memo = (state, mask, {})
+        hit = memo[2].get(id(index))
+        if hit is not None:
+            return hit[1]
+        new = torch.arange(state.input_len, mask.shape[-1], device=mask.device)
+        new = new.expand(index.shape[0], -1)
+        out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
+        if slots is not None:
+            out = mask_slots(out, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
+        memo[2][id(index)] = (index, out)
+        return out
 
     def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Shadow of the text model's ``_deepstack_process``: run it on the DeepStack inputs

@@ -35,8 +35,15 @@ class ImageTokens:
     encode: Encode | None = None
 
     def features(self) -> list[torch.Tensor]:
-        """Per image, its (N_i, D) rows of ``inputs_embeds``."""
-        return [self.inputs_embeds[s, p] for s, p in zip(self.sample, self.positions)]
+        """Per image, its (N_i, D) rows of ``inputs_embeds``: a view where the image's
+        placeholders are consecutive (the usual prompt), else a copy."""
+        out = []
+        for s, p in zip(self.sample, self.positions):
+            first = int(p[0]) if p.numel() else 0
+            consecutive = p.numel() == 0 or int(p[-1]) - first + 1 == p.numel()
+            out.append(self.inputs_embeds[s, first:first + p.numel()] if consecutive
+                       else self.inputs_embeds[s, p])
+        return out
 
 
 def split_images(

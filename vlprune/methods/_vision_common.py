@@ -10,7 +10,8 @@ Side-effect free (registers nothing). Three jobs:
   thumbnail cells cover which crop (:func:`thumbnail_regions`); Qwen patches → merged tokens
   (:func:`merged_token_scores`);
 - budgets: split a count exactly (:func:`apportion`) and meet an image's budget exactly whatever
-  the newline policy (:func:`fill_budget`).
+  the newline policy (:func:`fill_budget`);
+- features: float32 unit rows for similarity-based methods (:func:`unit_rows`).
 """
 
 from __future__ import annotations
@@ -245,3 +246,10 @@ def fill_budget(
     touched[_canvas_rows(idx, layout)] = True
     extra = newlines[~touched][: k - lo - int(touched.sum())]
     return torch.cat([idx, newlines[touched], extra]).sort().values
+
+
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """A float32 copy of ``x`` (..., D) with L2-unit rows: ``F.normalize(x.float(), dim=-1,
+    eps=eps)`` computed in place in the copy (one buffer instead of two)."""
+    x = x.to(torch.float32, copy=True)
+    return x.div_(x.norm(2, -1, keepdim=True).clamp_min(eps))

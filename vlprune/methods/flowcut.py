@@ -117,9 +117,9 @@ def clip_scores(
     Returns the (n,) patch scores ``(a/Σa + sem/Σsem) · ‖mean_h v‖₁`` and the (n,) CLS
     attention ``a`` over the patches (head mean, softmax over all rows).
     """
-    q, k, v = q.float(), k.float(), v.float()
     rows = q.shape[1]
-    attention = ((q[:, :1] @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:rows]
+    cls, k, v = q[:, :1].float(), k.float(), v.float()
+    attention = ((cls @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, 1:rows]
     semantic = (v[:, :1] @ v.transpose(1, 2)).softmax(-1).mean(0)[0, 1:rows]
     density = v[:, 1:rows].mean(0).abs().sum(-1)
     score = (attention / attention.sum() + semantic / semantic.sum()) * density
@@ -135,9 +135,9 @@ def global_query_scores(
     Returns the (n,) merge-group scores (mean over the group's rows of
     ``attention · ‖mean_h v‖₁``) and the (R,) global-query attention (head mean).
     """
-    q, k, v = q.float(), k.float(), v.float()
     n_rows = q.shape[1]
-    query = q.mean(dim=1, keepdim=True)
+    query = q.mean(dim=1, keepdim=True, dtype=torch.float32)
+    k, v = k.float(), v.float()
     attention = ((query @ k.transpose(1, 2)) * scale).softmax(-1).mean(0)[0, :n_rows]
     rows = attention * v[:, :n_rows].mean(0).abs().sum(-1)
     return rows.view(-1, group).mean(1), attention

@@ -46,13 +46,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.gather import gather_rows
-from vlprune.kernels import select_topk
-from vlprune.methods._vision_common import newline_tokens, partition_tokens
+from vlprune.methods._vision_common import newline_tokens, partition_tokens, unit_rows
 from vlprune.methods.base import Method, VisionBatch
 from vlprune.options import BoolOption, CustomOption, FloatOption, as_int, declare
 from vlprune.registry import register_method
@@ -160,14 +158,24 @@ def coverage_matrix(
     ``valid`` (G, N) bool candidates (n = its count): other columns and their Q rows are 0 and
     take no part in the softmaxes. ``F(S) = Σ_r max_{j∈S} C[r, j]``.
     """
-    t, v, w = (F.normalize(x.float(), dim=-1, eps=1e-8) for x in (text, vision, vision_pre))
-    hidden = ~valid[:, None, :]
-    p = (t @ v.transpose(1, 2) / tv_temperature).masked_fill(hidden, float("-inf")).softmax(-1)
+    t, v, w = (unit_rows(x, eps=1e-8) for x in (text, vision, vision_pre))
+    rows = text.shape[1]
+    cover = t.new_empty(t.shape[0], rows + v.shape[1], v.shape[1])
     m = text_mask.sum(1, keepdim=True).clamp_min(1)
-    p = p * (text_mask / m)[..., None]
-    q = (w @ w.transpose(1, 2) / vv_temperature).masked_fill(hidden, float("-inf")).softmax(-1)
-    q = q * (valid * alpha / valid.sum(1, keepdim=True))[..., None]
-    return torch.cat([p, q], dim=1)
+    torch.mul(_masked_softmax(t @ v.transpose(1, 2), tv_temperature, valid),
+              (text_mask / m)[..., None], out=cover[:, :rows])
+    torch.mul(_masked_softmax(w @ w.transpose(1, 2), vv_temperature, valid),
+              (valid * alpha / valid.sum(1, keepdim=True))[..., None], out=cover[:, rows:])
+    return cover
+
+
+def _masked_softmax(sim: torch.Tensor, temperature: float, valid: torch.Tensor) -> torch.Tensor:
+    """``softmax(sim / temperature)`` over the last dim of ``sim`` (G, R, N), in place, with the
+    columns where ``valid`` (G, N) is False left out (probability 0)."""
+    sim.div_(temperature)
+    if not bool(valid.all()):
+        sim.masked_fill_(~valid[:, None, :], float("-inf"))
+    return sim.softmax(-1)
 
 
 def greedy_coverage(
@@ -178,20 +186,41 @@ def greedy_coverage(
     Step i adds the valid, unpicked column with the largest marginal gain
     ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
     (``docs/methods/mmtok.md#algorithm``). Needs ``k`` ≤ the valid columns of every unit.
+    Every step works in buffers allocated once (no per-step copies of ``cover``); one unit
+    runs on 2-D tensors (fewer ops per step, the same values).
     """
     units, rows, n = cover.shape
-    blocked = torch.zeros(units, n, dtype=torch.bool, device=cover.device)
-    if valid is not None:
-        blocked = ~valid
+    blocked = ~valid if valid is not None else torch.zeros(
+        units, n, dtype=torch.bool, device=cover.device)
+    if k == 0:
+        return cover.new_zeros(units, 0, dtype=torch.long)
+    if units == 1:
+        return _greedy_one(cover[0], k, blocked[0])[None]
     best = cover.new_zeros(units, rows, 1)
     picks = []
+    work = torch.empty_like(cover)
     for _ in range(k):
-        gain = (cover - best).clamp_min_(0).sum(1).masked_fill_(blocked, float("-inf"))
-        pick = gain.argmax(1)
+        torch.sub(cover, best, out=work).clamp_min_(0)
+        pick = work.sum(1).masked_fill_(blocked, float("-inf")).argmax(1, keepdim=True)
         picks.append(pick)
-        blocked = blocked.scatter(1, pick[:, None], True)
-        best = torch.maximum(best, cover.gather(2, pick[:, None, None].expand(units, rows, 1)))
-    return torch.stack(picks, 1) if picks else cover.new_zeros(units, 0, dtype=torch.long)
+        blocked.scatter_(1, pick, True)
+        torch.maximum(best, cover.gather(2, pick[:, :, None].expand(units, rows, 1)), out=best)
+    return torch.cat(picks, 1)
+
+
+def _greedy_one(cover: torch.Tensor, k: int, blocked: torch.Tensor) -> torch.Tensor:
+    """:func:`greedy_coverage` of one unit, ``cover`` (R, N), ``blocked`` (N,) bool: (k,)."""
+    penalty = torch.zeros_like(cover[0]).masked_fill_(blocked, float("-inf"))
+    best = cover.new_zeros(cover.shape[0], 1)
+    work = torch.empty_like(cover)
+    picks = []
+    for _ in range(k):
+        torch.sub(cover, best, out=work).clamp_min_(0)
+        pick = work.sum(0).add_(penalty).argmax()
+        picks.append(pick)
+        penalty[pick] = float("-inf")
+        torch.maximum(best, cover[:, pick, None], out=best)
+    return torch.stack(picks)
 
 
 def coverage_value(cover: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
@@ -293,7 +322,7 @@ class MMTok(Method):
     def select(self, batch: VisionBatch) -> list[torch.Tensor]:
         """1. text targets per prompt; 2. units (images / crops) with their post- and
         pre-projector features; 3. coverage rows per unit; 4. greedy, batched over units of
-        equal (N, k); 5. kept indices of each image, sorted, through ``select_topk``."""
+        equal (N, k); 5. kept indices of each image, sorted."""
         if batch.budget is None or len(batch.positions) != len(batch.layouts):
             raise RuntimeError("mmtok needs the batch's `budget` and image `positions`")
         text, text_mask = self._text_targets(batch)
@@ -331,18 +360,17 @@ class MMTok(Method):
         k: int,
     ) -> torch.Tensor:
         """(G, k) kept token indices of G units of equal size, each sorted."""
-        token_map = torch.stack([unit.tokens for unit in units])
+        token_map = _stacked([unit.tokens for unit in units])
         valid = token_map >= 0
-        post = torch.stack([batch.features[u.image][u.tokens.clamp(min=0)] for u in units])
-        rows = torch.tensor([batch.sample[u.image] for u in units], device=text.device)
+        post = _stacked([_rows(batch.features[u.image], u.tokens) for u in units])
+        rows = [batch.sample[u.image] for u in units]
         cover = coverage_matrix(
-            text[rows], text_mask[rows], post, torch.stack([u.pre for u in units]), valid,
-            tv_temperature=self.tv_temperature, vv_temperature=self.vv_temperature,
-            alpha=self.alpha,
+            _stacked([text[r] for r in rows]), _stacked([text_mask[r] for r in rows]), post,
+            _stacked([u.pre for u in units]), valid, tv_temperature=self.tv_temperature,
+            vv_temperature=self.vv_temperature, alpha=self.alpha,
         )
         picks = greedy_coverage(cover, k, valid)
-        picked = torch.zeros_like(valid).scatter_(1, picks, True)
-        return token_map.gather(1, select_topk(picked.float(), k))
+        return token_map.gather(1, picks.sort(1).values)
 
     def _text_targets(self, batch: VisionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, D) text-target embeddings of each prompt, left-packed, and their (B, M) mask."""
@@ -367,6 +395,20 @@ class MMTok(Method):
         count = int(targets.sum(1).max())
         order = targets.char().argsort(dim=1, descending=True, stable=True)[:, :count]
         return gather_rows(batch.text_embeds, order), targets.gather(1, order)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; a view of the only one (no copy) for a single tensor."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _rows(features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, D) rows ``tokens`` of ``features`` (-1: any row, a non-candidate): a view when they
+    are consecutive (an image or a thumbnail), a copy otherwise (unpadded crops)."""
+    first = int(tokens[0])
+    if first >= 0 and bool((tokens.diff() == 1).all()):
+        return features[first:first + tokens.numel()]
+    return features[tokens.clamp(min=0)]
 
 
 def _pre_features(batch: VisionBatch) -> list[torch.Tensor]:

@@ -63,6 +63,7 @@ from vlprune.methods._vision_common import (
     newline_tokens,
     resolve_layer,
     split_per_image,
+    unit_rows,
 )
 from vlprune.methods.base import (
     DecoderBatch,
@@ -87,17 +88,21 @@ def diverse_order(
     (k,), in selection order (steps 2-3). Both variants minimise a running score, +∞ once
     picked: max-sum the summed cosine similarity to the picks, k-center the negated cosine
     distance to the nearest pick. Ties go to the lower index; no host sync per step."""
-    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    x = unit_rows(features)
     order = torch.empty(k, dtype=torch.long, device=features.device)
     order[0] = pivot
     score = x @ x[pivot] if variant == "maxsum" else x @ x[pivot] - 1.0
     score[pivot] = torch.inf
+    sim = torch.empty_like(score)
     for t in range(1, k):
         c = score.argmin()
         order[t] = c
-        sim = x @ x[c]
-        score = score + sim if variant == "maxsum" else torch.maximum(score, sim - 1.0)
-        score = score.index_fill(0, c.view(1), torch.inf)
+        torch.mv(x, x[c], out=sim)
+        if variant == "maxsum":
+            score.add_(sim)
+        else:
+            torch.maximum(score, sim.sub_(1.0), out=score)
+        score.index_fill_(0, c.view(1), torch.inf)
     return order
 
 

@@ -159,8 +159,9 @@ def main(args: argparse.Namespace) -> int:
           "prefill FLOPs (2 per MAC; GQA, gated MLP or MoE router + active experts, causal "
           "attention, vision + projector (+ DeepStack mergers) + LM head).")
     if info["timing"]:
-        print("ms: median ±half-IQR; select ms: the method's own selection inside the prefill; "
-              "peak MB: prefill, weights included; speed-up: baseline prefill / prefill.")
+        print("ms: median ±half-IQR; select ms: the method's own selection inside the prefill "
+              "(select %: its share of the prefill, medians); peak MB: prefill, weights "
+              "included; speed-up: baseline prefill / prefill.")
     else:
         print("FLOPs ratio: baseline / run exact TFLOPs. Latency not measured (a full-size "
               "preset on CPU runs its -mini twin for token counts only; use --device cuda).")

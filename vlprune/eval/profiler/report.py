@@ -48,6 +48,8 @@ _FLOPS_COLUMNS: list[Column] = [
 _TIMED_COLUMNS: list[Column] = [
     ("prefill ms", lambda r: _ms(r.get("prefill_ms"))),
     ("select ms", lambda r: _ms(r.get("select_ms"))),
+    ("select %", lambda r: DASH if r.get("select_share") is None
+     else f"{100 * r['select_share']:.1f} %"),
     ("decode ms/tok", lambda r: _ms(r.get("decode_ms_per_token"))),
     ("peak MB", lambda r: _num(r.get("peak_mb"), 4)),
     ("speed-up", lambda r: DASH if r.get("speedup_prefill") is None

@@ -244,8 +244,10 @@ class _Profiler:
                                        repeats=s.repeats, meter=meter)
         gen = time_generate(self.model, self.t.inputs, new_tokens=s.new_tokens, warmup=s.warmup,
                             repeats=s.repeats if s.decode_repeats is None else s.decode_repeats)
+        share = None if select is None else select.median / prefill.median
         return {
-            "prefill_ms": _ms(prefill), "select_ms": _ms(select), "ttft_ms": _ms(gen.ttft),
+            "prefill_ms": _ms(prefill), "select_ms": _ms(select), "select_share": share,
+            "ttft_ms": _ms(gen.ttft),
             "decode_ms_per_token": _ms(gen.decode_per_token), "e2e_ms": _ms(gen.end_to_end),
             "peak_mb": peak_memory_mb(self.model, self.t.inputs),
         }
@@ -290,7 +292,8 @@ class _Profiler:
             handle = vlprune.patch(self.model, name, **amount)
         except (TypeError, ValueError) as err:
             return {**row, "status": "n/a", "note": str(err)}
-        meter = SelectionMeter(handle.method, self.t.inputs["input_ids"].device)
+        meter = SelectionMeter(handle.method, self.t.inputs["input_ids"].device,
+                               handle.probes.values())
         try:
             counted, rows = self._counted_prefill(meter)
             stats = handle.stats

@@ -7,8 +7,8 @@
   device is synchronised at each stamp. Time to first token is the first stamp, decode time per
   token the mean gap between the first and the last stamp, end to end the whole call.
 - Selection overhead: the method's own ``encoder_choose`` / ``select`` / ``choose`` (probe
-  recomputation included),
-  timed inside the prefill by wrapping the handle's method instance (CUDA events on GPU).
+  computations included, also those a probe runs inside the forward's hooks), timed inside the
+  prefill by wrapping the handle's method and probe instances (CUDA events on GPU).
 - Peak memory of the prefill: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the model's
   parameters and buffers plus the peak of live tensor bytes allocated during the call, read
   from ``torch.profiler`` memory events (the profiled call is not one of the timed ones).
@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,31 +89,46 @@ def _timer(device: torch.device, out: list[float]) -> Iterator[None]:
 
 class SelectionMeter:
     """Times (and optionally counts the FLOPs of) a method's own work: ``encoder_choose``,
-    ``select`` and ``choose``, probe recomputation included.
+    ``select`` and ``choose``, probe computations included (those run on request inside them,
+    and the ``work`` of ``probes`` that compute inside the forward's hooks).
 
-    Shadows them on the method *instance* of one patch handle (nothing global) and restores
-    them in :meth:`remove`. ``ms`` / ``flops`` accumulate until :meth:`reset`.
+    Shadows them on the method and probe *instances* of one patch handle (nothing global) and
+    restores them in :meth:`remove`; a call inside another timed call is not counted twice.
+    ``ms`` / ``flops`` accumulate until :meth:`reset`. On CPU, ``clock`` (seconds) is
+    ``time.perf_counter``; ``time.thread_time`` counts only this thread's CPU time (steadier on
+    a busy machine when torch runs one thread).
     """
 
-    def __init__(self, method: Any, device: torch.device) -> None:
-        self.method = method
+    def __init__(self, method: Any, device: torch.device, probes: Iterable[Any] = (),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.device = device
+        self.clock = clock
         self.count = False
         self.flops = 0.0
         self._events: list[tuple[Any, Any]] = []
         self._host_ms = 0.0
-        self._names = [n for n in ("encoder_choose", "select", "choose") if n not in vars(method)]
-        for name in self._names:
-            setattr(method, name, self._wrap(getattr(method, name)))
+        self._depth = 0
+        targets = [(method, ("encoder_choose", "select", "choose"))]
+        targets += [(probe, type(probe).work) for probe in probes]
+        self._shadowed = [(obj, name) for obj, names in targets for name in names
+                          if name not in vars(obj)]
+        for obj, name in self._shadowed:
+            setattr(obj, name, self._wrap(getattr(obj, name)))
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if self.count:
-                with flop_counter() as counter:
-                    result = self._timed(fn, args, kwargs)
-                self.flops += counter.get_total_flops()
-                return result
-            return self._timed(fn, args, kwargs)
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            try:
+                if self.count:
+                    with flop_counter() as counter:
+                        result = self._timed(fn, args, kwargs)
+                    self.flops += counter.get_total_flops()
+                    return result
+                return self._timed(fn, args, kwargs)
+            finally:
+                self._depth -= 1
 
         return timed
 
@@ -125,9 +140,9 @@ class SelectionMeter:
             end.record()
             self._events.append((start, end))
             return result
-        start_s = time.perf_counter()
+        start_s = self.clock()
         result = fn(*args, **kwargs)
-        self._host_ms += (time.perf_counter() - start_s) * 1e3
+        self._host_ms += (self.clock() - start_s) * 1e3
         return result
 
     @property
@@ -143,9 +158,9 @@ class SelectionMeter:
         self.flops = 0.0
 
     def remove(self) -> None:
-        """Restore the method's own functions."""
-        for name in self._names:
-            vars(self.method).pop(name, None)
+        """Restore the method's and probes' own functions."""
+        for obj, name in self._shadowed:
+            vars(obj).pop(name, None)
 
 
 class TokenClock(BaseStreamer):

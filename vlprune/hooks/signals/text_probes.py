@@ -1,26 +1,29 @@
 """Language-model signals: decoder attention rows, values and token transitions.
 
-A probe sits on one decoder layer (or its attention) as a hook and keeps references to that
-call's inputs; when a method asks, it recomputes ``softmax(q·kᵀ·scale + mask)`` for the
-requested query rows only, from the layer's own projections and RoPE. The model keeps running
-its own backend (sdpa, eager or flash) untouched.
+A probe sits on one decoder layer's attention as hooks: it keeps references to that call's inputs
+and to the outputs of its q / k (/ v) projections, so when a method asks for
+``softmax(q·kᵀ·scale + mask)`` of some query rows only RoPE and the product of those rows are
+computed (nothing is projected twice). A probe of the rows a layer *would* see before a cut
+(:class:`NextLayerAttentionProbe`) projects them itself. The model keeps running its own backend
+(sdpa, eager or flash) untouched.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from vlprune.compat import layer_cache
 from vlprune.hooks.gather import gather_rows
 from vlprune.hooks.masks import query_rows
-from vlprune.hooks.signals.module_probes import HandleGroup, Probe
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.signals.text_qk import text_keys, text_queries
-from vlprune.hooks.state import ThreadLocal, eager_hook
+from vlprune.hooks.state import ThreadLocal, eager_hook, physical_length
 
 
 class TextAttentionProbe(Probe):
@@ -30,17 +33,22 @@ class TextAttentionProbe(Probe):
     (Qwen3-VL, Qwen3.5 full-attention layers) text attention (GQA, 1-D or M-RoPE, q/k norms,
     gated queries, partial rotary; :mod:`~vlprune.hooks.signals.text_qk`): all expose ``q_proj``,
     ``k_proj``, ``head_dim``, ``scaling`` and ``num_key_value_groups``, and receive
-    ``position_embeddings=(cos, sin)``.
+    ``position_embeddings=(cos, sin)``. The outputs of ``projections`` are kept from the layer's
+    own call (``kept``).
     """
 
+    projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj")
     inputs = ThreadLocal()
 
     def __init__(self, attention: nn.Module) -> None:
         self.attention = attention
+        self.kept = ProjectionOutputs(attention, self.projections)
 
-    def install(self) -> RemovableHandle:
-        """Register the pre-hook that remembers the layer's inputs."""
-        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+    def install(self) -> HandleGroup:
+        """Register the pre-hook that remembers the layer's inputs and the hooks that keep the
+        outputs of its q and k projections."""
+        remember = self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+        return HandleGroup([remember, self.kept.install()])
 
     @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -52,8 +60,9 @@ class TextAttentionProbe(Probe):
         }
 
     def clear(self) -> None:
-        """Drop the references to the last call's inputs."""
+        """Drop the references to the last call's inputs and projections."""
         self.inputs = None
+        self.kept.clear()
 
     def checked_inputs(self) -> dict[str, Any]:
         """The last call's inputs; ``RuntimeError`` if the layer has not run."""
@@ -81,14 +90,24 @@ class TextAttentionProbe(Probe):
         mask (autograd left on)."""
         inputs = self.checked_inputs()
         attn = self.attention
-        hidden = inputs["hidden"]
-        batch = hidden.shape[0]
+        batch = inputs["hidden"].shape[0]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in inputs["position_embeddings"])
-        q = text_queries(attn, gather_rows(hidden, queries))
-        k = text_keys(attn, hidden)
+        q = text_queries(attn, self.projection("q_proj", queries))
+        k = text_keys(attn, self.projection("k_proj"))
         q = apply_rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
         k = apply_rope(k, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return (q @ k.transpose(2, 3)) * attn.scaling
+
+    def projection(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, out) output of projection ``name`` at rows ``rows`` (B, R) (None: every row):
+        the layer's own, kept from its last call, or projected here where none was kept (a
+        compiled model does not run hooks on its projections)."""
+        out = self.kept.get(name)
+        if out is None:
+            hidden = self.checked_inputs()["hidden"]
+            project = getattr(self.attention, name)
+            return project(hidden if rows is None else gather_rows(hidden, rows))
+        return out if rows is None else gather_rows(out, rows)
 
     def _mask_rows(self, queries: torch.Tensor, length: int) -> torch.Tensor:
         mask = self.inputs["attention_mask"] if self.inputs else None
@@ -99,7 +118,8 @@ class NextLayerAttentionProbe(TextAttentionProbe):
     """Attention rows that decoder layer ``layer`` would compute on the output of ``previous``
     (the layer before it): ``layer``'s ``input_layernorm``, q/k projections and RoPE applied to
     ``previous``'s output, with the position embeddings and mask ``previous`` received. These
-    are the rows a decoder cut at ``layer`` sees before it cuts. A forward hook on ``previous``;
+    are the rows a decoder cut at ``layer`` sees before it cuts (``layer`` itself only sees the
+    rows that survive, so they are projected here, on request). A forward hook on ``previous``;
     :meth:`rows` as in :class:`TextAttentionProbe`.
     """
 
@@ -113,14 +133,20 @@ class NextLayerAttentionProbe(TextAttentionProbe):
         return self.previous.register_forward_hook(self._remember_output, with_kwargs=True)
 
     @eager_hook
-    @torch.no_grad()
     def _remember_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
         self.inputs = {
-            "hidden": self.norm(hidden),
+            "output": output[0] if isinstance(output, tuple) else output,
             "position_embeddings": kwargs["position_embeddings"],
             "attention_mask": kwargs.get("attention_mask"),
         }
+
+    def checked_inputs(self) -> dict[str, Any]:
+        """The last call's inputs, ``hidden`` (``layer``'s normed input) computed on first use."""
+        inputs = super().checked_inputs()
+        if "hidden" not in inputs:
+            with torch.no_grad():
+                inputs["hidden"] = self.norm(inputs["output"])
+        return inputs
 
 
 class TextQKV(Probe):
@@ -133,9 +159,9 @@ class TextQKV(Probe):
     def __init__(self, probe: TextAttentionProbe) -> None:
         self.probe = probe
 
-    def install(self) -> RemovableHandle:
-        """Install the wrapped probe."""
-        return self.probe.install()
+    def install(self) -> HandleGroup:
+        """Install the wrapped probe, keeping the value projection's output too."""
+        return HandleGroup([self.probe.install(), self.probe.kept.keep("v_proj")])
 
     def clear(self) -> None:
         """Clear the wrapped probe."""
@@ -155,17 +181,24 @@ class TextQKV(Probe):
     @torch.no_grad()
     def values(self) -> torch.Tensor:
         """(B, H_kv, L, d) value vectors of every row."""
-        attn = self.probe.attention
         hidden = self.probe.checked_inputs()["hidden"]
-        return attn.v_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        values = self.probe.projection("v_proj")
+        return values.view(*hidden.shape[:2], -1, self.probe.attention.head_dim).transpose(1, 2)
 
 
-def transition_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def transition_terms(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """How a sub-module moves each token: its input ``x`` and output ``y`` (B, L, D), before any
-    residual add, give ``‖y‖₂ / ‖x‖₂`` and ``cos(x, y)``, each (B, L) float32."""
-    x, y = x.float(), y.float()
-    ratio = y.norm(dim=-1) / x.norm(dim=-1)
-    return ratio, torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    residual add, give ``‖y‖₂ / ‖x‖₂`` and ``cos(x, y)``, each (B, L) float32.
+
+    The cosine is ``torch.nn.functional.cosine_similarity``'s arithmetic (rows divided by their
+    norms clamped at ``eps``, then the product summed), on float32 copies with each norm
+    computed once."""
+    x, y = x.to(torch.float32, copy=True), y.to(torch.float32, copy=True)
+    norm_x, norm_y = x.norm(dim=-1, keepdim=True), y.norm(dim=-1, keepdim=True)
+    ratio = (norm_y / norm_x)[..., 0]
+    x.div_(norm_x.clamp_min(eps)).mul_(y.div_(norm_y.clamp_min(eps)))
+    return ratio, x.sum(-1)
 
 
 class TokenTransitionProbe(Probe):
@@ -175,13 +208,17 @@ class TokenTransitionProbe(Probe):
     the residual add) and ``mlp`` (same); each call is reduced at once with
     :func:`transition_terms`, so only (B, L) tensors are kept. ``value``:
     ``{"attn": (ratio, cos), "mlp": (ratio, cos)}`` of the last call, over the rows the layer
-    saw (empty before it ran).
+    saw (empty before it ran). A decode step (the layer's cache already holds rows) is not
+    reduced: only a prefill's terms are ever read.
     """
 
+    work = ("reduce",)
     _value = ThreadLocal()
+    _decoding = ThreadLocal(False)
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
+        self.layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
 
     @property
     def value(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -189,21 +226,33 @@ class TokenTransitionProbe(Probe):
         return self._value or {}
 
     def install(self) -> HandleGroup:
-        """Register the two forward hooks."""
+        """Register the layer's pre-hook (prefill or decode step) and the two forward hooks."""
         return HandleGroup([
-            getattr(self.layer, name).register_forward_hook(
+            self.layer.register_forward_pre_hook(self._start, with_kwargs=True),
+            *(getattr(self.layer, name).register_forward_hook(
                 partial(self._remember, key), with_kwargs=True
-            )
-            for key, name in (("attn", "self_attn"), ("mlp", "mlp"))
+            ) for key, name in (("attn", "self_attn"), ("mlp", "mlp"))),
         ])
+
+    @eager_hook
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = layer_cache(kwargs)
+        self._decoding = (cache is not None and self.layer_idx is not None
+                          and physical_length(cache, self.layer_idx) > 0)
 
     @eager_hook
     @torch.no_grad()
     def _remember(self, key: str, module: nn.Module, args: tuple, kwargs: dict,
                   output: Any) -> None:
+        if self._decoding:
+            return
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
         y = output[0] if isinstance(output, tuple) else output
-        self._value = {**self.value, key: transition_terms(x, y)}
+        self._value = {**self.value, key: self.reduce(x, y)}
+
+    def reduce(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sub-module call's :func:`transition_terms`."""
+        return transition_terms(x, y)
 
     def clear(self) -> None:
         """Drop the last call's values."""

@@ -2,9 +2,10 @@
 
 A vision forward attends within independent sequences: one per image or crop (CLIP), one per
 image (Qwen full-attention blocks) or per window (Qwen2.5-VL windowed blocks, in window order).
-A probe sits on one attention module as a pre-hook, keeps references to that call's inputs and
-recomputes only what a method asks for from the module's own projections and RoPE; the wrappers
-below reduce it without holding a whole (H, n, n) map.
+A probe sits on one attention module: a pre-hook keeps references to that call's inputs and
+forward hooks on its projections keep their outputs, so q, k and v are the layer's own (nothing is
+projected twice); RoPE is applied on request. The wrappers below reduce them without holding a
+whole (H, n, n) map.
 
 A sequence's n rows are what methods see and index. A layer may also attend to *context* rows
 that no method selects (a timm ViT's register tokens): their keys and values follow the n rows
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.hooks.signals.module_probes import Probe
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
 from vlprune.hooks.signals.recompute import apply_vision_rope
 from vlprune.hooks.state import ThreadLocal, eager_hook
 
@@ -31,18 +32,23 @@ class VisionAttentionProbe(Probe):
     """Attention rows of one vision-encoder layer, recomputed on request.
 
     :meth:`rows` returns one (H, Q, n) tensor per sequence, in the order the layer saw them.
-    Subclasses say how to read q, k and v off the layer.
+    Subclasses name the projection submodules whose outputs each call keeps (``projections``)
+    and say how to read q, k and v off them.
     """
 
     vision = True
+    projections: ClassVar[tuple[str, ...]] = ()
     inputs = ThreadLocal()
 
     def __init__(self, attention: nn.Module) -> None:
         self.attention = attention
+        self.kept = ProjectionOutputs(attention, self.projections)
 
-    def install(self) -> RemovableHandle:
-        """Register the pre-hook that remembers the layer's inputs."""
-        return self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+    def install(self) -> HandleGroup:
+        """Register the pre-hook that remembers the layer's inputs and the hooks that keep its
+        projections' outputs."""
+        remember = self.attention.register_forward_pre_hook(self._remember, with_kwargs=True)
+        return HandleGroup([remember, self.kept.install()])
 
     @eager_hook
     def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -51,8 +57,17 @@ class VisionAttentionProbe(Probe):
         self.inputs = {"hidden": hidden, **rest}
 
     def clear(self) -> None:
-        """Drop the references to the last call's inputs."""
+        """Drop the references to the last call's inputs and projections."""
         self.inputs = None
+        self.kept.clear()
+
+    def projection(self, name: str) -> torch.Tensor:
+        """Output of projection ``name``: the layer's own, kept from its last call, or projected
+        here where none was kept (a compiled model does not run hooks on its projections)."""
+        out = self.kept.get(name)
+        if out is None:
+            out = getattr(self.attention, name)(self.checked_inputs()["hidden"])
+        return out
 
     def checked_inputs(self) -> dict[str, Any]:
         """The last call's inputs; ``RuntimeError`` if the layer has not run."""
@@ -99,31 +114,31 @@ class ClipAttentionProbe(VisionAttentionProbe):
     """CLIP (LLaVA, LLaVA-NeXT): ``q_proj`` / ``k_proj`` / ``v_proj``, no RoPE; one sequence per
     crop (CLS first)."""
 
+    projections = ("q_proj", "k_proj", "v_proj")
+
     def qkv(
         self, bounds: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per crop: q, k, v of shape (H, 1 + patches, d)."""
         if bounds is not None:
             raise ValueError("batched vision rows are their own sequences; pass no bounds")
-        attn = self.attention
-        hidden = self.checked_inputs()["hidden"]
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q, k, v = (proj(hidden).view(shape).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        return list(zip(q, k, v))
+        return list(zip(*(self._heads(name) for name in self.projections)))
 
     def query_key(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per crop: q, k of shape (H, 1 + patches, d) (no value projection)."""
-        attn = self.attention
+        """Per crop: q, k of shape (H, 1 + patches, d)."""
+        return list(zip(self._heads("q_proj"), self._heads("k_proj")))
+
+    def _heads(self, name: str) -> torch.Tensor:
+        """(crops, H, 1 + patches, d) view of projection ``name``'s output."""
         hidden = self.checked_inputs()["hidden"]
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-        return list(zip(q, k))
+        shape = (*hidden.shape[:-1], -1, self.attention.head_dim)
+        return self.projection(name).view(shape).transpose(1, 2)
 
 
 class QwenVisionAttentionProbe(VisionAttentionProbe):
     """Qwen2-VL / Qwen2.5-VL vision blocks: fused ``qkv``, 2-D vision RoPE, ``cu_seqlens``."""
+
+    projections = ("qkv",)
 
     def qkv(
         self, bounds: list[int] | None = None
@@ -133,9 +148,11 @@ class QwenVisionAttentionProbe(VisionAttentionProbe):
         inputs = self.checked_inputs()
         attn = self.attention
         hidden = inputs["hidden"]
-        q, k, v = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        fused = self.projection("qkv").reshape(hidden.shape[0], 3 * attn.num_heads, -1)
         cos, sin = inputs["position_embeddings"]
-        q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+        # q and k are adjacent in the fused output: one RoPE call rotates both
+        qk = apply_vision_rope(fused[:, : 2 * attn.num_heads], cos, sin)
+        (q, k), v = qk.chunk(2, dim=1), fused[:, 2 * attn.num_heads:]
         cuts = bounds if bounds is not None else inputs["cu_seqlens"].tolist()
         return [
             tuple(x[a:b].transpose(0, 1) for x in (q, k, v))
@@ -154,11 +171,11 @@ class VisionAttentionScores(Probe):
 
     vision = True
 
-    def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 25) -> None:
+    def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 20) -> None:
         self.probe = probe
         self.max_elements = max_elements
 
-    def install(self) -> RemovableHandle:
+    def install(self) -> HandleGroup:
         """Install the wrapped probe."""
         return self.probe.install()
 
@@ -170,15 +187,19 @@ class VisionAttentionScores(Probe):
     def received(self) -> list[torch.Tensor]:
         """Per sequence, (n,) float32: ``Σ_queries mean_heads softmax(q·kᵀ·scale)``, i.e. the
         column sums of the head-mean attention map over the sequence's n rows (context keys in
-        the softmax); queries run in chunks of at most ``max_elements`` probabilities."""
+        the softmax). Queries run in chunks of at most ``max_elements`` probabilities (default
+        2²⁰: a few MiB, cache-sized) and at most as many as q holds (H·n·d), so the extra
+        memory stays that of the layer's own q, never the whole (H, n, n) map."""
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
             heads, n = q.shape[:2]
-            step = max(1, self.max_elements // (heads * k.shape[1]))
+            keys = k.transpose(1, 2).contiguous()
+            limit = min(self.max_elements, q.numel())
+            step = max(1, limit // (heads * keys.shape[2]))
             total = torch.zeros(n, dtype=torch.float32, device=k.device)
             for start in range(0, n, step):
-                scores = (q[:, start:start + step] @ k.transpose(1, 2)) * self.probe.scale
+                scores = (q[:, start:start + step] @ keys).mul_(self.probe.scale)
                 total += scores.float().softmax(-1)[..., :n].sum(dim=(0, 1))
             out.append(total / heads)
         return out
@@ -209,7 +230,7 @@ class GlobalQueryAttention(Probe):
     def __init__(self, probe: VisionAttentionProbe) -> None:
         self.probe = probe
 
-    def install(self) -> RemovableHandle:
+    def install(self) -> HandleGroup:
         """Install the wrapped probe."""
         return self.probe.install()
 
@@ -223,7 +244,7 @@ class GlobalQueryAttention(Probe):
         self.probe.checked_inputs()
         out = []
         for q, k in self.probe.query_key():
-            query = q.float().mean(dim=1, keepdim=True)
+            query = q.mean(dim=1, keepdim=True, dtype=torch.float32)
             scores = (query @ k.float().transpose(1, 2)) * self.probe.scale
             out.append(scores.softmax(-1).mean(dim=0)[0, :q.shape[1]])
         return out
@@ -242,7 +263,7 @@ class VisionQKV(Probe):
     def __init__(self, probe: VisionAttentionProbe) -> None:
         self.probe = probe
 
-    def install(self) -> RemovableHandle:
+    def install(self) -> HandleGroup:
         """Install the wrapped probe."""
         return self.probe.install()
 

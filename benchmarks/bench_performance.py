@@ -1,4 +1,4 @@
-"""Issue-24 performance benchmark: one entry point for every table, with a verdict per goal.
+"""Performance benchmark: one entry point for every table, with a verdict per goal.
 
     python benchmarks/bench_performance.py [--parts prefill,official,decode]
         [--llm-layers 4] [--rounds 3] [--sizes 448] [--out bench-performance]
@@ -14,7 +14,7 @@ this thread's CPU time, with the load average recorded after every round. Parts:
   ``qwen2.5-vl-7b-mini`` / ``qwen2-vl-7b-mini`` at ``--sizes`` and ``llava-next-7b-mini`` at its
   largest AnyRes grid).
 
-The default parts (the issue's table, ``official`` and ``decode``) run in under 10 minutes on a
+The default parts (``prefill``, ``official`` and ``decode``) run in under 10 minutes on a
 shared 2-core machine; ``--parts highres`` adds about 2-3 minutes per (model, size) at 448²,
 more at larger sizes (the full grid is ``--sizes 448,896,1344,1792``). Writes
 ``performance.json`` and ``performance.md`` (the tables, then each goal met or missed per

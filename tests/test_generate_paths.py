@@ -1,5 +1,5 @@
 """Every path a user takes through ``generate()`` / ``forward`` gives the right answer or a clear
-error, for every method × family (issue 19).
+error, for every method × family.
 
 Oracles: a row of a batch equals its prompt run alone (expanded rows of beam search and
 sampling, right-padded rows, a text-only row beside an image row); an uncached generate equals

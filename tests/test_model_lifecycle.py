@@ -1,5 +1,5 @@
 """A patched model through a user's whole workflow: compile, threads, copies, saving, losses,
-finding and removing the patch (issue 19). Every path gives the right answer or a clear error.
+finding and removing the patch. Every path gives the right answer or a clear error.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ INFORMED = ("fastv", "flowcut", "globalcom2", "hiprune", "hired", "mmtok", "todr
 N_BEAT, SEEDS = 96, (0, 1, 2, 3, 4)
 MARGIN = 0.20
 """Accuracy points a method must beat `random` by at 64 tokens on the first 96 held-out
-questions (24 per kind). Measured (issue 11, shipped checkpoint): unpruned 97.9 %, random
+questions (24 per kind). Measured (shipped checkpoint): unpruned 97.9 %, random
 55.8 % (five seeds 50.0–60.4 %, standard deviation 3.8 points, so 1.7 for the five-seed
 mean), uniform 70.8 %, the informed methods 93.8–97.9 %. 20 points is over five per-seed
 standard deviations and under 55 % of the smallest measured gap (37.9 points)."""

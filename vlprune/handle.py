@@ -21,7 +21,8 @@ from vlprune.adapters import Adapter
 from vlprune.budget import Budget
 from vlprune.compat import CACHE_KWARG, passed_cache
 from vlprune.hooks.calls import CallTracker, ForwardInputs, Shadow
-from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.decoder import DecoderCut
+from vlprune.hooks.decoder_state import CutContext
 from vlprune.hooks.encoder import EncoderCut
 from vlprune.hooks.encoder_state import EncoderCutContext
 from vlprune.hooks.images import ImageTokens

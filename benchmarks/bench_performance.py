@@ -31,7 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bench_highres  # beside this script
+import bench_decode  # beside this script
+import bench_harness
+import bench_highres
 import bench_selection
 import torch
 
@@ -50,11 +52,11 @@ def run(args: argparse.Namespace, write: Callable[[dict[str, Any]], None]) -> di
     report: dict[str, Any] = {"info": {
         "machine": bench_selection.machine(), "threads": 1, "dtype": args.dtype,
         "llm_layers": args.llm_layers, "rounds": args.rounds, "sizes": args.sizes,
-        "highres_rounds": args.highres_rounds, "load_start": bench_selection._load()}}
+        "highres_rounds": args.highres_rounds, "load_start": bench_harness._load()}}
     started = time.perf_counter()
     if parts & {"prefill", "official"}:
-        model = bench_selection.build_llava(args.llm_layers, dtype)
-        inputs = bench_selection._inputs(model, dtype)
+        model = bench_harness.build_llava(args.llm_layers, dtype)
+        inputs = bench_harness._inputs(model, dtype)
         if "prefill" in parts:
             report["prefill"] = bench_selection.prefill_table(
                 model, inputs, bench_selection._runs(args.runs), args.rounds)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, write: Callable[[dict[str, Any]], None]) -> di
             report["official"].append(bench_selection.flowcut_vs_official(dtype, 64, args.rounds))
             write(report)
     if "decode" in parts:
-        report["decode"] = bench_selection.decode_ratios(vlprune.list_methods(), 64,
+        report["decode"] = bench_decode.decode_ratios(vlprune.list_methods(), 64,
                                                          args.new_tokens, args.rounds)
         write(report)
     if "highres" in parts:

@@ -19,23 +19,22 @@ over rounds, the machine's load average recorded after every round:
    official eager forward that scores every layer, on a model with the same vision tower and a
    three-layer, 64-wide LLM (the prefill is then the vision tower). Both also check that the kept
    indices are equal, in float32 (the official codes compute in the model's dtype).
-3. **decode**: per-token decode time patched / unpatched (median interval between consecutive
-   tokens of one ``generate``) at batch 1 and with a left-padded batch of 4 prompts of
-   different lengths, on ``llava-1.5-7b-mini`` (small widths: hook overhead shows most there).
+3. **decode** (``bench_decode.py``): per-token decode time patched / unpatched (median
+   interval between consecutive tokens of one ``generate``) at batch 1 and with a left-padded
+   batch of 4 prompts of different lengths, on ``llava-1.5-7b-mini`` (small widths: hook
+   overhead shows most there).
 
 Times are this thread's CPU time (``time.thread_time``; torch runs one thread, so every kernel
-runs in it): waiting for a core on a shared machine is not counted. Writes ``selection.json``
-and ``selection.md`` to ``--out``.
+runs in it): waiting for a core on a shared machine is not counted (the shared harness is
+``bench_harness.py``). Writes ``selection.json`` and ``selection.md`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -44,81 +43,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from official_selection import flowcut_official_clip, mmtok_official  # beside this script
-from tqdm.auto import tqdm
-from transformers import LogitsProcessorList
+from bench_decode import decode_ratios  # beside this script
+from bench_harness import _cpu_ms, _inputs, _load, _median, _prefill, _rounds, build_llava
+from official_selection import flowcut_official_clip, mmtok_official
 
 import vlprune
-from vlprune.eval.profiler.presets import (
-    MODEL_CLASSES,
-    PRESETS,
-    build_preset_model,
-    llava_15_7b,
-    synthetic_inputs,
-)
 from vlprune.eval.profiler.timing import SelectionMeter
 from vlprune.methods.base import VisionBatch
 
 CPU = torch.device("cpu")
 RunSpec = tuple[str, int]
-
-
-def _cpu_ms(fn: Callable[[], Any]) -> float:
-    start = time.thread_time()
-    fn()
-    return (time.thread_time() - start) * 1e3
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _load() -> float:
-    return os.getloadavg()[0]
-
-
-def build_llava(llm_layers: int, dtype: torch.dtype, *, narrow_llm: bool = False) -> Any:
-    """LLaVA-1.5-7B widths with ``llm_layers`` decoder layers (``narrow_llm``: a 64-wide LLM,
-    so that a prefill is its vision tower), random weights, eval mode."""
-    config = llava_15_7b(mini=False)
-    config.text_config.num_hidden_layers = llm_layers
-    if narrow_llm:
-        for key, value in {"hidden_size": 64, "intermediate_size": 172,
-                           "num_attention_heads": 4, "num_key_value_heads": 4}.items():
-            setattr(config.text_config, key, value)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MODEL_CLASSES["llava"]._from_config(config, attn_implementation="sdpa",
-                                                    dtype=dtype)
-    return model.eval()
-
-
-def _inputs(model: Any, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
-    return synthetic_inputs(model.config, "llava", image_size=(336, 336), text_tokens=64,
-                            batch=batch, dtype=dtype)
-
-
-@torch.no_grad()
-def _prefill(model: Any, inputs: dict[str, torch.Tensor]) -> None:
-    model(**inputs, use_cache=True, logits_to_keep=1)
-
-
-def _rounds(configs: list[Any], rounds: int, measure: Callable[[Any], dict[str, float]],
-            desc: str) -> tuple[dict[Any, list[dict[str, float]]], list[float]]:
-    """Run ``measure(config)`` for every config in rotated order, ``rounds`` + 1 times (the
-    first is a warm-up); returns the measurements per config and the load after each round."""
-    out: dict[Any, list[dict[str, float]]] = {config: [] for config in configs}
-    loads = []
-    with tqdm(total=(rounds + 1) * len(configs), desc=desc, file=sys.stderr) as bar:
-        for r in range(rounds + 1):
-            shift = r % len(configs)
-            for config in configs[shift:] + configs[:shift]:
-                result = measure(config)
-                if r:
-                    out[config].append(result)
-                bar.update()
-            loads.append(_load())
-    return out, loads
 
 
 # ------------------------------------------------------------------------------ 1. prefill
@@ -237,81 +171,6 @@ def flowcut_vs_official(dtype: torch.dtype, budget: int, rounds: int) -> dict[st
     _, theirs = flowcut_official_clip(tower, pixels.float(), budget)
     return {"method": "flowcut", "budget": budget, **timing,
             "same_selection_fp32": bool(torch.equal(ours, theirs[0]))}
-
-
-# ------------------------------------------------------------------------------- 3. decode
-
-
-def _padded(inputs: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
-    """Row b drops its last 3·b text tokens and is left-padded back to the batch width."""
-    ids = inputs["input_ids"]
-    batch, width = ids.shape
-    new_ids = torch.full_like(ids, pad)
-    mask = torch.zeros_like(ids)
-    for b in range(batch):
-        length = width - 3 * b
-        new_ids[b, width - length:] = ids[b, :length]
-        mask[b, width - length:] = 1
-    return {**inputs, "input_ids": new_ids, "attention_mask": mask}
-
-
-class _StepClock:
-    """A logits processor that stamps this thread's CPU time at every generated token."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(time.thread_time())
-        return scores
-
-
-def _per_token_ms(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
-    """Decode CPU time per token: the median interval between consecutive generated tokens of
-    one ``generate`` (each a decode step: the prefill is never inside an interval)."""
-    clock = _StepClock()
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    return _median([(b - a) * 1e3 for a, b in itertools.pairwise(clock.stamps)])
-
-
-def _decode_batch(model: Any, inputs: dict[str, torch.Tensor], methods: list[str], budget: int,
-                  new_tokens: int, rounds: int, desc: str) -> list[dict[str, Any]]:
-    """Decode ratios of every method on one batch of inputs."""
-
-    def measure(name: str | None) -> dict[str, float]:
-        if name is None:
-            return {"ms": _per_token_ms(model, inputs, new_tokens)}
-        with vlprune.patch(model, name, budget=budget):
-            return {"ms": _per_token_ms(model, inputs, new_tokens)}
-
-    configs: list[str | None] = [None, *methods]
-    results, loads = _rounds(configs, rounds, measure, desc)
-    base = [m["ms"] for m in results[None]]
-    out = []
-    for name in methods:
-        ms = [m["ms"] for m in results[name]]
-        out.append({"method": name, "decode_ms": _median(ms), "base_ms": _median(base),
-                    "ratio": _median([m / b for m, b in zip(ms, base)]), "loads": loads})
-    return out
-
-
-def decode_ratios(methods: list[str], budget: int, new_tokens: int, rounds: int
-                  ) -> list[dict[str, Any]]:
-    """Part 3 (see the module docstring)."""
-    preset = PRESETS["llava-1.5-7b-mini"]
-    model = build_preset_model(preset)
-    out = []
-    for batch in (1, 4):
-        inputs = synthetic_inputs(model.config, preset.family, image_size=preset.image_size,
-                                  text_tokens=64, batch=batch)
-        if batch > 1:
-            inputs = _padded(inputs, int(model.config.pad_token_id))
-        rows = _decode_batch(model, inputs, methods, budget, new_tokens, rounds,
-                             f"decode b{batch}")
-        out += [{**row, "batch": batch} for row in rows]
-    return out
 
 
 # ------------------------------------------------------------------------------- reporting

@@ -22,9 +22,10 @@ from tests.flex_like import NAME as FLEX_LIKE
 from tests.flex_like import flex_like_mask
 from tests.helpers import cached_model
 from vlprune.adapters import get_adapter
-from vlprune.hooks import decoder
+from vlprune.hooks import decoder, decoder_steps
 from vlprune.hooks.calls import CallTracker
-from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.decoder import DecoderCut
+from vlprune.hooks.decoder_state import CutContext
 from vlprune.hooks.masks import causal_slot_mask, layer_mask, mask_slots, query_rows
 from vlprune.hooks.vision import VisionCut
 from vlprune.methods.base import keep_rows_padded
@@ -122,14 +123,16 @@ def test_decode_builds_one_mask_per_step(attn: str, n_words: list[int], builder:
     model = cached_model("llava", attn)
     batch = tiny_inputs("llava", batch=2, n_words=n_words, seed=1)
     expected, _, _ = _run(model, batch, [False, True])
-    real = getattr(decoder, builder)
+    real = getattr(decoder_steps, builder)
     calls: list[int] = []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decoder, builder, counted)
+    for module in (decoder, decoder_steps):
+        if hasattr(module, builder):
+            monkeypatch.setattr(module, builder, counted)
     tokens, _, _ = _run(model, batch, [False, True])
     assert torch.equal(tokens, expected)
     prefill_calls = 1 if shared_in_prefill else len(get_adapter(model).decoder_layers) - CUT

@@ -10,16 +10,11 @@ from torch import nn
 
 from vlprune.adapters import get_adapter
 from vlprune.budget import Budget
-from vlprune.handle import (
-    AlreadyPatchedError,
-    PatchHandle,
-    PruneStats,
-    check_not_patched,
-    register,
-    registered,
-)
+from vlprune.handle import PatchHandle
 from vlprune.hooks.positions import POSITIONS
+from vlprune.patched import AlreadyPatchedError, check_not_patched, register, registered
 from vlprune.registry import build_method, get_method, list_methods
+from vlprune.stats import PruneStats
 
 __all__ = [
     "AlreadyPatchedError",

@@ -1,15 +1,12 @@
 """The handle of a patched model: its hooks, statistics and removal.
 
 :class:`PatchHandle` builds the cuts a method needs (``vlprune.hooks``), installs them, turns
-their records into :class:`PruneStats` and removes them again. :func:`registered` /
-:func:`register` keep the one active handle of each patched model, and
-:func:`check_not_patched` refuses a second one.
+their records into :class:`~vlprune.stats.PruneStats` and removes them again; it registers
+itself in :mod:`vlprune.patched`, which keeps the one active handle of each patched model.
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +18,8 @@ from vlprune.adapters import Adapter
 from vlprune.budget import Budget
 from vlprune.compat import CACHE_KWARG, passed_cache
 from vlprune.hooks.calls import CallTracker, ForwardInputs, Shadow
-from vlprune.hooks.decoder import CutContext, DecoderCut
+from vlprune.hooks.decoder import DecoderCut
+from vlprune.hooks.decoder_state import CutContext
 from vlprune.hooks.encoder import EncoderCut
 from vlprune.hooks.encoder_state import EncoderCutContext
 from vlprune.hooks.images import ImageTokens
@@ -30,69 +28,8 @@ from vlprune.hooks.state import PatchPart, eager_hook
 from vlprune.hooks.vision import VisionCut
 from vlprune.keptmap import KeptImage, kept_images
 from vlprune.methods.base import DecoderBatch, EncoderBatch, Method, VisionBatch
-
-# model -> weak reference to its handle: the model's hooks keep the handle alive, and neither
-# reference keeps a dropped model alive.
-_PATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[PatchHandle]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def registered(model: nn.Module) -> PatchHandle | None:
-    """The active handle of ``model`` (None if it is not patched)."""
-    ref = _PATCHED.get(model)
-    handle = ref() if ref is not None else None
-    return handle if handle is not None and handle.active else None
-
-
-def register(handle: PatchHandle) -> None:
-    """Make ``handle`` the one of its model."""
-    _PATCHED[handle.model] = weakref.ref(handle)
-
-
-class AlreadyPatchedError(RuntimeError):
-    """Raised when patching a model that vlprune already patched."""
-
-
-def check_not_patched(model: nn.Module) -> None:
-    """:class:`AlreadyPatchedError` if ``model`` has an active patch (every ``patch`` path runs
-    this check)."""
-    existing = registered(model)
-    if existing is not None:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched ({existing!r}); call "
-            "vlprune.unpatch(model) (or .unpatch() on vlprune.get_handle(model)) first"
-        )
-
-
-@dataclass
-class PruneStats:
-    """What the last forward pass pruned (prefill), per sample unless named otherwise.
-
-    ``visual_tokens``: image placeholders in the prompt; ``kept_tokens``: visual tokens that
-    reach the language model (after the last decoder cut for decoder-side methods);
-    ``kept_per_image``: visual tokens into the LLM per image (vision-side cut); ``seq_len`` /
-    ``kept_seq_len``: sequence length before / after the vision-side cut (padded batch width);
-    ``layer_tokens``: sequence length entering each decoder layer.
-    ``vision_layer_tokens``: per image, rows entering each vision-encoder layer in the last
-    image forward (summed over its crops / frames, CLS included); empty without an encoder cut.
-    The last prefill is the calling thread's: threads sharing a patched model each see their
-    own.
-    """
-
-    method: str
-    settings: dict[str, Any]
-    visual_tokens: list[int] = field(default_factory=list)
-    kept_tokens: list[int] = field(default_factory=list)
-    kept_per_image: list[int] = field(default_factory=list)
-    seq_len: int = 0
-    kept_seq_len: int = 0
-    layer_tokens: list[list[int]] = field(default_factory=list)
-    vision_layer_tokens: list[list[int]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-dict view (JSON-serialisable)."""
-        return asdict(self)
+from vlprune.patched import _PATCHED, register
+from vlprune.stats import PruneStats
 
 
 class PatchHandle(PatchPart):

@@ -14,7 +14,8 @@ import vlprune
 from vlprune.cli import main
 from vlprune.eval.profiler.presets import PRESETS
 from vlprune.eval.profiler.report import flatten, format_table
-from vlprune.eval.profiler.runner import ProfileSettings, run_profile
+from vlprune.eval.profiler.runner import run_profile
+from vlprune.eval.profiler.target import ProfileSettings
 from vlprune.eval.profiler.timing import SelectionMeter, Spread
 from vlprune.methods.random import RandomPrune
 from vlprune.testing import tiny_inputs, tiny_model

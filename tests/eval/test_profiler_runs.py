@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from vlprune.eval.profiler import runner
+from vlprune.eval.profiler import runs
 from vlprune.eval.profiler.presets import ProfileModel
-from vlprune.eval.profiler.runner import ProfileSettings, run_profile
+from vlprune.eval.profiler.runner import run_profile
+from vlprune.eval.profiler.target import ProfileSettings
 from vlprune.testing import DEFAULT_IMAGE_SIZE, tiny_model
 
 
@@ -48,13 +49,13 @@ def test_spent_deadline_skips_every_run(prebuilt: ProfileModel) -> None:
 def test_decode_repeats_sets_the_generate_runs(prebuilt: ProfileModel, monkeypatch) -> None:
     """``decode_repeats`` times ``generate`` that often; prefill keeps ``repeats``."""
     seen = []
-    real = runner.time_generate
+    real = runs.time_generate
 
     def spy(*args, **kwargs):
         seen.append(kwargs["repeats"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "time_generate", spy)
+    monkeypatch.setattr(runs, "time_generate", spy)
     result = run_profile(_settings(repeats=3, decode_repeats=1), model=prebuilt)
     assert seen == [1, 1]
     assert result.rows[0]["prefill_ms"]["median"] > 0

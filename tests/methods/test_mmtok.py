@@ -14,17 +14,11 @@ from transformers import PreTrainedTokenizerFast
 import vlprune
 from vlprune.adapters.base import ImageLayout
 from vlprune.budget import Budget
+from vlprune.methods._coverage import coverage_matrix, coverage_value, greedy_coverage
+from vlprune.methods._stopwords import stopword_mask
 from vlprune.methods._vision_common import newline_tokens, partition_tokens
 from vlprune.methods.base import VisionBatch
-from vlprune.methods.mmtok import (
-    MMTok,
-    _pre_features,
-    coverage_matrix,
-    coverage_value,
-    greedy_coverage,
-    mmtok_stopwords,
-    stopword_mask,
-)
+from vlprune.methods.mmtok import MMTok, _pre_features, mmtok_stopwords
 from vlprune.testing import FAMILIES, tiny_inputs, tiny_model, tiny_tokenizer
 
 DEFAULTS = {"tv_temperature": 0.02, "vv_temperature": 0.2, "alpha": 0.5}

@@ -9,7 +9,7 @@ import pytest
 
 from tests.timm_vit.timm_vits import build_vit
 from vlprune.cli import main
-from vlprune.eval.profiler.runner import ProfileSettings
+from vlprune.eval.profiler.target import ProfileSettings
 from vlprune.timm.profile import run_timm_profile
 
 timm = pytest.importorskip("timm")

@@ -22,14 +22,8 @@ the kept rows left-padded to a common width and a (B, Lnext) bool that is False 
 slots. Padding slots are masked out as keys in that layer and every later one, in prefill and in
 every decode step.
 
-Masks: a 4-D mask the layer got (sdpa, eager) is gathered on rows and key columns, padding
-slots hidden (a padding slot attends only to itself, so no softmax row is empty). Any other mask
-(flash attention's 2-D padding mask, flex attention's ``BlockMask``), or a None mask while
-padding slots exist (sdpa's ``is_causal`` fast path), is rebuilt for the rows the layer sees by
-:func:`~vlprune.hooks.masks.layer_mask` in the convention of the attention implementation, from
-which of those rows are real: in prefill the cut rows, in decode the layer's cache slots
-``cat(kept_index, arange(L, kv_len))`` read from the 2-D mask the language model got. So no
-layer gets a mask of the uncut length.
+The state a prefill leaves and what choosers see are in ``hooks/decoder_state.py``; the masks
+the layers get and the decode steps in ``hooks/decoder_steps.py``.
 
 Two kinds of model need more (``hooks/deepstack.py``, ``hooks/recurrent.py``): Qwen3-VL adds
 DeepStack features at the image rows after its first decoder layers, so a
@@ -42,7 +36,6 @@ the attention implementation of its full-attention layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -52,93 +45,18 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.adapters.base import Adapter
 from vlprune.compat import layer_cache, output_cache
 from vlprune.hooks.calls import Shadow
+from vlprune.hooks.decoder_state import Chooser, CutContext, DecoderState
+from vlprune.hooks.decoder_steps import DecoderSteps, _position_ids
 from vlprune.hooks.deepstack import gather_deepstack
 from vlprune.hooks.gather import gather_positions, gather_rows
-from vlprune.hooks.masks import (
-    cache_keys,
-    gather_mask_4d,
-    layer_mask,
-    mask_builder,
-    mask_slots,
-)
+from vlprune.hooks.masks import gather_mask_4d, mask_builder, mask_slots
 from vlprune.hooks.positions import renumber
 from vlprune.hooks.recurrent import check_recurrent_cut, recurrent_mask
-from vlprune.hooks.state import CacheRecords, PatchPart, ThreadLocal, eager_hook
+from vlprune.hooks.state import CacheRecords, ThreadLocal, eager_hook
 from vlprune.hooks.vision import VisionCut
 
 
-@dataclass
-class DecoderState:
-    """Rows alive in one prefill: ``index`` (B, Lcur) into the LM input, image flags.
-
-    ``valid`` (B, Lcur) is False on batch padding and padding slots (default: all True);
-    ``slots`` (B, Lcur) is False on padding slots only, None while every slot holds a real row;
-    ``input_visual`` (B,): visual rows per sample entering the language model (default: those
-    of ``is_image``); ``input_valid`` (B, L): the LM input's rows that are not batch padding.
-    Per layer from the first cut on: ``layer_index`` / ``layer_valid`` / ``layer_slots`` of the
-    rows entering it; ``choices[l]``: what the chooser answered at cut layer l and the row count
-    it cut from (a replay extends it); ``replay``: (the replayed prefill's state, tokens added).
-    Renumbered positions only: ``positions`` (B, Lcur) of the current rows and their ``rope``
-    (cos, sin), ``shift`` (B, 1) of the last cut, ``layer_shift[l]`` of the rows entering layer l
-    (None before the first cut that cut).
-    """
-
-    index: torch.Tensor
-    is_image: torch.Tensor
-    input_len: int
-    layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_tokens: list[list[int]] = field(default_factory=list)
-    valid: torch.Tensor | None = None
-    input_visual: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-    layer_slots: dict[int, torch.Tensor | None] = field(default_factory=dict)
-    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
-    input_valid: torch.Tensor | None = None
-    choices: dict[int, tuple[Any, int]] = field(default_factory=dict)
-    replay: tuple[DecoderState, int] | None = None
-    positions: torch.Tensor | None = None
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    shift: torch.Tensor | None = None
-    layer_shift: dict[int, torch.Tensor | None] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.valid is None:
-            self.valid = torch.ones_like(self.is_image)
-        if self.input_visual is None:
-            self.input_visual = self.is_image.sum(1)
-        if self.input_valid is None:
-            self.input_valid = self.valid
-
-
-@dataclass
-class CutContext:
-    """What a decoder-stage chooser sees at cut layer ``layer``.
-
-    ``hidden``: (B, Lcur, D) input of the layer; ``is_image``: (B, Lcur) bool, visual rows;
-    ``index``: (B, Lcur) positions of the current rows in the language model's input;
-    ``valid``: (B, Lcur) bool, False on batch padding (and padding slots of earlier cuts);
-    ``layer_index`` / ``layer_valid``: rows (LM-input positions) that entered each earlier layer
-    at or after the first cut, and which of them were real (layers before it saw every row,
-    real where ``input_valid``); ``input_visual``: (B,) visual rows per sample entering the
-    language model; ``input_valid``: (B, L) the LM input's rows that are not batch padding.
-    """
-
-    layer: int
-    hidden: torch.Tensor
-    is_image: torch.Tensor
-    index: torch.Tensor
-    valid: torch.Tensor | None = None
-    layer_index: dict[int, torch.Tensor] = field(default_factory=dict)
-    input_visual: torch.Tensor | None = None
-    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
-    input_valid: torch.Tensor | None = None
-
-
-Chooser = Callable[[CutContext], "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"]
-"""Returns kept rows (B, Lnext), or ``(index, slots)`` for rows keeping different counts."""
-
-
-class DecoderCut(PatchPart):
+class DecoderCut(DecoderSteps):
     """Installs the layer pre-hooks; ``chooser`` returns kept rows (B, Lnext) at cut layers,
     or ``(index, slots)`` for padded rows (see the module docstring). ``vision`` tells which
     language-model input rows are image tokens, and which prefill a forward replays;
@@ -150,14 +68,6 @@ class DecoderCut(PatchPart):
     last = ThreadLocal()
     """The last prefill's :class:`DecoderState` in this thread (replays excluded)."""
     _prefill = ThreadLocal(False)
-    _memo = ThreadLocal()
-    """The running decode step's gathered masks: (state, the step's 4-D mask, {id(rows): (rows,
-    mask)}), so layers holding the same rows gather their mask once per step."""
-    _rope = ThreadLocal()
-    _lm_mask = ThreadLocal()
-    """The 2-D attention mask the language model got in the running forward (None: none)."""
-    _built = ThreadLocal()
-    """(sources, mask): the last mask built in the running forward, for the next layers."""
 
     def __init__(self, adapter: Adapter, layers: Sequence[int], chooser: Chooser,
                  vision: VisionCut, positions: str = "original") -> None:
@@ -346,86 +256,6 @@ class DecoderCut(PatchPart):
                 (state.valid,), state.valid, index.shape[1], hidden)
         return args, kwargs
 
-    def _rebuilt_mask(self, sources: tuple,
-                      keys: torch.Tensor | Callable[[], torch.Tensor], n_queries: int,
-                      hidden: torch.Tensor) -> Any:
-        """The layer's mask for ``keys`` (B, K) real or not (or a function computing them), in
-        its implementation's convention; the layers after it reuse it while they build from the
-        same ``sources`` (tensors compared by identity, numbers by value) in one forward."""
-        sources = (*sources, n_queries)
-        built = self._built
-        if built is not None and _same(built[0], sources):
-            return built[1]
-        config = self.adapter.language_model.config
-        mask = layer_mask(config, keys() if callable(keys) else keys, n_queries, hidden.dtype)
-        self._built = (sources, mask)
-        return mask
-
-    def _decode(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if i in self.recurrent:
-            return None
-        state = self.current
-        shift = state.layer_shift.get(i)
-        mask = self._decode_mask(i, args, kwargs)
-        if mask is None and shift is None:
-            return None
-        kwargs = dict(kwargs)
-        if mask is not None:
-            kwargs["attention_mask"] = mask
-        if shift is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs["position_ids"], kwargs["position_embeddings"] = self._shifted(
-                hidden, _position_ids(kwargs), shift)
-        return args, kwargs
-
-    def _shifted(self, hidden: torch.Tensor, position_ids: torch.Tensor, shift: torch.Tensor
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Positions of tokens after a renumbered prompt and their rotary embeddings; computed
-        once per forward for all layers that share ``shift``."""
-        memo = self._rope
-        if memo is None or memo[0] is not position_ids or memo[1] is not shift:
-            moved = position_ids - shift
-            memo = self._rope = (position_ids, shift, moved,
-                                 self.adapter.rotary_embedding(hidden, moved))
-        return memo[2], memo[3]
-
-    def _decode_mask(self, i: int, args: tuple, kwargs: dict) -> Any:
-        """Layer ``i``'s mask in a decode step (None: the layer's own mask is right)."""
-        mask = kwargs.get("attention_mask")
-        state = self.current
-        slots = state.layer_slots.get(i)
-        index = state.layer_index[i]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            return self._gathered_step_mask(state, index, slots, mask)
-        if mask is not None or slots is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            n_queries = hidden.shape[1]
-            kv_len = layer_cache(kwargs).get_seq_length(i) + n_queries
-            return self._rebuilt_mask(
-                (index, slots, self._lm_mask, kv_len),
-                partial(cache_keys, self._lm_mask, state.input_len, index, slots, kv_len),
-                n_queries, hidden)
-        return None
-
-    def _gathered_step_mask(self, state: DecoderState, index: torch.Tensor,
-                            slots: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """The step's 4-D ``mask`` on the columns a layer holding rows ``index`` caches,
-        ``cat(index, arange(L, kv_len))`` (padding slots masked); layers that hold the same rows
-        share one per step (memo)."""
-        memo = self._memo
-        if memo is None or memo[0] is not state or memo[1] is not mask:
-            memo = self._memo = (state, mask, {})
-        hit = memo[2].get(id(index))
-        if hit is not None:
-            return hit[1]
-        new = torch.arange(state.input_len, mask.shape[-1], device=mask.device)
-        new = new.expand(index.shape[0], -1)
-        out = gather_mask_4d(mask, None, torch.cat([index, new], 1))
-        if slots is not None:
-            out = mask_slots(out, torch.cat([slots, slots.new_ones(new.shape)], 1), None)
-        memo[2][id(index)] = (index, out)
-        return out
-
     def _deepstack(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Shadow of the text model's ``_deepstack_process``: run it on the DeepStack inputs
         of the rows alive after the layer that just ran."""
@@ -444,18 +274,3 @@ class DecoderCut(PatchPart):
             visual_pos_masks.to(state.index.device), [visual_embeds], state.index, alive
         )
         return hidden_states, mask, embeds
-
-
-def _position_ids(kwargs: dict) -> torch.Tensor:
-    """A decoder layer's 1-D ``position_ids`` (renumbering needs them)."""
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.dim() != 2:
-        raise RuntimeError("positions='renumber' needs the decoder layers' 1-D position_ids")
-    return position_ids
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Equal source tuples: the same tensor objects (or None) and equal numbers."""
-    return len(a) == len(b) and all(
-        x is y or (isinstance(x, int) and isinstance(y, int) and x == y) for x, y in zip(a, b)
-    )

@@ -41,8 +41,7 @@ LLaVA processor crops, it does not pad), adaptive τ_v (App. B.1, not in the cod
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -50,185 +49,20 @@ import torch
 from vlprune.adapters.base import Adapter, ImageLayout
 from vlprune.budget import Budget
 from vlprune.hooks.gather import gather_rows
-from vlprune.methods._vision_common import newline_tokens, partition_tokens, unit_rows
+from vlprune.methods._coverage import coverage_matrix, greedy_coverage
+from vlprune.methods._stopwords import mmtok_stopwords, stopword_mask
+from vlprune.methods._vision_common import newline_tokens, partition_tokens
 from vlprune.methods.base import Method, VisionBatch
 from vlprune.options import BoolOption, CustomOption, FloatOption, as_int, declare
 from vlprune.registry import register_method
 
-STOP_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had",
-    "do", "does", "did", "it", "they", "he", "she", "we", "you", "i", "what", "where", "when",
-    "why", "how", "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer",
-    "to", "for", "with", "by", "from", "at", "into", "onto", "upon",
-)
-"""The official "non-visual" words, matched in any case (``docs/methods/mmtok.md``)."""
-
-PROMPT_SUFFIXES: tuple[str, ...] = (
-    "Answer the question using a single word or phrase.",
-    "Answer with the option's letter from the given choices directly.",
-)
-"""lmms-eval answer-format suffixes the official code deletes before filtering."""
-
-CHAT_TEMPLATE_PHRASES: tuple[str, ...] = (
-    "USER:", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.",
-    "[INST]", "[/INST]",
-)
-"""Chat-template text of LLaVA (vicuna, mistral) and Qwen prompts: never part of the question."""
+__all__ = ["TV_TEMPERATURE", "MMTok", "mmtok_stopwords"]
 
 TV_TEMPERATURE = {"llava": 0.02, "llava_next": 0.02, "qwen2_vl": 0.01, "qwen2_5_vl": 0.01,
                   "qwen3_vl": 0.01, "qwen3_vl_moe": 0.01, "qwen3_5": 0.01,
                   "llava_onevision": 0.02}
 """Official τ_t per family (LLaVA 0.02, Qwen 0.01); Qwen3-VL / Qwen3.5 take Qwen's and
 LLaVA-OneVision LLaVA's (no official setting for them)."""
-
-
-def mmtok_stopwords(
-    tokenizer: Any,
-    *,
-    words: Iterable[str] = STOP_WORDS,
-    phrases: Iterable[str] = PROMPT_SUFFIXES + CHAT_TEMPLATE_PHRASES,
-    punctuation: bool = True,
-) -> list[list[int]]:
-    """Token-id sequences that are never MMTok text targets, for ``patch(..., stopwords=...)``.
-
-    Call once per tokenizer. Holds the tokenizer's special tokens; with ``punctuation`` every
-    vocabulary token without a word character (the official ``\\b\\w+\\b`` filter); each of
-    ``words`` in lower, Capitalised and UPPER case; and each of ``phrases``; words and phrases
-    tokenised at the start of the text, after a space and after a newline. A single-token entry
-    is dropped wherever it occurs (also as a piece of a longer word); a multi-token entry only
-    where the whole sequence occurs. The official Qwen path filters nothing: ``words=()``.
-    """
-    out = {(i,) for i in tokenizer.all_special_ids}
-    out |= {(i,) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    if punctuation:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        out |= {(i,) for i, t in enumerate(texts) if not re.search(r"\w", t) and "\ufffd" not in t}
-    variants = {v for w in words for v in (w.lower(), w.capitalize(), w.upper())}
-    for text in variants | set(phrases):
-        out |= _in_context(tokenizer, text)
-    return [list(seq) for seq in sorted(out)]
-
-
-def _in_context(tokenizer: Any, text: str) -> set[tuple[int, ...]]:
-    """Token ids of ``text`` at the start, after a space and after a newline (no unknowns)."""
-    found = set()
-    for head_text, sep in (("", ""), ("a", " "), ("a\n", "")):
-        head = tokenizer.encode(head_text, add_special_tokens=False) if head_text else []
-        full = tokenizer.encode(head_text + sep + text, add_special_tokens=False)
-        tail = tuple(full[len(head):])
-        if full[:len(head)] == head and tail and tokenizer.unk_token_id not in tail:
-            found.add(tail)
-    return found
-
-
-def stopword_mask(input_ids: torch.Tensor, stopwords: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, L) bool: True on tokens covered by an occurrence of any ``stopwords`` sequence."""
-    hit = torch.isin(input_ids, torch.tensor(
-        [s[0] for s in stopwords if len(s) == 1], dtype=input_ids.dtype, device=input_ids.device
-    ))
-    by_size: dict[int, list[Sequence[int]]] = {}
-    for seq in stopwords:
-        if 1 < len(seq) <= input_ids.shape[1]:
-            by_size.setdefault(len(seq), []).append(seq)
-    for size, seqs in by_size.items():
-        pattern = torch.tensor(seqs, dtype=input_ids.dtype, device=input_ids.device)
-        windows = input_ids.unfold(1, size, 1)  # (B, L - size + 1, size)
-        start = (windows[:, :, None, :] == pattern).all(-1).any(-1)
-        for offset in range(size):
-            hit[:, offset:offset + start.shape[1]] |= start
-    return hit
-
-
-def coverage_matrix(
-    text: torch.Tensor,
-    text_mask: torch.Tensor,
-    vision: torch.Tensor,
-    vision_pre: torch.Tensor,
-    valid: torch.Tensor,
-    *,
-    tv_temperature: float,
-    vv_temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """Coverage rows ``C = [P / m ; α Q / n]`` (G, M + N, N) float32 of G units
-    (``docs/methods/mmtok.md#algorithm``).
-
-    ``text`` (G, M, D) targets, ``text_mask`` (G, M) bool (m = its count, padding rows are 0);
-    ``vision`` (G, N, D) post-projector and ``vision_pre`` (G, N, D') pre-projector features;
-    ``valid`` (G, N) bool candidates (n = its count): other columns and their Q rows are 0 and
-    take no part in the softmaxes. ``F(S) = Σ_r max_{j∈S} C[r, j]``.
-    """
-    t, v, w = (unit_rows(x, eps=1e-8) for x in (text, vision, vision_pre))
-    rows = text.shape[1]
-    cover = t.new_empty(t.shape[0], rows + v.shape[1], v.shape[1])
-    m = text_mask.sum(1, keepdim=True).clamp_min(1)
-    torch.mul(_masked_softmax(t @ v.transpose(1, 2), tv_temperature, valid),
-              (text_mask / m)[..., None], out=cover[:, :rows])
-    torch.mul(_masked_softmax(w @ w.transpose(1, 2), vv_temperature, valid),
-              (valid * alpha / valid.sum(1, keepdim=True))[..., None], out=cover[:, rows:])
-    return cover
-
-
-def _masked_softmax(sim: torch.Tensor, temperature: float, valid: torch.Tensor) -> torch.Tensor:
-    """``softmax(sim / temperature)`` over the last dim of ``sim`` (G, R, N), in place, with the
-    columns where ``valid`` (G, N) is False left out (probability 0)."""
-    sim.div_(temperature)
-    if not bool(valid.all()):
-        sim.masked_fill_(~valid[:, None, :], float("-inf"))
-    return sim.softmax(-1)
-
-
-def greedy_coverage(
-    cover: torch.Tensor, k: int, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Greedy max coverage: (G, k) picked columns in pick order, for ``cover`` (G, R, N) ≥ 0.
-
-    Step i adds the valid, unpicked column with the largest marginal gain
-    ``Σ_r max(C[r, j] - best[r], 0)`` (lowest index on ties), then ``best = max(best, C[:, j])``
-    (``docs/methods/mmtok.md#algorithm``). Needs ``k`` ≤ the valid columns of every unit.
-    Every step works in buffers allocated once (no per-step copies of ``cover``); one unit
-    runs on 2-D tensors (fewer ops per step, the same values).
-    """
-    units, rows, n = cover.shape
-    blocked = ~valid if valid is not None else torch.zeros(
-        units, n, dtype=torch.bool, device=cover.device)
-    if k == 0:
-        return cover.new_zeros(units, 0, dtype=torch.long)
-    if units == 1:
-        return _greedy_one(cover[0], k, blocked[0])[None]
-    best = cover.new_zeros(units, rows, 1)
-    picks = []
-    work = torch.empty_like(cover)
-    for _ in range(k):
-        torch.sub(cover, best, out=work).clamp_min_(0)
-        pick = work.sum(1).masked_fill_(blocked, float("-inf")).argmax(1, keepdim=True)
-        picks.append(pick)
-        blocked.scatter_(1, pick, True)
-        torch.maximum(best, cover.gather(2, pick[:, :, None].expand(units, rows, 1)), out=best)
-    return torch.cat(picks, 1)
-
-
-def _greedy_one(cover: torch.Tensor, k: int, blocked: torch.Tensor) -> torch.Tensor:
-    """:func:`greedy_coverage` of one unit, ``cover`` (R, N), ``blocked`` (N,) bool: (k,)."""
-    penalty = torch.zeros_like(cover[0]).masked_fill_(blocked, float("-inf"))
-    best = cover.new_zeros(cover.shape[0], 1)
-    work = torch.empty_like(cover)
-    picks = []
-    for _ in range(k):
-        torch.sub(cover, best, out=work).clamp_min_(0)
-        pick = work.sum(0).add_(penalty).argmax()
-        picks.append(pick)
-        penalty[pick] = float("-inf")
-        torch.maximum(best, cover[:, pick, None], out=best)
-    return torch.stack(picks)
-
-
-def coverage_value(cover: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-    """(G,) objective ``F(S) = Σ_r max_{j∈S} C[r, j]`` of column sets ``picks`` (G, k)."""
-    if picks.shape[1] == 0:
-        return cover.new_zeros(cover.shape[0])
-    index = picks[:, None, :].expand(-1, cover.shape[1], -1)
-    return cover.gather(2, index).amax(2).sum(1)
 
 
 class _Unit(NamedTuple):

@@ -18,10 +18,12 @@ from torch.utils.hooks import RemovableHandle
 
 from vlprune.api import check_not_compiled
 from vlprune.budget import Budget
-from vlprune.handle import PatchHandle, PruneStats, check_not_patched, register
+from vlprune.handle import PatchHandle
 from vlprune.hooks.calls import Shadow
 from vlprune.methods.base import EncoderBatch, Method, VisionBatch
+from vlprune.patched import check_not_patched, register
 from vlprune.registry import build_method, get_method
+from vlprune.stats import PruneStats
 from vlprune.timm.adapter import NoLanguageModelError, TimmViTAdapter, check_supported
 from vlprune.timm.cut import TimmCut
 

@@ -29,7 +29,8 @@ import vlprune
 from vlprune.cli_args import CommandError
 from vlprune.eval.profiler.flops import flop_counter
 from vlprune.eval.profiler.report import write_csv, write_json
-from vlprune.eval.profiler.runner import ProfileResult, ProfileSettings
+from vlprune.eval.profiler.runner import ProfileResult
+from vlprune.eval.profiler.target import ProfileSettings
 from vlprune.eval.profiler.timing import SelectionMeter, Spread
 
 PREFIX = "timm:"

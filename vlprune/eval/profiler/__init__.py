@@ -12,7 +12,8 @@ latency, memory").
 - :mod:`~vlprune.eval.profiler.timing`: prefill / decode / end-to-end latency, selection
   overhead and peak memory;
 - :mod:`~vlprune.eval.profiler.runner` and :mod:`~vlprune.eval.profiler.report`: the sweep
-  over methods x budgets and its table, JSON, CSV and PNG.
+  over methods x budgets and its table, JSON, CSV and PNG; :mod:`~vlprune.eval.profiler.target`
+  prepares the model that runs, :mod:`~vlprune.eval.profiler.runs` runs each row.
 """
 
 from vlprune.eval.profiler.flops import (
@@ -27,7 +28,8 @@ from vlprune.eval.profiler.flops import (
 from vlprune.eval.profiler.meta import MetaCounter
 from vlprune.eval.profiler.presets import PRESETS, Preset, load_model, synthetic_inputs
 from vlprune.eval.profiler.report import format_table, write_outputs
-from vlprune.eval.profiler.runner import ProfileResult, ProfileSettings, run_profile
+from vlprune.eval.profiler.runner import ProfileResult, run_profile
+from vlprune.eval.profiler.target import ProfileSettings
 
 __all__ = [
     "PRESETS",

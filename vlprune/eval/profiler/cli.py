@@ -124,7 +124,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Run the profile, print the table and write JSON, CSV and PNG; 1 if a run failed."""
     from vlprune.eval.profiler.report import format_table, write_outputs
-    from vlprune.eval.profiler.runner import ProfileSettings, run_profile
+    from vlprune.eval.profiler.runner import run_profile
+    from vlprune.eval.profiler.target import ProfileSettings
 
     if args.model.startswith("timm:"):
         from vlprune.timm.profile import main as timm_main

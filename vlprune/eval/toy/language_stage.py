@@ -16,8 +16,9 @@ all 576 tokens of 3–6-object scenes, the geometry the model is evaluated on.
 Look-up supervision (:func:`lookup_loss`): the first heads of the LLM's first layer are taught
 to attend, from each reply's subject word, to the image tokens of the objects the word names.
 Without it the small LLM learns these look-ups too slowly and too softly within the budget
-(with several objects a soft look-up mixes their sides and colours, as measured while training the shipped checkpoint); the
-answer itself is still learnt from the answer loss alone, and every other head is free.
+(with several objects a soft look-up mixes their sides and colours, as measured while
+training the shipped checkpoint); the answer itself is still learnt from the answer loss
+alone, and every other head is free.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ import torch
 import vlprune
 from vlprune.eval.profiler.presets import ProfileModel
 from vlprune.eval.profiler.runs import _Profiler
-from vlprune.eval.profiler.target import ProfileSettings, _prepare, _Target, parse_budget
+from vlprune.eval.profiler.target import ProfileSettings, _prepare, _Target
 from vlprune.registry import get_method
 
-__all__ = ["ProfileResult", "ProfileSettings", "parse_budget", "run_profile"]
+__all__ = ["ProfileResult", "ProfileSettings", "run_profile"]
 
 
 @dataclass

@@ -32,11 +32,6 @@ from vlprune.eval.profiler.presets import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_budget(text: str) -> int | float:
-    """``"64"`` → 64 tokens; ``"0.25"`` → ratio 0.25."""
-    return float(text) if "." in text else int(text)
-
-
 @dataclass
 class ProfileSettings:
     """What to profile and how (the ``vlprune profile`` options).

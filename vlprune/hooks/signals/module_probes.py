@@ -39,6 +39,22 @@ class Probe(PatchPart):
         raise NotImplementedError
 
 
+class WrapperProbe(Probe):
+    """A probe computed from another probe's capture: ``install`` / ``clear`` are delegated to
+    the wrapped ``probe``."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+
+    def install(self) -> RemovableHandle | HandleGroup:
+        """Install the wrapped probe."""
+        return self.probe.install()
+
+    def clear(self) -> None:
+        """Clear the wrapped probe."""
+        self.probe.clear()
+
+
 class ModuleInputProbe(Probe):
     """Remembers the first positional (or ``hidden_states``) input of a module in each call,
     e.g. the projector's input: the vision features before projection (``vision=True``)."""

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from vlprune.compat import layer_cache
 from vlprune.hooks.gather import gather_rows
 from vlprune.hooks.masks import query_rows
-from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs, WrapperProbe
 from vlprune.hooks.signals.recompute import apply_rope, masked_softmax
 from vlprune.hooks.signals.text_qk import text_keys, text_queries
 from vlprune.hooks.state import ThreadLocal, eager_hook, physical_length
@@ -149,23 +149,18 @@ class NextLayerAttentionProbe(TextAttentionProbe):
         return inputs
 
 
-class TextQKV(Probe):
+class TextQKV(WrapperProbe):
     """Pre-softmax attention logits of some query rows and the values of one decoder layer.
 
     Wraps a :class:`TextAttentionProbe` (``install`` / ``clear`` delegated). Values stay per
     key-value head (GQA): a mean over query heads equals the mean over key-value heads.
     """
 
-    def __init__(self, probe: TextAttentionProbe) -> None:
-        self.probe = probe
+    probe: TextAttentionProbe
 
     def install(self) -> HandleGroup:
         """Install the wrapped probe, keeping the value projection's output too."""
         return HandleGroup([self.probe.install(), self.probe.kept.keep("v_proj")])
-
-    def clear(self) -> None:
-        """Clear the wrapped probe."""
-        self.probe.clear()
 
     @property
     def scale(self) -> float:

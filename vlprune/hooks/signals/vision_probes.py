@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs
+from vlprune.hooks.signals.module_probes import HandleGroup, Probe, ProjectionOutputs, WrapperProbe
 from vlprune.hooks.signals.recompute import apply_vision_rope
 from vlprune.hooks.state import ThreadLocal, eager_hook
 
@@ -160,7 +160,7 @@ class QwenVisionAttentionProbe(VisionAttentionProbe):
         ]
 
 
-class VisionAttentionScores(Probe):
+class VisionAttentionScores(WrapperProbe):
     """Reductions of a vision attention probe that never hold a whole (H, n, n) map at once.
 
     Wraps a :class:`VisionAttentionProbe` made by the adapter (``install`` / ``clear`` are
@@ -170,18 +170,11 @@ class VisionAttentionScores(Probe):
     """
 
     vision = True
+    probe: VisionAttentionProbe
 
     def __init__(self, probe: VisionAttentionProbe, max_elements: int = 1 << 20) -> None:
-        self.probe = probe
+        super().__init__(probe)
         self.max_elements = max_elements
-
-    def install(self) -> HandleGroup:
-        """Install the wrapped probe."""
-        return self.probe.install()
-
-    def clear(self) -> None:
-        """Clear the wrapped probe."""
-        self.probe.clear()
 
     @torch.no_grad()
     def received(self) -> list[torch.Tensor]:
@@ -216,7 +209,7 @@ class VisionAttentionScores(Probe):
         ]
 
 
-class GlobalQueryAttention(Probe):
+class GlobalQueryAttention(WrapperProbe):
     """Attention of each vision sequence's mean query: the [CLS] analogue of an encoder without
     one (FlowCut's Qwen2-VL "global query", see ``vlprune.methods.flowcut``).
 
@@ -226,17 +219,7 @@ class GlobalQueryAttention(Probe):
     """
 
     vision = True
-
-    def __init__(self, probe: VisionAttentionProbe) -> None:
-        self.probe = probe
-
-    def install(self) -> HandleGroup:
-        """Install the wrapped probe."""
-        return self.probe.install()
-
-    def clear(self) -> None:
-        """Clear the wrapped probe."""
-        self.probe.clear()
+    probe: VisionAttentionProbe
 
     @torch.no_grad()
     def rows(self) -> list[torch.Tensor]:
@@ -250,7 +233,7 @@ class GlobalQueryAttention(Probe):
         return out
 
 
-class VisionQKV(Probe):
+class VisionQKV(WrapperProbe):
     """Per-sequence queries, keys and values of a vision attention probe (FlowCut-style scores).
 
     Wraps a :class:`ClipAttentionProbe` (one sequence per batch row) or a
@@ -259,17 +242,7 @@ class VisionQKV(Probe):
     """
 
     vision = True
-
-    def __init__(self, probe: VisionAttentionProbe) -> None:
-        self.probe = probe
-
-    def install(self) -> HandleGroup:
-        """Install the wrapped probe."""
-        return self.probe.install()
-
-    def clear(self) -> None:
-        """Clear the wrapped probe."""
-        self.probe.clear()
+    probe: VisionAttentionProbe
 
     @property
     def scale(self) -> float:

@@ -197,3 +197,21 @@ def test_fixed_negative_index_is_rejected_at_patch_time() -> None:
     """``fixed`` with a negative token index is a ValueError before any compute."""
     _assert_rejected(tiny_model("llava"), ValueError, "indices", "fixed", budget=4,
                      indices=[-1, 3])
+
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layouts_that_miss_the_prompt_are_refused(family: str) -> None:
+    """Layouts that do not hold the prompt's placeholders (or, for AnyRes images, the encoder's
+    crop sequences) raise a ``ValueError`` naming the count it got."""
+    from vlprune.adapters import get_adapter
+
+    adapter = get_adapter(cached_model(family))
+    inputs = tiny_inputs(family)
+    n_tokens = int((inputs["input_ids"] == adapter.image_token_id).sum())
+    assert sum(lay.num_tokens for lay in adapter.image_layouts(inputs, n_tokens)) == n_tokens
+    with pytest.raises(ValueError, match=f"\\b{n_tokens + 1}\\b"):
+        adapter.image_layouts(inputs, n_tokens + 1)
+    if family in ("llava_next", "llava_onevision"):
+        with pytest.raises(ValueError, match="crops but the vision encoder saw 999"):
+            adapter.encoder_layouts(inputs, 999)

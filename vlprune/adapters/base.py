@@ -52,6 +52,31 @@ class ImageLayout:
         return self.grid[0] * self.grid[1] * self.frames
 
 
+def checked_token_count(
+    layouts: list[ImageLayout], n_image_tokens: int, source: str = "image layouts give"
+) -> list[ImageLayout]:
+    """``layouts``, after checking that they hold the prompt's ``n_image_tokens`` placeholders
+    (``ValueError`` naming ``source`` otherwise)."""
+    total = sum(layout.num_tokens for layout in layouts)
+    if total != n_image_tokens:
+        raise ValueError(
+            f"{source} {total} tokens but the prompt has {n_image_tokens} placeholders"
+        )
+    return layouts
+
+
+def checked_crop_count(layouts: list[ImageLayout], n_sequences: int) -> list[ImageLayout]:
+    """``layouts`` of AnyRes images, after checking that their sequences (thumbnail + crops, or
+    one for an image without ``crop_grid``) are the ``n_sequences`` the vision encoder saw."""
+    crops = sum(1 + lay.crop_grid[0] * lay.crop_grid[1] if lay.crop_grid else 1
+                for lay in layouts)
+    if crops != n_sequences:
+        raise ValueError(
+            f"image_sizes give {crops} crops but the vision encoder saw {n_sequences}"
+        )
+    return layouts
+
+
 class Adapter:
     """Base adapter: resolves module paths of a ``*ForConditionalGeneration`` VLM.
 

@@ -11,7 +11,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.adapters.base import Adapter, ImageLayout, checked_crop_count, checked_token_count
 from vlprune.hooks.signals import ClipAttentionProbe
 
 
@@ -60,13 +60,7 @@ class LlavaNextAdapter(Adapter):
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs `image_sizes` in the model inputs")
         layouts = [self._layout(size) for size in self._as_list(sizes)]
-        total = sum(layout.num_tokens for layout in layouts)
-        if total != n_image_tokens:
-            raise ValueError(
-                f"image layouts give {total} tokens but the prompt has "
-                f"{n_image_tokens} placeholders"
-            )
-        return layouts
+        return checked_token_count(layouts, n_image_tokens)
 
     def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
         """One layout per ``image_sizes`` entry; each image is thumbnail + crops sequences."""
@@ -74,9 +68,4 @@ class LlavaNextAdapter(Adapter):
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs `image_sizes` in the model inputs")
         layouts = [self._layout(size) for size in self._as_list(sizes)]
-        crops = sum(1 + lay.crop_grid[0] * lay.crop_grid[1] for lay in layouts)
-        if crops != n_sequences:
-            raise ValueError(
-                f"image_sizes give {crops} crops but the vision encoder saw {n_sequences}"
-            )
-        return layouts
+        return checked_crop_count(layouts, n_sequences)

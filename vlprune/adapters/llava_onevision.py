@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.adapters.base import Adapter, ImageLayout, checked_crop_count, checked_token_count
 from vlprune.hooks.signals import ClipAttentionProbe
 
 
@@ -96,26 +96,12 @@ class LlavaOnevisionAdapter(Adapter):
         return [self._layout(size, a, aspect) for size, a in zip(sizes, anyres)]
 
     def image_layouts(self, inputs: Mapping[str, Any], n_image_tokens: int) -> list[ImageLayout]:
-        layouts = self._layouts(inputs)
-        total = sum(layout.num_tokens for layout in layouts)
-        if total != n_image_tokens:
-            raise ValueError(
-                f"image layouts give {total} tokens but the prompt has "
-                f"{n_image_tokens} placeholders"
-            )
-        return layouts
+        return checked_token_count(self._layouts(inputs), n_image_tokens)
 
     def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
         """One layout per ``image_sizes`` entry; an AnyRes image is thumbnail + crops
         sequences, an image of a multi-image prompt one sequence."""
-        layouts = self._layouts(inputs)
-        crops = sum(1 + lay.crop_grid[0] * lay.crop_grid[1] if lay.crop_grid else 1
-                    for lay in layouts)
-        if crops != n_sequences:
-            raise ValueError(
-                f"image_sizes give {crops} crops but the vision encoder saw {n_sequences}"
-            )
-        return layouts
+        return checked_crop_count(self._layouts(inputs), n_sequences)
 
     @staticmethod
     def _as_flat(value: Any) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vlprune.adapters.base import Adapter, ImageLayout
+from vlprune.adapters.base import Adapter, ImageLayout, checked_token_count
 from vlprune.hooks.signals import PatchTokenProbe, QwenVisionAttentionProbe
 
 
@@ -53,13 +53,7 @@ class Qwen2VLAdapter(Adapter):
             ImageLayout(num_tokens=t * (h // m) * (w // m), grid=(h // m, w // m), frames=t)
             for t, h, w in self._as_list(grids)
         ]
-        total = sum(layout.num_tokens for layout in layouts)
-        if total != n_image_tokens:
-            raise ValueError(
-                f"image_grid_thw gives {total} tokens but the prompt has {n_image_tokens} "
-                "placeholders"
-            )
-        return layouts
+        return checked_token_count(layouts, n_image_tokens, "image_grid_thw gives")
 
     def encoder_layouts(self, inputs: Mapping[str, Any], n_sequences: int) -> list[ImageLayout]:
         """One layout per ``image_grid_thw`` row (``n_sequences``, the packed rows, unused)."""
